@@ -1,0 +1,44 @@
+"""Run a function on N real processes joined by torch.distributed (gloo), as the ranks of a job would be."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _rank_main(rank: int, world_size: int, workdir: str, fn, args) -> None:
+    out = Path(workdir) / f"rank{rank}.pkl"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=300))
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException:  # the parent re-raises it with the rank's traceback
+        result = ("error", traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    out.write_bytes(pickle.dumps(result))
+
+
+def run_ranks(fn, world_size: int, *args) -> list:
+    """fn(rank, world_size, *args) on world_size processes; returns each rank's result, rank order.
+
+    fn must be importable (a module-level function) and its results picklable.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks on 2 cores: one thread each
+    with tempfile.TemporaryDirectory() as workdir:
+        mp.start_processes(_rank_main, args=(world_size, workdir, fn, args), nprocs=world_size,
+                           join=True, start_method="spawn")
+        results = []
+        for rank in range(world_size):
+            status, value = pickle.loads((Path(workdir) / f"rank{rank}.pkl").read_bytes())
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            results.append(value)
+        return results
