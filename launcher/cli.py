@@ -1,0 +1,99 @@
+"""`launch RECIPE [KEY=VALUE ...]`: compose → validate → submit → wait healthy → run batches → tear down."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from fleetgen.launcher.batch import BatchRunner, read_records
+from fleetgen.launcher.config import compose_recipe, recipes
+from fleetgen.launcher.errors import LaunchError
+from fleetgen.launcher.job import raise_on_sigterm, submit
+from fleetgen.launcher.schema import LaunchConfig, parse
+from fleetgen.launcher.validate import check_layout, check_model, open_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launch", description="Serve a model on Slurm or this machine and "
+                                     "run a batch of prompts through it.")
+    parser.add_argument("recipe", nargs="?", help="a recipe name (see --list)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel.tensor=2 cluster=slurm")
+    parser.add_argument("--list", action="store_true", help="list the recipes and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config (and the Slurm "
+                        "script) without submitting")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        if args.list:
+            for name, description in recipes().items():
+                print(f"{name:24} {description}")
+            return 0
+        if not args.recipe:
+            parser.error("a recipe is needed (launch --list shows them)")
+        return launch(args.recipe, args.overrides, args.dry_run)
+    except LaunchError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("launch: interrupted; the job was torn down", file=sys.stderr)
+        return 130
+
+
+def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
+    started = time.monotonic()
+    cfg = _with_absolute_paths(parse(OmegaConf.to_container(compose_recipe(recipe, overrides))))
+    check_layout(cfg)
+    source = open_model(cfg)
+    check_model(cfg, source.config)
+    records = None
+    if cfg.mode == "batch":
+        if not cfg.batch.input:
+            raise LaunchError("batch.input is not set: give batch.input=PATH (a JSONL file), or mode=serve")
+        records = read_records(Path(cfg.batch.input), cfg.generation)
+    if dry_run:
+        return _print_dry_run(cfg)
+
+    raise_on_sigterm()
+    job = submit(cfg)
+    try:
+        urls = job.wait_until_healthy()
+        if cfg.mode == "serve":
+            print(f"serving {recipe} at {' '.join(urls)} (PUT /generate, POST /v1/completions); "
+                  "Ctrl-C stops it", flush=True)
+            job.wait_for_end()
+            return 0
+        tokenizer = source.tokenizer()
+        runner = BatchRunner(urls, lambda text, bos: len(tokenizer.encode(text)) + bos,
+                             cfg.batch.concurrency, cfg.batch.prompts_per_request, cfg.server.api_key)
+        summary = runner.run(records, Path(cfg.batch.output))
+    finally:
+        job.shut_down()
+    rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
+    print(f"results: {cfg.batch.output} — {summary.prompts} prompts ({summary.failed} failed), "
+          f"{summary.generated_tokens} generated tokens, {rate:.1f} tokens/s, "
+          f"wall time {time.monotonic() - started:.1f} s")
+    return 1 if summary.failed else 0
+
+
+def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:
+    """Ranks may start in another directory (Slurm, containers): paths are resolved against the caller's."""
+    def absolute(path):
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    cfg.model.checkpoint = absolute(cfg.model.checkpoint)
+    cfg.model.tokenizer = absolute(cfg.model.tokenizer)
+    cfg.batch.input = absolute(cfg.batch.input)
+    cfg.batch.output = absolute(cfg.batch.output)
+    cfg.job.folder = absolute(cfg.job.folder)
+    return cfg
+
+
+def _print_dry_run(cfg: LaunchConfig) -> int:
+    print(OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump())))
+    if cfg.cluster.kind == "slurm":
+        from fleetgen.slurm.submission import render_sbatch
+
+        print(render_sbatch(OmegaConf.create(cfg.model_dump()), Path(cfg.job.folder) / "%j"))
+    return 0

@@ -1,0 +1,75 @@
+"""One rank of a job: join the others, load this rank's shard, then serve (the replica's leader) or follow."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fleetgen.model.checkpoint.open import open_checkpoint
+from fleetgen.model.engine import Engine
+from fleetgen.model.load import build_generator
+from fleetgen.model.parallel import ParallelState
+from fleetgen.model.server import Server
+from fleetgen.slurm.environment import RankEnvironment
+from fleetgen.slurm.rendezvous import rendezvous
+
+
+def run_rank(cfg: dict, folder: str) -> None:
+    """The function submitit runs on every task; cfg is the launcher's validated LaunchConfig as a dict."""
+    env = RankEnvironment.detect()
+    job_folder = Path(folder) / str(env.job_id)
+    server_cfg, model_cfg, par = cfg["server"], cfg["model"], cfg["parallel"]
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            init_method=rendezvous(job_folder, env, timeout_s=server_cfg["health_timeout_s"]),
+                            rank=env.global_rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=server_cfg["dist_timeout_s"]))
+    try:
+        ps = ParallelState.build(par["tensor"], par["pipeline"])
+        if ps.world_rank == ps.first_rank:
+            _lead(cfg, ps, env, job_folder)
+        else:
+            _engine(model_cfg, ps).follow()
+    finally:
+        dist.destroy_process_group()
+
+
+def _engine(model_cfg: dict, ps: ParallelState) -> Engine:
+    source = open_checkpoint(Path(model_cfg["checkpoint"]), format=model_cfg["format"],
+                             tokenizer=model_cfg["tokenizer"])
+    generator = build_generator(source, ps, model_cfg["precision"], model_cfg["max_batch"],
+                                model_cfg["max_seq_len"])
+    engine = Engine(generator, source.tokenizer(), ps, source.config)
+    engine.warm_up()
+    return engine
+
+
+def _lead(cfg: dict, ps: ParallelState, env: RankEnvironment, job_folder: Path) -> None:
+    """The leader answers /health (503) while every rank loads, so clients see the job is alive."""
+    server_cfg = cfg["server"]
+    server = Server(server_cfg["host"], server_cfg["port"], api_key=server_cfg["api_key"],
+                    max_body_bytes=server_cfg["max_body_bytes"], model_name=cfg["recipe"])
+    host = "127.0.0.1" if cfg["cluster"]["kind"] == "local" else env.hostnames[env.node_rank]
+    _write_atomically(job_folder / f"server-{ps.replica}.json",
+                      json.dumps({"url": f"http://{host}:{server.port}", "replica": ps.replica}))
+    try:
+        engine = _engine(cfg["model"], ps)
+    except Exception as e:
+        server.fail(f"{type(e).__name__}: {e}")
+        raise
+    server.attach(engine)
+    print(f"rank {ps.world_rank}: serving on port {server.port}", file=sys.stderr, flush=True)
+    server.wait()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
