@@ -45,6 +45,8 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
     started = time.monotonic()
     cfg = _with_absolute_paths(parse(OmegaConf.to_container(compose_recipe(recipe, overrides))))
     check_layout(cfg)
+    if dry_run:
+        return _print_dry_run(cfg)
     source = open_model(cfg)
     check_model(cfg, source.config)
     records = None
@@ -52,8 +54,6 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
         if not cfg.batch.input:
             raise LaunchError("batch.input is not set: give batch.input=PATH (a JSONL file), or mode=serve")
         records = read_records(Path(cfg.batch.input), cfg.generation)
-    if dry_run:
-        return _print_dry_run(cfg)
 
     raise_on_sigterm()
     job = submit(cfg)
@@ -91,6 +91,11 @@ def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:
 
 
 def _print_dry_run(cfg: LaunchConfig) -> int:
+    """The checkpoint is often only on the cluster: a dry run reports it unreadable instead of failing."""
+    try:
+        check_model(cfg, open_model(cfg).config)
+    except LaunchError as e:
+        print(f"# warning: {e}")
     print(OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump())))
     if cfg.cluster.kind == "slurm":
         from fleetgen.slurm.submission import render_sbatch

@@ -1,0 +1,5 @@
+import sys
+
+from fleetgen.launcher.cli import main
+
+sys.exit(main())
