@@ -67,7 +67,12 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
         tokenizer = source.tokenizer()
         runner = BatchRunner(urls, lambda text, bos: len(tokenizer.encode(text)) + bos,
                              cfg.batch.concurrency, cfg.batch.prompts_per_request, cfg.server.api_key)
-        summary = runner.run(records, Path(cfg.batch.output))
+        try:
+            summary = runner.run(records, Path(cfg.batch.output))
+        except LaunchError as e:
+            if job.job.done(force_check=True):
+                raise LaunchError(f"{e}\n{job.end_report()}") from None
+            raise
     finally:
         job.shut_down()
     rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0

@@ -76,8 +76,8 @@ class RunningJob:
         with httpx.Client(timeout=5) as client:
             while time.monotonic() < deadline:
                 if self.job.done(force_check=True):
-                    raise LaunchError(f"job {self.job.job_id} ended before its server was healthy "
-                                      f"(state {self.job.state}).\n{self.error_tail()}")
+                    raise LaunchError(f"job {self.job.job_id} ended before its server was healthy. "
+                                      f"{self.end_report()}")
                 status = self._queue_status()
                 if status != shown:
                     print(f"job {self.job.job_id}: {status}", file=sys.stderr)
@@ -119,9 +119,18 @@ class RunningJob:
         return "\n".join(tails) or f"(no error output in {self.job_folder})"
 
     def wait_for_end(self) -> None:
-        """Serve mode: block until the job ends by itself (time limit, shutdown from a client)."""
+        """Serve mode: block until Ctrl-C; a job that ends by itself (time limit, scancel) is reported."""
         while not self.job.done(force_check=True):
             time.sleep(2)
+        raise LaunchError(f"job {self.job.job_id} ended while serving. {self.end_report()}")
+
+    def end_report(self) -> str:
+        return f"Its state: {self.final_state()}.\n{self.error_tail()}"
+
+    def final_state(self) -> str:
+        if self.cfg.cluster.kind == "slurm":
+            return self.job.get_info(mode="force").get("State", "UNKNOWN")
+        return self.job.state
 
     def shut_down(self) -> None:
         """Ask each server to stop; cancel the job if it is still there after the grace period."""

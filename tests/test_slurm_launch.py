@@ -1,0 +1,94 @@
+"""`launch` against the real Slurm cluster that slurm/local_cluster.sh started: nothing here pretends."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def squeue(job_id):
+    return subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+
+
+def our_jobs():
+    return subprocess.run(["squeue", "-h", "-n", "fleetgen", "-o", "%i"], capture_output=True,
+                          text=True).stdout.split()
+
+
+@pytest.fixture(autouse=True)
+def no_job_left_behind():
+    yield
+    deadline = time.monotonic() + 60
+    while our_jobs() and time.monotonic() < deadline:
+        time.sleep(1)
+    left = our_jobs()
+    subprocess.run(["scancel", *left], check=False) if left else None
+    assert left == [], f"jobs left in the queue: {left}"
+
+
+def launch(tmp_path, *overrides, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fleetgen.launcher", "tiny_slurm", "job.folder=jobs",
+                           *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+def start_serving(tmp_path, *overrides):
+    """A launcher in serve mode, once it printed its URL; returns the process and the Slurm job id."""
+    proc = subprocess.Popen([sys.executable, "-m", "fleetgen.launcher", "tiny_slurm", "mode=serve",
+                             "job.folder=jobs", *overrides], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("serving"), (line, proc.stderr.read() if proc.poll() is not None else "")
+    job_id = json.loads((tmp_path / "jobs" / "active.json").read_text())["job_id"]
+    assert squeue(job_id)
+    return proc, job_id
+
+
+def test_two_nodes_tensor2_pipeline2_serve_a_batch(tmp_path):
+    result = launch(tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(r["completion_tokens"] > 0 for r in records)
+    job_folder = next((tmp_path / "jobs").glob("[0-9]*"))
+    logs = " ".join(p.read_text() for p in job_folder.glob("*_log.out"))
+    assert "node1" in logs and "node2" in logs  # the ranks really ran on both nodes
+
+
+def test_ctrl_c_cancels_the_job(tmp_path):
+    proc, job_id = start_serving(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert squeue(job_id) == ""
+
+
+def test_scancel_from_outside_is_reported(tmp_path):
+    proc, job_id = start_serving(tmp_path)
+    subprocess.run(["scancel", job_id], check=True)
+    assert proc.wait(timeout=120) == 2
+    stderr = proc.stderr.read()
+    assert f"job {job_id} ended while serving" in stderr and "CANCELLED" in stderr
+
+
+def test_a_job_that_fails_while_loading_shows_its_error(tmp_path):
+    # Validation passes on the login node; every rank then fails to allocate its KV cache.
+    result = launch(tmp_path, "model.max_batch=100000000")
+    assert result.returncode == 2
+    assert "ended before its server was healthy" in result.stderr
+    assert "allocate" in result.stderr.lower()  # the rank's own error, from its stderr
+    assert "FAILED" in result.stderr
+
+
+def test_a_job_stuck_pending_is_cancelled_after_the_health_timeout(tmp_path):
+    blocker = subprocess.run(["sbatch", "--parsable", "-N2", "--exclusive", "-J", "blocker", "-p", "debug",
+                              "-o", "/dev/null", "--wrap", "sleep 300"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    try:
+        result = launch(tmp_path, "server.health_timeout_s=15", timeout=180)
+    finally:
+        subprocess.run(["scancel", blocker], check=False)
+    assert result.returncode == 2
+    assert "PENDING" in result.stderr and "reason" in result.stderr
+    assert "was not healthy after 15 s" in result.stderr
