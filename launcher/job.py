@@ -133,13 +133,14 @@ class RunningJob:
         return self.job.state
 
     def shut_down(self) -> None:
-        """Ask each server to stop; cancel the job if it is still there after the grace period."""
+        """Ask each server to stop; cancel the job if none listened or it outlives the grace period."""
+        asked = 0
         for url in self.urls or self._server_urls():
             try:
-                httpx.post(f"{url}/shutdown", timeout=5, headers=self._auth())
+                asked += httpx.post(f"{url}/shutdown", timeout=5, headers=self._auth()).status_code < 300
             except httpx.HTTPError:
                 pass  # a server that does not answer is cancelled below
-        if not self._ended_within(self.cfg.job.grace_period_s):
+        if not (asked and self._ended_within(self.cfg.job.grace_period_s)):
             self.job.cancel(check=False)
             if not self._ended_within(60):
                 raise LaunchError(f"job {self.job.job_id} did not end after it was cancelled; "
