@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import psutil
+import requests
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -79,3 +80,22 @@ def test_greedy_completions_equal_transformers_generate(tiny_run):
             new = new[:new.index(reference.config.eos_token_id) + 1]
         assert record["completion_tokens"] == len(new), record
         assert record["completion"] == tokenizer.decode(new, skip_special_tokens=False), record
+
+
+@pytest.mark.slow
+def test_serve_mode_then_a_crashed_launcher_is_cleaned_up_by_the_next_run(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fleetgen.launcher", "tiny", "mode=serve", "job.folder=jobs"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("serving tiny at http://127.0.0.1:"), proc.stderr.read() if not line else line
+    url = line.split()[3]
+    assert requests.put(f"{url}/generate", json={"sentences": ["Once upon"], "tokens_to_generate": 4,
+                                                 "greedy": True}).status_code == 200
+    proc.kill()  # SIGKILL: no teardown ran, the job keeps serving
+    proc.wait()
+    assert requests.get(f"{url}/health").status_code == 200
+    result = subprocess.run([sys.executable, "-m", "fleetgen.launcher", "tiny", "job.folder=jobs",
+                             "batch.output=again.jsonl"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "left running by a launcher that crashed" in result.stderr
+    assert our_processes(str(tmp_path)) == []

@@ -92,3 +92,14 @@ def test_a_job_stuck_pending_is_cancelled_after_the_health_timeout(tmp_path):
     assert result.returncode == 2
     assert "PENDING" in result.stderr and "reason" in result.stderr
     assert "was not healthy after 15 s" in result.stderr
+
+
+def test_a_crashed_launchers_job_is_cancelled_by_the_next_launch(tmp_path):
+    proc, job_id = start_serving(tmp_path)
+    proc.kill()  # SIGKILL: no teardown ran
+    proc.wait()
+    assert squeue(job_id)
+    result = launch(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"cancelled job {job_id}, left running by a launcher that crashed" in result.stderr
+    assert squeue(job_id) == ""
