@@ -1,0 +1,306 @@
+"""Hugging Face model directories (config.json + safetensors or pytorch_model.bin) as a checkpoint source.
+
+Supported model_type: gpt2, gptj, nemotron. Each canonical tensor is a view of one stored tensor: possibly a
+row range of a fused one (GPT-2's c_attn holds [q; k; v] on its output axis) and possibly transposed (GPT-2's
+Conv1D stores [in, out]). Reads go through safetensors slices or a memory-mapped torch.load, so a rank
+touches only the bytes of its slices.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+
+from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
+from fleetgen.model.config import ModelConfig
+
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "gelu": "gelu", "relu2": "squared_relu"}
+
+
+# GPT-2's Conv1D layers store [in, out]
+CONV1D = frozenset({"self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"})
+
+
+@dataclass(frozen=True)
+class _View:
+    key: str                    # stored tensor
+    transposed: bool = False    # stored [in, out] (Conv1D); canonical [out, in]
+    offset: int = 0             # first canonical row within the stored tensor's output axis
+    length: Optional[int] = None  # canonical rows, when only part of the stored output axis
+
+
+class HFSource:
+    def __init__(self, path):
+        self.path = Path(path)
+        raw = _read_config(self.path / "config.json")
+        model_type = raw.get("model_type")
+        if model_type not in _FAMILIES:
+            raise CheckpointError(f"{self.path / 'config.json'}: model_type {model_type!r} is not one of "
+                                  f"{sorted(_FAMILIES)}")
+        to_config, to_views = _FAMILIES[model_type]
+        self.config: ModelConfig = to_config(_Fields(raw, self.path / "config.json"))
+        self._files = _WeightFiles(self.path)
+        self._views = to_views(self.config, self._files)
+
+    def tokenizer(self) -> Tokenizer:
+        from fleetgen.model.tokenizer import load_tokenizer  # the tokenizer formats are another module's job
+        return load_tokenizer(self.path, bos_id=self.config.bos_id, eos_id=self.config.eos_id,
+                              pad_id=self.config.pad_id)
+
+    def names(self) -> set[str]:
+        return {name for name, view in self._views.items() if self._files.has(view.key)}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        view = self._view(name)
+        shape = list(self._files.shape(view.key))
+        if view.transposed:
+            shape.reverse()
+        if view.length is not None:
+            shape[0] = view.length
+        return tuple(shape)
+
+    def read(self, name: str, rows: Optional[slice] = None, cols: Optional[slice] = None) -> torch.Tensor:
+        view, shape = self._view(name), self.shape(name)
+        rows = rows if rows is not None else slice(0, shape[0])
+        stored_rows = slice(rows.start + view.offset, rows.stop + view.offset)
+        if len(shape) == 1:
+            return self._files.read(view.key, (stored_rows,))
+        cols = cols if cols is not None else slice(None)
+        if view.transposed:
+            return self._files.read(view.key, (cols, stored_rows)).T
+        return self._files.read(view.key, (stored_rows, cols))
+
+    def _view(self, name: str) -> _View:
+        if name not in self._views:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in a {self.config.family} checkpoint")
+        return self._views[name]
+
+
+class _WeightFiles:
+    """Stored key -> file, over model.safetensors, a sharded index, or pytorch_model.bin."""
+
+    def __init__(self, path: Path):
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (path / index).is_file():
+                self.origin = path / index
+                self.where = {k: path / f for k, f in _read_config(self.origin).get("weight_map", {}).items()}
+                break
+        else:
+            single = [path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()]
+            if not single:
+                raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                                      f"pytorch_model.bin")
+            self.origin = single[0]
+            self.where = {k: single[0] for k in self._keys(single[0])}
+        self._torch_files: dict[Path, dict] = {}
+
+    def _keys(self, file: Path) -> list[str]:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        return list(self._torch(file))
+
+    def _torch(self, file: Path) -> dict:
+        if file not in self._torch_files:  # memory-mapped: only pages of slices read are touched
+            self._torch_files[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return self._torch_files[file]
+
+    def has(self, key: str) -> bool:
+        return key in self.where
+
+    def _file(self, key: str) -> Path:
+        if key not in self.where:
+            raise CheckpointError(f"{self.origin}: no tensor {key!r}")
+        if not self.where[key].is_file():
+            raise CheckpointError(f"{self.where[key]}: file missing (holds {key!r})")
+        return self.where[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        file = self._file(key)
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                return tuple(f.get_slice(key).get_shape())
+        return tuple(self._torch(file)[key].shape)
+
+    def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        file = self._file(key)
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_slice(key)[index]
+        return self._torch(file)[key][index].clone()
+
+
+class _Fields:
+    """config.json values, with errors that name the file and the key."""
+
+    def __init__(self, raw: dict, file: Path):
+        self.raw, self.file = raw, file
+
+    def need(self, key: str):
+        if self.raw.get(key) is None:
+            raise CheckpointError(f"{self.file}: missing {key!r}")
+        return self.raw[key]
+
+    def get(self, key: str, default=None):
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def activation(self, key: str, default: str) -> str:
+        value = self.get(key, default)
+        if value not in HF_ACTIVATIONS:
+            raise CheckpointError(f"{self.file}: {key}={value!r} is not one of {sorted(HF_ACTIVATIONS)}")
+        return HF_ACTIVATIONS[value]
+
+    def token_ids(self) -> dict:
+        ids = {}
+        for name in ("bos", "eos", "pad"):
+            value = self.raw.get(f"{name}_token_id")
+            ids[f"{name}_id"] = value[0] if isinstance(value, list) and value else value
+        return ids
+
+    def reject(self, key: str, bad) -> None:
+        if self.raw.get(key, None) == bad:
+            raise CheckpointError(f"{self.file}: {key}={bad!r} is not supported")
+
+
+def _read_config(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: file not found")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def _gpt2_config(c: _Fields) -> ModelConfig:
+    hidden, heads = c.need("n_embd"), c.need("n_head")
+    c.reject("scale_attn_weights", False)
+    c.reject("scale_attn_by_inverse_layer_idx", True)
+    return ModelConfig(family="gpt2", num_layers=c.need("n_layer"), hidden_size=hidden,
+                       ffn_hidden_size=c.get("n_inner", 4 * hidden), num_attention_heads=heads,
+                       num_query_groups=heads, head_dim=hidden // heads, vocab_size=c.need("vocab_size"),
+                       max_position_embeddings=c.need("n_positions"), position_embedding="learned",
+                       layernorm_eps=c.get("layer_norm_epsilon", 1e-5),
+                       activation=c.activation("activation_function", "gelu_new"),
+                       tie_word_embeddings=c.get("tie_word_embeddings", True), **c.token_ids())
+
+
+def _gptj_config(c: _Fields) -> ModelConfig:
+    hidden, heads = c.need("n_embd"), c.need("n_head")
+    head_dim = hidden // heads
+    rotary_dim = c.get("rotary_dim", head_dim)
+    return ModelConfig(family="gptj", num_layers=c.need("n_layer"), hidden_size=hidden,
+                       ffn_hidden_size=c.get("n_inner", 4 * hidden), num_attention_heads=heads,
+                       num_query_groups=heads, head_dim=head_dim, vocab_size=c.need("vocab_size"),
+                       max_position_embeddings=c.need("n_positions"), position_embedding="rope",
+                       rotary_percent=rotary_dim / head_dim, rotary_interleaved=True,
+                       layernorm_eps=c.get("layer_norm_epsilon", 1e-5),
+                       activation=c.activation("activation_function", "gelu_new"), parallel_residual=True,
+                       qkv_bias=False, proj_bias=False, mlp_bias=True, output_bias=True,
+                       tie_word_embeddings=False, **c.token_ids())
+
+
+def _nemotron_config(c: _Fields) -> ModelConfig:
+    hidden, heads = c.need("hidden_size"), c.need("num_attention_heads")
+    rope = c.get("rope_parameters", {})
+    if rope.get("rope_type", "default") != "default" or c.get("rope_scaling") is not None:
+        raise CheckpointError(f"{c.file}: only default RoPE is supported, got rope_parameters={rope}, "
+                              f"rope_scaling={c.get('rope_scaling')}")
+    return ModelConfig(family="nemotron", num_layers=c.need("num_hidden_layers"), hidden_size=hidden,
+                       ffn_hidden_size=c.need("intermediate_size"), num_attention_heads=heads,
+                       num_query_groups=c.get("num_key_value_heads", heads),
+                       head_dim=c.get("head_dim", hidden // heads), vocab_size=c.need("vocab_size"),
+                       max_position_embeddings=c.need("max_position_embeddings"), position_embedding="rope",
+                       rotary_percent=rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5)),
+                       rotary_base=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+                       normalization="layernorm1p", layernorm_eps=c.get("norm_eps", 1e-5),
+                       activation=c.activation("hidden_act", "relu2"), qkv_bias=c.get("attention_bias", False),
+                       proj_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
+                       tie_word_embeddings=c.get("tie_word_embeddings", False), **c.token_ids())
+
+
+def _layer_views(config: ModelConfig, names: dict[str, str], transposed: frozenset = frozenset()) -> dict[str, _View]:
+    """Canonical per-layer suffix -> stored key pattern ({i} = layer), for every layer."""
+    return {f"layers.{i}.{canonical}": _View(key.format(i=i), canonical in transposed)
+            for i in range(config.num_layers) for canonical, key in names.items()}
+
+
+def _without_absent_biases(config: ModelConfig, views: dict[str, _View]) -> dict[str, _View]:
+    has = {"query": config.qkv_bias, "key": config.qkv_bias, "value": config.qkv_bias,
+           "linear_proj": config.proj_bias, "linear_fc1": config.mlp_bias, "linear_fc2": config.mlp_bias}
+    return {name: view for name, view in views.items()
+            if not name.endswith(".bias") or has.get(name.split(".")[-2], True)}
+
+
+def _gpt2_views(config: ModelConfig, files: _WeightFiles) -> dict[str, _View]:
+    p = "transformer." if files.has("transformer.wte.weight") else ""  # old hub files have no prefix
+    h = config.hidden_size
+    views = _layer_views(config, {
+        "input_layernorm.weight": p + "h.{i}.ln_1.weight", "input_layernorm.bias": p + "h.{i}.ln_1.bias",
+        "self_attention.linear_proj.weight": p + "h.{i}.attn.c_proj.weight",
+        "self_attention.linear_proj.bias": p + "h.{i}.attn.c_proj.bias",
+        "pre_mlp_layernorm.weight": p + "h.{i}.ln_2.weight", "pre_mlp_layernorm.bias": p + "h.{i}.ln_2.bias",
+        "mlp.linear_fc1.weight": p + "h.{i}.mlp.c_fc.weight", "mlp.linear_fc1.bias": p + "h.{i}.mlp.c_fc.bias",
+        "mlp.linear_fc2.weight": p + "h.{i}.mlp.c_proj.weight", "mlp.linear_fc2.bias": p + "h.{i}.mlp.c_proj.bias",
+    }, transposed=CONV1D)
+    for i in range(config.num_layers):
+        for j, part in enumerate(("query", "key", "value")):  # c_attn: [q; k; v] along the output axis
+            views[f"layers.{i}.self_attention.{part}.weight"] = _View(f"{p}h.{i}.attn.c_attn.weight", True, j * h, h)
+            views[f"layers.{i}.self_attention.{part}.bias"] = _View(f"{p}h.{i}.attn.c_attn.bias", False, j * h, h)
+    views.update({"embedding.word_embeddings.weight": _View(p + "wte.weight"),
+                  "embedding.position_embeddings.weight": _View(p + "wpe.weight"),
+                  "final_layernorm.weight": _View(p + "ln_f.weight"), "final_layernorm.bias": _View(p + "ln_f.bias")})
+    if not config.tie_word_embeddings:
+        views["output_layer.weight"] = _View("lm_head.weight")
+    return views
+
+
+def _gptj_views(config: ModelConfig, files: _WeightFiles) -> dict[str, _View]:
+    views = _layer_views(config, {
+        "input_layernorm.weight": "transformer.h.{i}.ln_1.weight", "input_layernorm.bias": "transformer.h.{i}.ln_1.bias",
+        "self_attention.query.weight": "transformer.h.{i}.attn.q_proj.weight",
+        "self_attention.key.weight": "transformer.h.{i}.attn.k_proj.weight",
+        "self_attention.value.weight": "transformer.h.{i}.attn.v_proj.weight",
+        "self_attention.linear_proj.weight": "transformer.h.{i}.attn.out_proj.weight",
+        "mlp.linear_fc1.weight": "transformer.h.{i}.mlp.fc_in.weight",
+        "mlp.linear_fc1.bias": "transformer.h.{i}.mlp.fc_in.bias",
+        "mlp.linear_fc2.weight": "transformer.h.{i}.mlp.fc_out.weight",
+        "mlp.linear_fc2.bias": "transformer.h.{i}.mlp.fc_out.bias",
+    })
+    views.update({"embedding.word_embeddings.weight": _View("transformer.wte.weight"),
+                  "final_layernorm.weight": _View("transformer.ln_f.weight"),
+                  "final_layernorm.bias": _View("transformer.ln_f.bias"),
+                  "output_layer.weight": _View("lm_head.weight"), "output_layer.bias": _View("lm_head.bias")})
+    return views
+
+
+def _nemotron_views(config: ModelConfig, files: _WeightFiles) -> dict[str, _View]:
+    names = {"input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
+             "input_layernorm.bias": "model.layers.{i}.input_layernorm.bias",
+             "pre_mlp_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+             "pre_mlp_layernorm.bias": "model.layers.{i}.post_attention_layernorm.bias"}
+    for canonical, stored in (("self_attention.query", "self_attn.q_proj"), ("self_attention.key", "self_attn.k_proj"),
+                              ("self_attention.value", "self_attn.v_proj"),
+                              ("self_attention.linear_proj", "self_attn.o_proj"),
+                              ("mlp.linear_fc1", "mlp.up_proj"), ("mlp.linear_fc2", "mlp.down_proj")):
+        names[f"{canonical}.weight"] = f"model.layers.{{i}}.{stored}.weight"
+        names[f"{canonical}.bias"] = f"model.layers.{{i}}.{stored}.bias"
+    views = _layer_views(config, names)
+    views.update({"embedding.word_embeddings.weight": _View("model.embed_tokens.weight"),
+                  "final_layernorm.weight": _View("model.norm.weight"),
+                  "final_layernorm.bias": _View("model.norm.bias")})
+    if not config.tie_word_embeddings:
+        views["output_layer.weight"] = _View("lm_head.weight")
+    return _without_absent_biases(config, views)
+
+
+_FAMILIES: dict[str, tuple[Callable, Callable]] = {
+    "gpt2": (_gpt2_config, _gpt2_views),
+    "gptj": (_gptj_config, _gptj_views),
+    "nemotron": (_nemotron_config, _nemotron_views),
+}

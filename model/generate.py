@@ -1,0 +1,251 @@
+"""Prefill and decode steps over the pipeline, sampling on the last stage, results shared by the replica.
+
+Every rank of a replica calls Generator.step with the same StepPlan. Each stage receives activations from
+the previous one (or embeds the tokens), runs its layers against its own KV cache and passes the result on;
+prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold, micro-batches
+of threshold // seq rows) so the stages overlap. The last stage's TP rank 0 turns the logits into tokens and
+log-probabilities and broadcasts them to the whole replica.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fleetgen.model.kv_cache import KVCache
+from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, recv_from_prev_pipeline_rank,
+                                     send_to_next_pipeline_rank)
+from fleetgen.model.sampling import ban_tokens, history_mask, sample
+from fleetgen.model.transformer import DecoderStage
+
+MICROBATCH_THRESHOLD = 512  # Megatron's inference_batch_times_seqlen_threshold
+
+
+@dataclass
+class StepPlan:
+    """One step for a set of KV-cache slots; identical on every rank of the replica."""
+    kind: str                   # "prefill" | "decode"
+    slots: torch.Tensor         # int64 [n] KV-cache slots in [0, max_batch)
+    tokens: torch.Tensor        # int64 prefill: [n, L] prompts right-padded (any pad id); decode: [n, 1]
+    lengths: torch.Tensor       # int64 [n] prefill: prompt lengths; decode: position of tokens[:, 0]
+    temperature: torch.Tensor   # float32 [n]
+    top_k: torch.Tensor         # int64 [n], 0 = off
+    top_p: torch.Tensor         # float32 [n], after top-k; 0 or 1 = off
+    greedy: torch.Tensor        # bool [n]
+    repetition_penalty: torch.Tensor  # float32 [n], >= 1; 1 = off
+    ban_eos: torch.Tensor       # bool [n]: logits[eos] = -inf
+    seed: torch.Tensor          # int64 [n], -1 = none; prefill only: seeds the slot's own torch.Generator
+    logprobs: bool = False      # log_softmax(raw logits) at chosen tokens (and at prompt tokens in prefill)
+    full_logprobs: bool = False  # whole log_softmax rows over the real vocabulary
+    return_logits: bool = False  # raw fp32 logits over the real vocabulary, every position of the step
+
+    @property
+    def n(self) -> int:
+        return self.slots.numel()
+
+
+@dataclass
+class StepOutput:
+    """Identical on every rank of the replica; CPU tensors."""
+    tokens: torch.Tensor                     # int64 [n] next token of each slot
+    logprobs: Optional[torch.Tensor] = None  # float32 [n] logprob of tokens under the raw logits
+    prompt_logprobs: Optional[torch.Tensor] = None  # prefill: float32 [n, L-1], 0 past a prompt's length
+    full_logprobs: Optional[torch.Tensor] = None    # float32 prefill [n, L, vocab] / decode [n, 1, vocab]
+    logits: Optional[torch.Tensor] = None           # float32 like full_logprobs, when plan.return_logits
+
+
+def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> StepPlan:
+    """A plan that takes the argmax for every row."""
+    n = slots.numel()
+    return StepPlan(kind=kind, slots=slots, tokens=tokens, lengths=lengths,
+                    temperature=torch.ones(n), top_k=torch.zeros(n, dtype=torch.long), top_p=torch.zeros(n),
+                    greedy=torch.ones(n, dtype=torch.bool), repetition_penalty=torch.ones(n),
+                    ban_eos=torch.zeros(n, dtype=torch.bool), seed=torch.full((n,), -1))
+
+
+class Generator:
+    def __init__(self, stage: DecoderStage, ps: ParallelState, max_batch: int, max_seq_len: int,
+                 microbatch_threshold: int = MICROBATCH_THRESHOLD):
+        self.stage, self.ps, self.config = stage, ps, stage.config
+        self.max_batch, self.max_seq_len, self.microbatch_threshold = max_batch, max_seq_len, microbatch_threshold
+        self.cache = KVCache(len(stage.layers), max_batch, max_seq_len, stage.kv_heads, self.config.head_dim,
+                             stage.dtype, ps.device)
+        # each slot's prompt + fed tokens, for the repetition penalty
+        self.history = torch.zeros(max_batch, max_seq_len, dtype=torch.long, device=ps.device)
+        self.history_len = torch.zeros(max_batch, dtype=torch.long, device=ps.device)
+        self.generators: list[Optional[torch.Generator]] = [None] * max_batch
+        self.is_output_rank = ps.world_rank == ps.last_stage_ranks[0]
+
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Collective over the replica: every rank calls it with the same plan."""
+        self._check(plan)
+        device = self.ps.device
+        slots, tokens, lengths = plan.slots.to(device), plan.tokens.to(device), plan.lengths.to(device)
+        if plan.kind == "prefill":
+            positions = torch.arange(tokens.shape[1], device=device).expand(plan.n, -1)  # [n, L]
+            self._start(plan, slots, tokens, lengths)
+            select = None if self._wants_all(plan) else lengths - 1
+        else:
+            positions = lengths[:, None]  # [n, 1]
+            self.history[slots, lengths] = tokens[:, 0]
+            self.history_len[slots] = lengths + 1
+            select = None if self._wants_all(plan) else torch.zeros_like(lengths)
+        with torch.inference_mode():
+            logits = self._forward(tokens, positions, slots, select)
+            outputs = self._outputs(plan, logits, slots, tokens, lengths) if self.is_output_rank else {}
+            return self._share(plan, outputs)
+
+    def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Collective. Exactly max_new_tokens argmax tokens per prompt (no stop at eos), without the prompt."""
+        results = []
+        for start in range(0, len(prompts), self.max_batch):
+            chunk = prompts[start:start + self.max_batch]
+            lengths = torch.tensor([len(p) for p in chunk])
+            tokens = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+            for row, prompt in enumerate(chunk):
+                tokens[row, :len(prompt)] = torch.tensor(prompt)
+            slots = torch.arange(len(chunk))
+            if max_new_tokens + int(lengths.max()) > self.max_seq_len + 1:
+                raise ValueError(f"generate_greedy: prompt {int(lengths.max())} + {max_new_tokens} new tokens "
+                                 f"exceed max_seq_len {self.max_seq_len}")
+            out = [self.step(greedy_plan("prefill", slots, tokens, lengths)).tokens] if max_new_tokens else []
+            for i in range(max_new_tokens - 1):
+                out.append(self.step(greedy_plan("decode", slots, out[-1][:, None], lengths + i)).tokens)
+            results += torch.stack(out, dim=1).tolist() if out else [[] for _ in chunk]
+        return results
+
+    def _start(self, plan: StepPlan, slots: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        """A prefill starts each slot afresh: its history and its seeded generator."""
+        width = tokens.shape[1]
+        self.history[slots, :width] = tokens
+        self.history_len[slots] = lengths
+        for slot, seed in zip(plan.slots.tolist(), plan.seed.tolist()):
+            self.generators[slot] = None
+            if seed >= 0:
+                self.generators[slot] = torch.Generator(device=self.ps.device).manual_seed(seed)
+
+    @staticmethod
+    def _wants_all(plan: StepPlan) -> bool:
+        """Whether every position's logits are needed, not just each row's last."""
+        return (plan.logprobs and plan.kind == "prefill") or plan.full_logprobs or plan.return_logits
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 select: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Last stage: fp32 logits [n, vocab] at positions select, or [n, s, vocab] when select is None."""
+        ps, stage = self.ps, self.stage
+        n, s = tokens.shape
+        size = max(1, self.microbatch_threshold // s) if n * s >= self.microbatch_threshold and s > 1 else n
+        pending, logits = [], []
+        for start in range(0, n, size):
+            rows = slice(start, start + size)
+            m = tokens[rows].shape[0]
+            if ps.is_first_stage:
+                h = stage.embed(tokens[rows], positions[rows])  # [m, s, H]
+            else:
+                h = recv_from_prev_pipeline_rank((m, s, self.config.hidden_size), stage.dtype, ps)
+            h = stage.run_layers(h, positions[rows], slots[rows], self.cache)
+            if not ps.is_last_stage:
+                pending.append((send_to_next_pipeline_rank(h, ps), h))  # h stays alive until sent
+            elif select is None:
+                logits.append(stage.logits(h))  # [m, s, vocab]
+            else:
+                logits.append(stage.logits(h[torch.arange(m, device=h.device), select[rows]]))  # [m, vocab]
+        for work, _ in pending:
+            work.wait()
+        return torch.cat(logits) if ps.is_last_stage else None
+
+    def _outputs(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                 lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = logits.device
+        last = logits
+        if logits.dim() == 3:
+            last = logits[torch.arange(plan.n, device=device), lengths - 1] if plan.kind == "prefill" \
+                else logits[:, 0]  # [n, vocab]
+        chosen = self._sample(plan, last, slots)
+        out = {"tokens": chosen}
+        if plan.logprobs:
+            out["logprobs"] = last.log_softmax(-1).gather(1, chosen[:, None]).squeeze(1)
+        if plan.logprobs and plan.kind == "prefill":
+            following = logits[:, :-1].log_softmax(-1).gather(2, tokens[:, 1:, None]).squeeze(2)  # [n, L-1]
+            inside = torch.arange(1, tokens.shape[1], device=device) < lengths[:, None]
+            out["prompt_logprobs"] = torch.where(inside, following, 0.0)
+        if plan.full_logprobs:
+            out["full_logprobs"] = logits.log_softmax(-1)
+        if plan.return_logits:
+            out["logits"] = logits
+        return out
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        device = logits.device
+        if plan.ban_eos.any():
+            logits = ban_tokens(logits, plan.ban_eos.to(device), self.config.eos_id)
+        penalised = ~plan.greedy & (plan.repetition_penalty != 1)
+        seen = history_mask(self.history[slots], self.history_len[slots], logits.shape[-1]) \
+            if penalised.any() else None
+        return sample(logits, greedy=plan.greedy.to(device), temperature=plan.temperature.to(device),
+                      top_k=plan.top_k.to(device), top_p=plan.top_p.to(device),
+                      repetition_penalty=plan.repetition_penalty.to(device), seen=seen,
+                      generators=[self.generators[s] for s in plan.slots.tolist()])
+
+    def _share(self, plan: StepPlan, outputs: dict[str, torch.Tensor]) -> StepOutput:
+        """Broadcast the output rank's results; the other ranks know the shapes from the plan."""
+        shared = {}
+        for name, (shape, dtype) in self._output_shapes(plan).items():
+            tensor = outputs.get(name)
+            if tensor is None:
+                tensor = torch.empty(shape, dtype=dtype, device=self.ps.device)
+            shared[name] = broadcast_from_last_stage(tensor.contiguous(), self.ps).cpu()
+        return StepOutput(**shared)
+
+    def _output_shapes(self, plan: StepPlan) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, s, vocab = plan.n, plan.tokens.shape[1], self.config.vocab_size
+        shapes = {"tokens": ((n,), torch.long)}
+        if plan.logprobs:
+            shapes["logprobs"] = ((n,), torch.float32)
+        if plan.logprobs and plan.kind == "prefill":
+            shapes["prompt_logprobs"] = ((n, s - 1), torch.float32)
+        if plan.full_logprobs:
+            shapes["full_logprobs"] = ((n, s, vocab), torch.float32)
+        if plan.return_logits:
+            shapes["logits"] = ((n, s, vocab), torch.float32)
+        return shapes
+
+    def _check(self, plan: StepPlan) -> None:
+        n = plan.n
+        if plan.kind not in ("prefill", "decode"):
+            raise ValueError(f"StepPlan.kind={plan.kind!r} is not 'prefill' or 'decode'")
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"StepPlan: {n} slots, expected 1 to max_batch={self.max_batch}")
+        if plan.slots.unique().numel() != n or plan.slots.min() < 0 or plan.slots.max() >= self.max_batch:
+            raise ValueError(f"StepPlan.slots={plan.slots.tolist()} must be distinct and in [0, {self.max_batch})")
+        width = plan.tokens.shape[1] if plan.tokens.dim() == 2 else -1
+        if plan.tokens.shape[0] != n or (plan.kind == "decode" and width != 1) or width < 1:
+            raise ValueError(f"StepPlan.tokens has shape {tuple(plan.tokens.shape)}, expected [{n}, "
+                             f"{'1' if plan.kind == 'decode' else 'L'}] for {plan.kind}")
+        for name in ("lengths", "temperature", "top_k", "top_p", "greedy", "repetition_penalty", "ban_eos",
+                     "seed"):
+            if tuple(getattr(plan, name).shape) != (n,):
+                raise ValueError(f"StepPlan.{name} has shape {tuple(getattr(plan, name).shape)}, expected [{n}]")
+        self._check_positions(plan, width)
+        if (~plan.greedy & (plan.temperature <= 0)).any():
+            raise ValueError("StepPlan.temperature must be > 0 where greedy is false")
+        if plan.ban_eos.any() and self.config.eos_id is None:
+            raise ValueError("StepPlan.ban_eos is set but the model config has no eos_id")
+
+    def _check_positions(self, plan: StepPlan, width: int) -> None:
+        lengths = plan.lengths
+        if plan.kind == "prefill":
+            if width > self.max_seq_len or lengths.min() < 1 or lengths.max() > width:
+                raise ValueError(f"StepPlan.lengths={lengths.tolist()} must be in [1, {width}] and the prompt "
+                                 f"width {width} at most max_seq_len={self.max_seq_len}")
+            inside = torch.arange(width) < lengths[:, None]
+            ids = plan.tokens[inside]
+        else:
+            if lengths.min() < 1 or lengths.max() >= self.max_seq_len:
+                raise ValueError(f"StepPlan.lengths={lengths.tolist()} must be in [1, {self.max_seq_len}) "
+                                 f"for decode")
+            ids = plan.tokens
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"StepPlan.tokens: ids must be in [0, {self.config.vocab_size}), got "
+                             f"{int(ids.min())}..{int(ids.max())}")

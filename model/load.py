@@ -1,0 +1,47 @@
+"""Build this rank's shard of the decoder from a checkpoint source, and the generator around it."""
+from __future__ import annotations
+
+import torch
+
+from fleetgen.model.checkpoint.shard import load_shard, vocab_rows
+from fleetgen.model.checkpoint.source import CheckpointSource
+from fleetgen.model.generate import Generator
+from fleetgen.model.layers import LAYER_NORM_IMPL
+from fleetgen.model.parallel import ParallelState
+from fleetgen.model.transformer import DecoderStage
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {sorted(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def load_stage(source: CheckpointSource, ps: ParallelState, precision: str) -> DecoderStage:
+    """Allocate only this rank's shard and fill it with only this rank's slices."""
+    config, dtype = source.config, dtype_of(precision)
+    rows = vocab_rows(config, source)
+    stage = DecoderStage(config, ps, config.padded_vocab_size(ps.tp_size, max(rows.values())), dtype)
+    load_shard(stage, source, rows)
+    return stage.eval()
+
+
+def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,
+                    max_seq_len: int) -> Generator:
+    config = source.config
+    if config.position_embedding == "learned" and max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {config.max_position_embeddings} "
+                         f"learned positions")
+    return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len)
+
+
+def startup_report(generator: Generator) -> str:
+    """One line: what this rank holds and how much cache it reserved."""
+    stage, ps, config = generator.stage, generator.ps, generator.config
+    return (f"{config.family}: {config.num_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_attention_heads} heads / {config.num_query_groups} groups, vocab {config.vocab_size} "
+            f"(padded {stage.padded_vocab}); {ps.describe()}; {stage.describe()}; "
+            f"{str(stage.dtype).removeprefix('torch.')}; layer norm {LAYER_NORM_IMPL}; "
+            f"{generator.cache.describe()}")

@@ -1,0 +1,138 @@
+"""Where this rank sits in a replica (tensor × pipeline grid) and the collectives the decoder calls.
+
+Global rank layout, Megatron's with tensor fastest: rank = replica * (PP * TP) + pp_rank * TP + tp_rank.
+Every collective below is a plain function called on a visible line of some forward; each is a no-op when
+its group has one rank, so a lone process (ParallelState.single) runs the same code without
+torch.distributed. Gloo (CPU) and NCCL (GPU) take the same path; only the device differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    world_rank: int
+    replica: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    tp_group: Any               # torch.distributed ProcessGroup, None for a lone process
+    pp_group: Any
+    replica_group: Any          # all PP * TP ranks of this replica
+    replica_ranks: tuple[int, ...]
+    device: torch.device
+    backend: str                # "gloo" | "nccl" | "none" (no torch.distributed)
+
+    @classmethod
+    def build(cls, tensor: int, pipeline: int) -> "ParallelState":
+        """Collective over the world: every rank creates every group, in the same order."""
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelState.build: torch.distributed is not initialised")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        per_replica = tensor * pipeline
+        if tensor < 1 or pipeline < 1 or world % per_replica:
+            raise ValueError(f"parallel: world size {world} is not a multiple of tensor {tensor} × "
+                             f"pipeline {pipeline}")
+        replica, within = divmod(rank, per_replica)
+        pp_rank, tp_rank = divmod(within, tensor)
+        groups = {}
+        for r in range(world // per_replica):
+            base = r * per_replica
+            for p in range(pipeline):
+                groups["tp", r, p] = dist.new_group([base + p * tensor + t for t in range(tensor)])
+            for t in range(tensor):
+                groups["pp", r, t] = dist.new_group([base + p * tensor + t for p in range(pipeline)])
+            groups["replica", r] = dist.new_group(list(range(base, base + per_replica)))
+        return cls(world_rank=rank, replica=replica, tp_rank=tp_rank, tp_size=tensor, pp_rank=pp_rank,
+                   pp_size=pipeline, tp_group=groups["tp", replica, pp_rank],
+                   pp_group=groups["pp", replica, tp_rank], replica_group=groups["replica", replica],
+                   replica_ranks=tuple(range(replica * per_replica, (replica + 1) * per_replica)),
+                   device=_local_device(), backend=dist.get_backend())
+
+    @classmethod
+    def single(cls, device: Optional[torch.device] = None) -> "ParallelState":
+        """One process holding the whole model, without torch.distributed."""
+        return cls(world_rank=0, replica=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, tp_group=None,
+                   pp_group=None, replica_group=None, replica_ranks=(0,),
+                   device=device or _local_device(), backend="none")
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def first_rank(self) -> int:
+        """The replica's pipeline-first, TP-rank-0 rank: the one that serves."""
+        return self.replica_ranks[0]
+
+    @property
+    def last_stage_ranks(self) -> tuple[int, ...]:
+        return self.replica_ranks[-self.tp_size:]
+
+    @property
+    def next_rank(self) -> int:
+        return self.world_rank + self.tp_size
+
+    @property
+    def prev_rank(self) -> int:
+        return self.world_rank - self.tp_size
+
+    def describe(self) -> str:
+        return (f"rank {self.world_rank} replica {self.replica} tp {self.tp_rank}/{self.tp_size} "
+                f"pp {self.pp_rank}/{self.pp_size} on {self.device} ({self.backend})")
+
+
+def _local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # the job glue picked it (set_device)
+    return torch.device("cpu")
+
+
+def copy_to_tensor_model_parallel_region(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """Identity in inference (its backward would all-reduce): marks where a replicated input meets
+    column-parallel weights."""
+    return x
+
+
+def reduce_from_tensor_model_parallel_region(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """Sum the partial results of the TP ranks (row-parallel outputs, vocab-parallel lookups)."""
+    if ps.tp_size > 1:
+        dist.all_reduce(x, group=ps.tp_group)
+    return x
+
+
+def gather_from_tensor_model_parallel_region(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """Concatenate the TP ranks' slices along the last dimension."""
+    if ps.tp_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(ps.tp_size)]
+    dist.all_gather(parts, x.contiguous(), group=ps.tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def send_to_next_pipeline_rank(x: torch.Tensor, ps: ParallelState):
+    """Start sending activations to the next stage; returns the pending work to wait on."""
+    return dist.isend(x.contiguous(), ps.next_rank)
+
+
+def recv_from_prev_pipeline_rank(shape: tuple[int, ...], dtype: torch.dtype, ps: ParallelState) -> torch.Tensor:
+    x = torch.empty(shape, dtype=dtype, device=ps.device)
+    dist.recv(x, ps.prev_rank)
+    return x
+
+
+def broadcast_from_last_stage(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """Copy the last stage's TP-rank-0 tensor to every rank of the replica (in place)."""
+    if len(ps.replica_ranks) > 1:
+        dist.broadcast(x, src=ps.last_stage_ranks[0], group=ps.replica_group)
+    return x

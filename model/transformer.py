@@ -1,0 +1,174 @@
+"""The decoder: one pipeline stage's share of a GPT-style model, switched by ModelConfig.
+
+A DecoderStage holds the word/position embeddings (first stage), its range of transformer layers, and the
+final norm plus output layer (last stage). Its three methods are the steps the pipeline driver
+(model/generate.py) calls: embed -> run_layers -> logits, with activations passed between stages there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleetgen.model.config import ModelConfig
+from fleetgen.model.kv_cache import KVCache
+from fleetgen.model.layers import (ACTIVATIONS, ColumnParallelLinear, LayerNorm, RowParallelLinear,
+                                   VocabParallelEmbedding, apply_rotary, rotary_tables, swiglu)
+from fleetgen.model.parallel import ParallelState
+
+
+def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Global layer indices held by a stage: even shares, the first num_layers % PP stages take one more
+    (3 layers over 2 stages -> 0-1 | 2)."""
+    if num_layers < pp_size:
+        raise ValueError(f"pipeline parallel: {num_layers} layers cannot fill {pp_size} stages")
+    share, extra = divmod(num_layers, pp_size)
+    start = pp_rank * share + min(pp_rank, extra)
+    return range(start, start + share + (pp_rank < extra))
+
+
+def local_kv_heads(config: ModelConfig, tp_size: int) -> int:
+    """Query groups per TP rank; when TP > groups each group is replicated on TP / groups ranks."""
+    groups = config.num_query_groups
+    if config.num_attention_heads % tp_size:
+        raise ValueError(f"tensor parallel: num_attention_heads={config.num_attention_heads} is not divisible "
+                         f"by tensor parallel size {tp_size}")
+    if groups % tp_size and tp_size % groups:
+        raise ValueError(f"tensor parallel: num_query_groups={groups} and tensor parallel size {tp_size} must "
+                         f"divide one another")
+    return max(groups // tp_size, 1)
+
+
+class ParallelAttention(nn.Module):
+    def __init__(self, config: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.heads = config.num_attention_heads // ps.tp_size
+        self.kv_heads = local_kv_heads(config, ps.tp_size)
+        qkv_local = (self.heads + 2 * self.kv_heads) * config.head_dim  # rows [q; k; v] of this rank
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_local * ps.tp_size, ps=ps,
+                                               bias=config.qkv_bias, gather_output=False, dtype=dtype)
+        self.linear_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
+                                             ps=ps, bias=config.proj_bias, input_is_parallel=True, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, rope, cache: KVCache, layer: int, slots: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        n, s, _ = x.shape
+        d = self.config.head_dim
+        qkv = self.linear_qkv(x)  # [n, s, (heads + 2 * kv_heads) * d]
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q, k, v = q.view(n, s, self.heads, d), k.view(n, s, self.kv_heads, d), v.view(n, s, self.kv_heads, d)
+        if rope is not None:
+            q = apply_rotary(q, *rope, self.config.rotary_interleaved)
+            k = apply_rotary(k, *rope, self.config.rotary_interleaved)
+        cache.update(layer, slots, positions, k, v)
+        if s > 1:  # prefill: every row starts at position 0, so the fresh keys are the whole context
+            out = self._attend(q, k, v, mask=None)
+        else:  # decode: each row attends to its own cached positions 0..p
+            length = int(positions.max()) + 1
+            k, v = cache.read(layer, slots, length)  # [n, length, kv_heads, d]
+            mask = torch.arange(length, device=x.device) <= positions  # [n, length]
+            out = self._attend(q, k, v, mask=mask[:, None, None, :])
+        return self.linear_proj(out.reshape(n, s, self.heads * d))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [n, heads, s, d]
+            attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads)
+        return out.transpose(1, 2)  # [n, s, heads, d]
+
+
+class ParallelMLP(nn.Module):
+    def __init__(self, config: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        gated = config.activation == "swiglu"
+        self.activation = swiglu if gated else ACTIVATIONS[config.activation]
+        fc1_rows = config.ffn_hidden_size * (2 if gated else 1)  # swiglu: [gate; up] on every rank
+        self.linear_fc1 = ColumnParallelLinear(config.hidden_size, fc1_rows, ps=ps, bias=config.mlp_bias,
+                                               gather_output=False, dtype=dtype)
+        self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, ps=ps,
+                                            bias=config.mlp_bias, input_is_parallel=True, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(self.activation(self.linear_fc1(x)))
+
+
+def _norm(config: ModelConfig, ps: ParallelState, dtype: torch.dtype) -> LayerNorm:
+    return LayerNorm(config.hidden_size, config.layernorm_eps, config.normalization == "layernorm1p",
+                     ps.device, dtype)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: ModelConfig, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.input_layernorm = _norm(config, ps, dtype)
+        self.self_attention = ParallelAttention(config, ps, dtype)
+        if not config.parallel_residual:
+            self.pre_mlp_layernorm = _norm(config, ps, dtype)
+        self.mlp = ParallelMLP(config, ps, dtype)
+
+    def forward(self, x: torch.Tensor, rope, cache: KVCache, layer: int, slots: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        attention = self.self_attention(h, rope, cache, layer, slots, positions)
+        if self.parallel_residual:  # GPT-J: attention and MLP both read ln_1(x)
+            return x + attention + self.mlp(h)
+        x = x + attention
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ModelConfig, ps: ParallelState, padded_vocab: int, dtype: torch.dtype):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, config.hidden_size, ps=ps, dtype=dtype)
+        self.position_embeddings = None
+        if config.position_embedding == "learned":  # small: every TP rank holds all of it
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                    device=ps.device, dtype=dtype).requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.word_embeddings(tokens)  # [n, s, H]
+        if self.position_embeddings is not None:
+            h = h + self.position_embeddings(positions)
+        return h
+
+
+class DecoderStage(nn.Module):
+    def __init__(self, config: ModelConfig, ps: ParallelState, padded_vocab: int, dtype: torch.dtype):
+        super().__init__()
+        self.config, self.ps, self.padded_vocab, self.dtype = config, ps, padded_vocab, dtype
+        self.layer_ids = stage_layers(config.num_layers, ps.pp_size, ps.pp_rank)
+        self.kv_heads = local_kv_heads(config, ps.tp_size)
+        if ps.is_first_stage:
+            self.embedding = Embedding(config, ps, padded_vocab, dtype)
+        self.layers = nn.ModuleList(TransformerLayer(config, ps, dtype) for _ in self.layer_ids)
+        if ps.is_last_stage:
+            self.final_layernorm = _norm(config, ps, dtype)
+            self.output_layer = ColumnParallelLinear(config.hidden_size, padded_vocab, ps=ps,
+                                                     bias=config.output_bias, gather_output=True, dtype=dtype)
+            if config.tie_word_embeddings and ps.is_first_stage:
+                self.output_layer.weight = self.embedding.word_embeddings.weight
+        self.requires_grad_(False)
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens, positions)  # [n, s, H]
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        rope = None
+        if self.config.position_embedding == "rope":  # shared by every layer of the stage
+            rope = rotary_tables(positions, self.config.rotary_dim, self.config.rotary_base,
+                                 self.config.rotary_interleaved)
+        for layer, block in enumerate(self.layers):
+            h = block(h, rope, cache, layer, slots, positions)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits over the real vocabulary (padding columns dropped): [..., vocab_size]."""
+        out = self.output_layer(self.final_layernorm(h))  # [..., padded_vocab]
+        return out[..., :self.config.vocab_size].float()
+
+    def describe(self) -> str:
+        first, last = self.layer_ids[0], self.layer_ids[-1]
+        return f"layers {first}-{last} of {self.config.num_layers}"

@@ -1,0 +1,170 @@
+"""The leader's scheduler over the real tiny model, and the broadcast protocol over real processes."""
+from concurrent.futures import wait
+
+import pytest
+import torch
+
+from fleetgen.model import protocol
+from fleetgen.model.engine import EngineUnavailable, Sampling, SequenceRequest, StopCondition
+from fleetgen.model.generate import StepPlan
+from fleetgen.model.parallel import ParallelState
+from tests.distributed import run_ranks
+from tests.server_fixtures import (build_tiny_checkpoint, make_engine, reference_greedy, reference_logits,
+                                   reference_model)
+
+GREEDY = Sampling(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return reference_model(checkpoint)
+
+
+@pytest.fixture
+def engine(checkpoint):
+    engine = make_engine(checkpoint, ParallelState.single(), max_batch=2)
+    engine.warm_up()
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+class StepLog:
+    """Records every plan the engine runs; the real generator still runs them."""
+
+    def __init__(self, generator):
+        self.plans, self._step = [], generator.step
+        generator.step = self
+
+    def __call__(self, plan):
+        self.plans.append((plan.kind, plan.slots.tolist()))
+        return self._step(plan)
+
+
+def prompt_of(engine, text):
+    return tuple(engine.tokenizer.encode(text))
+
+
+def test_more_sequences_than_slots_share_decode_steps_and_refill_freed_slots(checkpoint, reference):
+    engine = make_engine(checkpoint, ParallelState.single(), max_batch=2)
+    log = StepLog(engine.generator)
+    texts, budgets = ["def encode(self, o):", "import re", "class JSONDecoder(object):"], [2, 5, 3]
+    futures = [engine.submit(SequenceRequest(prompt_of(engine, t), n, GREEDY)) for t, n in zip(texts, budgets)]
+    engine.start()  # all three are queued before the first step
+    wait(futures, timeout=60)
+    engine.stop()
+    assert log.plans == [("prefill", [0, 1]), ("decode", [0, 1]),   # the first sequence ends at 2 tokens
+                         ("prefill", [0]),                           # the third takes its slot at once
+                         ("decode", [1, 0]), ("decode", [1, 0]),      # the third ends at 3 tokens
+                         ("decode", [1])]                            # the second at 5
+    for text, budget, future in zip(texts, budgets, futures):
+        result = future.result()
+        assert result.tokens == reference_greedy(reference, list(prompt_of(engine, text)), budget)
+        assert result.finish_reason == "length"
+
+
+def test_stop_token_and_stop_string_end_a_sequence_and_are_kept(engine, reference):
+    prompt = prompt_of(engine, "def raw_decode(self, s, idx=0):")
+    full = reference_greedy(reference, list(prompt), 8)
+    by_token = engine.submit(SequenceRequest(prompt, 8, GREEDY, StopCondition(frozenset({full[3]})))).result(60)
+    assert by_token.tokens == full[:full.index(full[3]) + 1] and by_token.finish_reason == "stop"
+    needle = engine.tokenizer.decode(full[:5])[-2:]  # ends inside the fifth token's text, or with it
+    assert "\ufffd" not in needle
+    by_text = engine.submit(SequenceRequest(prompt, 8, GREEDY, StopCondition(strings=(needle,)))).result(60)
+    assert needle in engine.tokenizer.decode(by_text.tokens) and by_text.finish_reason == "stop"
+    assert by_text.tokens == full[:len(by_text.tokens)] and len(by_text.tokens) <= 5
+    assert needle not in engine.tokenizer.decode(by_text.tokens[:-1])
+
+
+def test_logprobs_are_log_softmax_of_the_raw_logits(engine, reference):
+    prompt = prompt_of(engine, "return _w(s, end).end()")
+    result = engine.submit(SequenceRequest(prompt, 4, Sampling(temperature=0.7, top_k=3, seed=5), logprobs=True,
+                                           full_logprobs=True)).result(60)
+    ids = list(prompt) + result.tokens
+    expected = reference_logits(reference, ids)[:-1].log_softmax(-1)  # row i predicts ids[i + 1]
+    assert result.full_logprobs.shape == (len(ids) - 1, engine.vocab_size)
+    torch.testing.assert_close(result.full_logprobs, expected, atol=1e-4, rtol=1e-4)
+    chosen = expected.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(result.logprobs), chosen, atol=1e-4, rtol=1e-4)
+
+
+def test_cancelled_sequence_frees_its_slot(engine):
+    long = engine.submit(SequenceRequest(prompt_of(engine, "x = 1"), 100, GREEDY))
+    long.cancel()
+    others = [engine.submit(SequenceRequest(prompt_of(engine, t), 3, GREEDY)) for t in ("a", "b")]
+    assert [len(f.result(60).tokens) for f in others] == [3, 3]
+    assert engine._active == {} and not engine._waiting
+
+
+def test_stop_fails_what_is_queued_and_refuses_new_work(checkpoint):
+    engine = make_engine(checkpoint, ParallelState.single(), max_batch=1)
+    engine.start()
+    futures = [engine.submit(SequenceRequest((1, 2, 3), 120, GREEDY)) for _ in range(3)]
+    engine.stop()
+    assert not engine.running and all(f.done() for f in futures)
+    assert all(isinstance(f.exception(), EngineUnavailable) for f in futures[1:])  # never left the queue
+    with pytest.raises(EngineUnavailable, match="stopped"):
+        engine.submit(SequenceRequest((1,), 1, GREEDY))
+
+
+def test_a_failed_step_fails_the_engine_and_its_requests(checkpoint):
+    engine = make_engine(checkpoint, ParallelState.single())
+    engine.start()
+    # temperature 0 without greedy is what the API never lets through; the generator rejects the plan
+    bad = engine.submit(SequenceRequest((1, 2), 2, Sampling(temperature=0.0)))
+    assert isinstance(bad.exception(60), EngineUnavailable)
+    assert "temperature" in engine.error
+    with pytest.raises(EngineUnavailable, match="temperature"):
+        engine.submit(SequenceRequest((1,), 1, GREEDY))
+    engine.stop()
+
+
+def test_submit_rejects_sequences_that_do_not_fit(engine):
+    with pytest.raises(ValueError, match="1 to 128 tokens"):
+        engine.submit(SequenceRequest((1,) * 100, 29, GREEDY))
+    with pytest.raises(ValueError, match="prompt of 0"):
+        engine.submit(SequenceRequest((), 1, GREEDY))
+
+
+def _plan(kind, n, width):
+    return StepPlan(kind=kind, slots=torch.arange(n), tokens=torch.arange(n * width).view(n, width),
+                    lengths=torch.full((n,), width), temperature=torch.linspace(0.1, 3.3, n),
+                    top_k=torch.arange(n) * 7, top_p=torch.full((n,), 0.9), greedy=torch.arange(n) % 2 == 0,
+                    repetition_penalty=torch.full((n,), 1.2), ban_eos=torch.arange(n) % 3 == 0,
+                    seed=torch.arange(n) - 1, logprobs=True, full_logprobs=kind == "decode")
+
+
+def _same(a: StepPlan, b: StepPlan) -> bool:
+    return a.kind == b.kind and a.logprobs == b.logprobs and a.full_logprobs == b.full_logprobs and all(
+        getattr(a, k).dtype == getattr(b, k).dtype and torch.equal(getattr(a, k), getattr(b, k))
+        for k in ("slots", "tokens", "lengths", "temperature", "top_k", "top_p", "greedy", "repetition_penalty",
+                  "ban_eos", "seed"))
+
+
+def test_pack_and_unpack_keep_every_field_bit_for_bit():
+    plan = _plan("prefill", 5, 7)
+    assert _same(protocol.unpack(protocol.pack(plan), "prefill", True, False), plan)
+
+
+def _follow_protocol(rank, world_size):
+    ps = ParallelState.build(1, world_size)
+    plans = [_plan("prefill", 3, 4), _plan("decode", 2, 1)]
+    if rank == 0:
+        for plan in plans:
+            protocol.send_step(plan, ps)
+        protocol.send_shutdown(ps)
+        return True
+    received = []
+    while (plan := protocol.receive(ps)) is not None:
+        received.append(plan)
+    return len(received) == len(plans) and all(_same(a, b) for a, b in zip(received, plans))
+
+
+@pytest.mark.slow
+def test_followers_receive_every_plan_then_shutdown_over_real_processes():
+    assert run_ranks(_follow_protocol, 3) == [True, True, True]

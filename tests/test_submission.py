@@ -1,0 +1,142 @@
+"""Submission arguments: golden files for executor parameters and sbatch scripts, then the real cluster.
+
+Regenerate the golden files after an intended change: FLEETGEN_REGOLD=1 python -m pytest tests/test_submission.py
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+import fleetgen.conf
+from fleetgen.slurm.submission import (container_srun_args, executor_parameters, make_executor, mount_folder,
+                                       render_sbatch, tasks_per_node)
+from tests.test_rank_environment import wait_for_results
+
+CONF_DIR = str(Path(fleetgen.conf.__path__[0]))
+GOLDEN = Path(__file__).parent / "golden"
+JOB_FOLDER = Path("/shared/fleetgen/jobs/%j")
+
+CASES = {
+    "tp8_pp2_two_nodes_container": [
+        "cluster=slurm", "container=nemo", "parallel.nodes=2", "parallel.tensor=8", "parallel.pipeline=2",
+        "cluster.partition=batch", "cluster.account=llm", "cluster.exclusive=true", "cluster.time_min=240",
+        "container.mounts=[/models:/models:ro,/lustre/data:/data]", "job.name=nemotron"],
+    "one_gpu_no_container": ["cluster=slurm", "cluster.gpus_per_node=1"],
+    "cpu_ranks_env_setup_sbatch_args": [
+        "cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=4", "parallel.tensor=2",
+        "parallel.pipeline=2", "cluster.qos=high", "cluster.constraint=h100", "cluster.cpus_per_task=2",
+        "cluster.mem_gb=64", "cluster.setup=['module load cuda/12.4','source /opt/venv/bin/activate']",
+        "+cluster.env.HF_HOME='/scratch/hf cache'", "+cluster.env.NCCL_DEBUG=INFO",
+        "+cluster.sbatch_args.reservation=fleetgen", "+cluster.sbatch_args.mail-type=END",
+        "cluster.srun_args=['--cpu-bind=none']", "job.grace_period_s=12.5"],
+}
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["model.checkpoint=/x", "recipe=test", *overrides])
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("FLEETGEN_REGOLD") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs (FLEETGEN_REGOLD=1 rewrites it after an intended change)"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_executor_parameters_match_golden(case):
+    params = executor_parameters(composed(*CASES[case]), JOB_FOLDER)
+    check_golden(f"{case}.json", json.dumps(params, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sbatch_script_matches_golden(case):
+    # The interpreter's path differs between machines; inside a container it is the image's python3.
+    script = render_sbatch(composed(*CASES[case]), JOB_FOLDER).replace(shlex.quote(sys.executable), "PYTHON")
+    check_golden(f"{case}.sbatch", script)
+
+
+def test_tasks_per_node():
+    assert tasks_per_node(composed("parallel.tensor=2", "parallel.pipeline=3", "parallel.replicas=2")) == 12
+    assert tasks_per_node(composed("cluster=slurm", "cluster.gpus_per_node=4")) == 4
+    assert tasks_per_node(composed("cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=3")) == 3
+    with pytest.raises(ValueError, match="cluster.gpus_per_node is 0: set cluster.tasks_per_node"):
+        tasks_per_node(composed("cluster=slurm", "cluster.gpus_per_node=0"))
+
+
+def test_local_parameters():
+    assert executor_parameters(composed("parallel.tensor=2", "cluster.time_min=7"), JOB_FOLDER) == {
+        "tasks_per_node": 2, "timeout_min": 7, "name": "fleetgen", "nodes": 1}
+    # A local GPU run must ask for its GPUs: the local executor hides the rest.
+    assert executor_parameters(composed("cluster.gpus_per_node=2"), JOB_FOLDER)["gpus_per_node"] == 2
+
+
+def test_container_args():
+    cfg = composed("cluster=slurm", "container=nemo", "container.workdir=/work", "container.mount_home=true",
+                   "container.mounts=[/shared/fleetgen/jobs:/shared/fleetgen/jobs]")
+    assert container_srun_args(cfg.container, JOB_FOLDER) == [
+        "--container-image=nvcr.io/nvidia/nemo:24.05", "--container-mounts=/shared/fleetgen/jobs:/shared/fleetgen/jobs",
+        "--container-workdir=/work"]
+    assert container_srun_args(composed("cluster=slurm").container, JOB_FOLDER) == []
+
+
+def test_the_mounted_job_folder_is_the_part_that_exists_before_the_job(tmp_path, monkeypatch):
+    assert mount_folder("/a/b/%j") == Path("/a/b")
+    assert mount_folder("/a/%A_%a/c") == Path("/a")
+    monkeypatch.chdir(tmp_path)
+    assert mount_folder("jobs/%j") == tmp_path / "jobs"
+
+
+def test_bad_input_names_the_field():
+    with pytest.raises(ValueError, match=r"container.mounts\[1\]='/a,/b'"):
+        container_srun_args(composed("container=nemo", "container.mounts=['/x:/y','/a,/b']").container, JOB_FOLDER)
+    with pytest.raises(ValueError, match="cluster.env.1BAD: not a valid environment variable name"):
+        cfg = composed("cluster=slurm")
+        with open_dict(cfg):
+            cfg.cluster.env["1BAD"] = "x"
+        executor_parameters(cfg, JOB_FOLDER)
+
+
+def sbatch_test_only(script: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_local_cluster_accepts_a_rendered_script(tmp_path):
+    cfg = composed("cluster=slurm", "cluster.partition=debug", "cluster.gpus_per_node=2", "parallel.nodes=2",
+                   "parallel.tensor=2", "parallel.pipeline=2", "cluster.setup=['echo setting up']",
+                   "+cluster.env.FLEETGEN_TEST=1", "+cluster.sbatch_args.comment=golden")
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(cfg, tmp_path / "%j"))
+    result = sbatch_test_only(script)
+    assert result.returncode == 0, result.stderr
+    assert "to start at" in result.stderr and "node[1-2]" in result.stderr and "partition debug" in result.stderr
+    # The same check refuses what the cluster cannot give: it is not a rubber stamp.
+    script.write_text(render_sbatch(composed("cluster=slurm", "cluster.partition=debug", "parallel.tensor=8"),
+                                    tmp_path / "%j"))
+    assert sbatch_test_only(script).returncode != 0
+
+
+def where_am_i() -> tuple[str, str]:
+    return os.environ["SLURMD_NODENAME"], os.environ["FLEETGEN_TEST"]
+
+
+@pytest.mark.slow
+def test_the_submitted_script_is_the_rendered_one(tmp_path):
+    cfg = composed("cluster=slurm", "cluster.partition=debug", "cluster.gpus_per_node=0",
+                   "cluster.tasks_per_node=1", "parallel.nodes=2", "parallel.replicas=2", "cluster.time_min=5",
+                   "+cluster.env.FLEETGEN_TEST=yes", "cluster.mem_gb=0.5")
+    job = make_executor(cfg, tmp_path / "%j").submit(where_am_i)
+    try:
+        assert wait_for_results(job) == [("node1", "yes"), ("node2", "yes")]
+    finally:
+        job.cancel(check=False)
+    submitted = (tmp_path / job.job_id / f"{job.job_id}_submission.sh").read_text()
+    assert submitted == render_sbatch(cfg, tmp_path / "%j")
