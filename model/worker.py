@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch.distributed as dist
 
 from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.engine import Engine
-from fleetgen.model.load import build_generator
+from fleetgen.model.load import build_generator, startup_report
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.server import Server
 from fleetgen.slurm.environment import RankEnvironment
@@ -32,6 +31,7 @@ def run_rank(cfg: dict, folder: str) -> None:
                             timeout=timedelta(seconds=server_cfg["dist_timeout_s"]))
     try:
         ps = ParallelState.build(par["tensor"], par["pipeline"])
+        _log(ps, f"on node {env.hostnames[env.node_rank]} ({env.cluster} job {env.job_id})")
         if ps.world_rank == ps.first_rank:
             _lead(cfg, ps, env, job_folder)
         else:
@@ -45,6 +45,7 @@ def _engine(model_cfg: dict, ps: ParallelState) -> Engine:
                              tokenizer=model_cfg["tokenizer"])
     generator = build_generator(source, ps, model_cfg["precision"], model_cfg["max_batch"],
                                 model_cfg["max_seq_len"])
+    _log(ps, startup_report(generator))
     engine = Engine(generator, source.tokenizer(), ps, source.config)
     engine.warm_up()
     return engine
@@ -64,8 +65,13 @@ def _lead(cfg: dict, ps: ParallelState, env: RankEnvironment, job_folder: Path) 
         server.fail(f"{type(e).__name__}: {e}")
         raise
     server.attach(engine)
-    print(f"rank {ps.world_rank}: serving on port {server.port}", file=sys.stderr, flush=True)
+    _log(ps, f"serving on port {server.port}")
     server.wait()
+
+
+def _log(ps: ParallelState, message: str) -> None:
+    print(f"rank {ps.world_rank} (replica {ps.replica}, tensor {ps.tp_rank}, stage {ps.pp_rank}): {message}",
+          flush=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:
