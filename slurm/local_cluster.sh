@@ -10,6 +10,7 @@
 #
 # Run as root. `up` twice in a row is fast and harmless.
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 CPUS_PER_NODE=8
@@ -50,7 +51,7 @@ install_packages() {
   local missing
   missing=$(missing_packages)
   [[ -z "$missing" ]] && return
-  log "installing: $(echo $missing)"
+  log "installing: $(tr '\n' ' ' <<<"$missing")"
   export DEBIAN_FRONTEND=noninteractive
   # A fresh image has no package lists; an old one may list versions the mirror no longer has.
   apt-get update -qq >/dev/null || fail "apt-get update failed"
@@ -60,28 +61,29 @@ install_packages() {
 
 # --- configuration ------------------------------------------------------------------------------------------
 
-# install_file PATH MODE OWNER: stdin becomes PATH when it differs; prints "changed" when it did.
-install_file() {
+update_file() {  # update_file PATH MODE OWNER TEXT: write TEXT to PATH unless it is there already; 1 if unchanged
   local tmp
   tmp=$(mktemp)
-  cat >"$tmp"
+  printf '%s\n' "$4" >"$tmp"
   if [[ -f "$1" ]] && cmp -s "$tmp" "$1"; then
     rm -f "$tmp"
-    return
+    return 1
   fi
   install -m "$2" -o "$3" -g "$3" "$tmp" "$1"
   rm -f "$tmp"
-  echo changed
 }
 
 node_range() { echo "node[1-$1]"; }
 
 slurm_conf() {  # slurm_conf NODES
-  local nodes=$1 host mem_mb
+  local nodes=$1 host mem_mb ports node_line
   host=$(hostname -s)
+  ports="$FIRST_SLURMD_PORT-$((FIRST_SLURMD_PORT + nodes - 1))"  # one slurmd port per emulated node
   # Memory is not a consumable resource (CR_Core), but --mem requests are checked against it: split the
   # machine's memory between the nodes, leaving a tenth for everything else.
   mem_mb=$(awk -v n="$nodes" '/^MemTotal:/ {print int($2 / 1024 * 0.9 / n)}' /proc/meminfo)
+  node_line="NodeName=$(node_range "$nodes") NodeHostname=$host NodeAddr=127.0.0.1 Port=[$ports]"
+  node_line+=" CPUs=$CPUS_PER_NODE RealMemory=$mem_mb Gres=gpu:$GPUS_PER_NODE State=UNKNOWN"
   cat <<EOF
 # Written by fleetgen's slurm/local_cluster.sh: $nodes emulated nodes on this machine.
 ClusterName=fleetgen
@@ -108,7 +110,7 @@ KillWait=5
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 GresTypes=gpu
-NodeName=$(node_range "$nodes") NodeHostname=$host NodeAddr=127.0.0.1 Port=[$FIRST_SLURMD_PORT-$((FIRST_SLURMD_PORT + nodes - 1))] CPUs=$CPUS_PER_NODE RealMemory=$mem_mb Gres=gpu:$GPUS_PER_NODE State=UNKNOWN
+$node_line
 PartitionName=debug Nodes=$(node_range "$nodes") Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -156,19 +158,25 @@ write_hosts() {  # node names resolve to this machine; /etc/hosts may be a bind 
   rm -f /tmp/fleetgen-hosts.$$
 }
 
-configure() {  # configure NODES; prints "slurm" and/or "slurmdbd" for configs that changed
+configure() {  # configure NODES; prints a line (mariadb, slurmdbd, slurm) per daemon whose config changed
   local nodes=$1 i
   install -d -o slurm -g slurm "$RUN_DIR" "$LOG_DIR" /var/spool/slurmctld
   install -d "$STATE_DIR" "$FAKE_GPU_DIR" /var/spool/slurmd
   for ((i = 0; i < GPUS_PER_NODE; i++)); do ln -sfn /dev/null "$FAKE_GPU_DIR/nvidia$i"; done
   write_hosts "$nodes"
-  [[ -n "$(mariadb_conf | install_file /etc/mysql/mariadb.conf.d/99-fleetgen.cnf 644 root)" ]] && echo mariadb
-  [[ -n "$(slurmdbd_conf | install_file "$CONF_DIR/slurmdbd.conf" 600 slurm)" ]] && echo slurmdbd
+  # Generated first, so that a generator's failure stops the script before any file is touched.
+  local mariadb slurmdbd slurm gres
+  mariadb=$(mariadb_conf)
+  slurmdbd=$(slurmdbd_conf)
+  slurm=$(slurm_conf "$nodes")
+  gres=$(gres_conf "$nodes")
+  if update_file /etc/mysql/mariadb.conf.d/99-fleetgen.cnf 644 root "$mariadb"; then echo mariadb; fi
+  if update_file "$CONF_DIR/slurmdbd.conf" 600 slurm "$slurmdbd"; then echo slurmdbd; fi
+  # Both files must be written: no short-circuit between them.
   local changed=""
-  changed+=$(slurm_conf "$nodes" | install_file "$CONF_DIR/slurm.conf" 644 root)
-  changed+=$(gres_conf "$nodes" | install_file "$CONF_DIR/gres.conf" 644 root)
-  [[ -n "$changed" ]] && echo slurm
-  return 0
+  if update_file "$CONF_DIR/slurm.conf" 644 root "$slurm"; then changed=yes; fi
+  if update_file "$CONF_DIR/gres.conf" 644 root "$gres"; then changed=yes; fi
+  if [[ -n "$changed" ]]; then echo slurm; fi
 }
 
 # --- daemons ------------------------------------------------------------------------------------------------
@@ -297,8 +305,9 @@ wait_until_usable() {  # wait_until_usable NODES
     count=$(node_states | wc -l)
     bad=$(unusable_nodes)
     [[ "$count" -eq "$nodes" && -z "$bad" ]] && return
-    ((SECONDS < deadline)) || fail "nodes not usable after ${WAIT_S} s: $(echo "${bad:-only $count of $nodes nodes known}")" \
-      "$LOG_DIR/slurmctld.log"
+    ((SECONDS < deadline)) ||
+      fail "nodes not usable after ${WAIT_S} s: $(tr '\n' ' ' <<<"${bad:-only $count of $nodes nodes known}")" \
+        "$LOG_DIR/slurmctld.log"
     # Give a fresh slurmd a few seconds to register before treating its node as broken.
     if [[ -n "$bad" && -z "$repaired" && $((deadline - SECONDS)) -lt $((WAIT_S - 5)) ]]; then
       while read -r node state; do
@@ -319,9 +328,9 @@ cmd_up() {
   [[ $EUID -eq 0 ]] || fail "run as root (it installs packages and starts daemons)"
   install_packages
   changed=$(configure "$nodes")
-  if [[ "$changed" == *mariadb* ]]; then stop_pidfile "$STATE_DIR/mysqld.pid" mariadbd; fi
-  if [[ "$changed" == *slurmdbd* ]]; then stop_pidfile "$STATE_DIR/slurmdbd.pid" slurmdbd; fi
-  if [[ "$changed" == *slurm* ]]; then  # node list or resources changed: slurmctld and slurmds reread it
+  if grep -qx mariadb <<<"$changed"; then stop_pidfile "$STATE_DIR/mysqld.pid" mariadbd; fi
+  if grep -qx slurmdbd <<<"$changed"; then stop_pidfile "$STATE_DIR/slurmdbd.pid" slurmdbd; fi
+  if grep -qx slurm <<<"$changed"; then  # node list or resources changed: slurmctld and slurmds reread it
     stop_slurmds 0
     stop_pidfile "$STATE_DIR/slurmctld.pid" slurmctld
   fi
@@ -332,7 +341,8 @@ cmd_up() {
   start_slurmctld
   for ((i = 1; i <= nodes; i++)); do start_slurmd "node$i"; done
   wait_until_usable "$nodes"
-  echo "local slurm cluster up: $nodes nodes $(node_range "$nodes") × $CPUS_PER_NODE CPUs × $GPUS_PER_NODE fake GPUs, partition debug; $(node_states | awk '{print $1 "=" $2}' | tr '\n' ' ')"
+  echo "local slurm cluster up: $nodes nodes $(node_range "$nodes") × $CPUS_PER_NODE CPUs" \
+    "× $GPUS_PER_NODE fake GPUs, partition debug; $(node_states | awk '{print $1 "=" $2}' | paste -sd ' ')"
 }
 
 cmd_down() {

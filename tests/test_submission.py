@@ -4,6 +4,7 @@ Regenerate the golden files after an intended change: FLEETGEN_REGOLD=1 python -
 """
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -82,8 +83,8 @@ def test_container_args():
     cfg = composed("cluster=slurm", "container=nemo", "container.workdir=/work", "container.mount_home=true",
                    "container.mounts=[/shared/fleetgen/jobs:/shared/fleetgen/jobs]")
     assert container_srun_args(cfg.container, JOB_FOLDER) == [
-        "--container-image=nvcr.io/nvidia/nemo:24.05", "--container-mounts=/shared/fleetgen/jobs:/shared/fleetgen/jobs",
-        "--container-workdir=/work"]
+        "--container-image=nvcr.io/nvidia/nemo:24.05",
+        "--container-mounts=/shared/fleetgen/jobs:/shared/fleetgen/jobs", "--container-workdir=/work"]
     assert container_srun_args(composed("cluster=slurm").container, JOB_FOLDER) == []
 
 
@@ -96,7 +97,8 @@ def test_the_mounted_job_folder_is_the_part_that_exists_before_the_job(tmp_path,
 
 def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match=r"container.mounts\[1\]='/a,/b'"):
-        container_srun_args(composed("container=nemo", "container.mounts=['/x:/y','/a,/b']").container, JOB_FOLDER)
+        container_srun_args(composed("container=nemo", "container.mounts=['/x:/y','/a,/b']").container,
+                            JOB_FOLDER)
     with pytest.raises(ValueError, match="cluster.env.1BAD: not a valid environment variable name"):
         cfg = composed("cluster=slurm")
         with open_dict(cfg):
@@ -117,7 +119,7 @@ def test_local_cluster_accepts_a_rendered_script(tmp_path):
     script.write_text(render_sbatch(cfg, tmp_path / "%j"))
     result = sbatch_test_only(script)
     assert result.returncode == 0, result.stderr
-    assert "to start at" in result.stderr and "node[1-2]" in result.stderr and "partition debug" in result.stderr
+    assert re.search(r"to start at .* on nodes node\[1-2\] in partition debug", result.stderr), result.stderr
     # The same check refuses what the cluster cannot give: it is not a rubber stamp.
     script.write_text(render_sbatch(composed("cluster=slurm", "cluster.partition=debug", "parallel.tensor=8"),
                                     tmp_path / "%j"))
