@@ -28,10 +28,16 @@ def submit(cfg: LaunchConfig) -> "RunningJob":
     from fleetgen.model.worker import run_rank  # imported here: the launcher itself needs no model code
 
     job = executor.submit(run_rank, cfg.model_dump(), str(folder))
+    _remove_if_empty(folder / "%j")  # submitit creates the folder pattern itself, unformatted
     (folder / ACTIVE_FILE).write_text(json.dumps({"kind": cfg.cluster.kind, "job_id": job.job_id}))
     print(f"submitted job {job.job_id} ({cfg.cluster.kind}, {cfg.parallel.world_size} ranks); "
           f"logs in {folder / job.job_id}", file=sys.stderr)
     return RunningJob(job, cfg, folder)
+
+
+def _remove_if_empty(path: Path) -> None:
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 def reap_stale_job(folder: Path) -> None:

@@ -347,52 +347,47 @@ def write_megatron(path: Path, config: ModelConfig, tensors: dict, tp: int = 1, 
 
 def mcore_global_arrays(config: ModelConfig, tensors: dict, tp: int) -> dict[str, tuple[torch.Tensor, tuple]]:
     """mcore key -> (global tensor, chunk shape): per-layer tensors stacked, chunks = one TP shard of a layer."""
-    t, c = padded(config, tensors, tp), config
-
-    def rows_tp(a):  # column parallel: one layer, 1/TP of the rows
-        return (1, a.shape[1] // tp, *a.shape[2:])
-
-    def cols_tp(a):  # row parallel: one layer, 1/TP of the columns
-        return (1, a.shape[1], a.shape[2] // tp)
-
-    def whole(a):  # replicated: one layer
-        return (1, *a.shape[1:])
-
-    def stack(fn):
-        return torch.stack([fn(i) for i in range(c.num_layers)])
-
-    out = {"model.embedding.word_embeddings.weight": t["embedding.word_embeddings.weight"],
-           "model.decoder.final_layernorm.weight": t["final_layernorm.weight"],
-           "model.decoder.final_layernorm.bias": t["final_layernorm.bias"]}
-    out = {k: (v, (v.shape[0] // tp, *v.shape[1:]) if "embedding" in k else tuple(v.shape)) for k, v in out.items()}
-    if not c.tie_word_embeddings:
-        w = t["output_layer.weight"]
-        out["model.output_layer.weight"] = (w, (w.shape[0] // tp, w.shape[1]))
-    if c.position_embedding == "learned":
-        w = t["embedding.position_embeddings.weight"]
-        out["model.embedding.position_embeddings.weight"] = (w, tuple(w.shape))
-    pre = "model.decoder.layers."
-    norms = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.", "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
-    for mkey, canon in norms.items():
-        for s in ("weight", "bias"):
-            a = stack(lambda i: t[f"layers.{i}.{canon}{s}"])
-            out[f"{pre}{mkey}{s}"] = (a, whole(a))
-    for s in ["weight"] + (["bias"] if c.qkv_bias else []):
-        a = stack(lambda i: qkv_group_major(*(t[f"layers.{i}.self_attention.{n}.{s}"] for n in ("query", "key", "value")),
-                                           c.num_query_groups))
-        out[f"{pre}self_attention.linear_qkv.{s}"] = (a, rows_tp(a))
-    for s in ["weight"] + (["bias"] if c.mlp_bias else []):
-        if c.activation == "swiglu":  # [gate_all; up_all]
-            a = stack(lambda i: torch.cat([t[f"layers.{i}.mlp.gate.{s}"], t[f"layers.{i}.mlp.linear_fc1.{s}"]]))
+    t = padded(config, tensors, tp)
+    out = {}
+    for key, name, split in (("model.embedding.word_embeddings.weight", "embedding.word_embeddings.weight", "rows"),
+                             ("model.embedding.position_embeddings.weight", "embedding.position_embeddings.weight",
+                              "none"),
+                             ("model.output_layer.weight", "output_layer.weight", "rows"),
+                             ("model.decoder.final_layernorm.weight", "final_layernorm.weight", "none"),
+                             ("model.decoder.final_layernorm.bias", "final_layernorm.bias", "none")):
+        if name in t:
+            a = t[name]
+            out[key] = (a, (a.shape[0] // tp, *a.shape[1:]) if split == "rows" else tuple(a.shape))
+    layers = [_mcore_layer(config, t, i) for i in range(config.num_layers)]
+    for key, (_, split) in layers[0].items():
+        a = torch.stack([layer[key][0] for layer in layers])
+        if split == "rows":
+            chunk = (1, a.shape[1] // tp, *a.shape[2:])
         else:
-            a = stack(lambda i: t[f"layers.{i}.mlp.linear_fc1.{s}"])
-        out[f"{pre}mlp.linear_fc1.{s}"] = (a, rows_tp(a))
-    for mkey, canon in (("self_attention.linear_proj.", "self_attention.linear_proj."), ("mlp.linear_fc2.", "mlp.linear_fc2.")):
-        a = stack(lambda i: t[f"layers.{i}.{canon}weight"])
-        out[f"{pre}{mkey}weight"] = (a, cols_tp(a))
-        if (c.proj_bias if "proj" in mkey else c.mlp_bias):
-            b = stack(lambda i: t[f"layers.{i}.{canon}bias"])
-            out[f"{pre}{mkey}bias"] = (b, whole(b))
+            chunk = (1, a.shape[1], a.shape[2] // tp) if split == "cols" else (1, *a.shape[1:])
+        out["model.decoder.layers." + key] = (a, chunk)
+    return out
+
+
+def _mcore_layer(config: ModelConfig, t: dict, i: int) -> dict[str, tuple[torch.Tensor, str]]:
+    """One layer's mcore tensors (TE names, norms fused into the next linear) and how TP splits them."""
+    c, src = config, f"layers.{i}."
+    out = {f"{fused}{s}": (t[f"{src}{norm}.{s}"], "none")
+           for fused, norm in (("self_attention.linear_qkv.layer_norm_", "input_layernorm"),
+                               ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm")) for s in ("weight", "bias")}
+    for s in ["weight"] + (["bias"] if c.qkv_bias else []):
+        q, k, v = (t[f"{src}self_attention.{n}.{s}"] for n in ("query", "key", "value"))
+        out[f"self_attention.linear_qkv.{s}"] = (qkv_group_major(q, k, v, c.num_query_groups), "rows")
+    for s in ["weight"] + (["bias"] if c.mlp_bias else []):
+        up = t[f"{src}mlp.linear_fc1.{s}"]
+        gated = torch.cat([t[f"{src}mlp.gate.{s}"], up]) if c.activation == "swiglu" else up  # [gate_all; up_all]
+        out[f"mlp.linear_fc1.{s}"] = (gated, "rows")
+    out["self_attention.linear_proj.weight"] = (t[src + "self_attention.linear_proj.weight"], "cols")
+    out["mlp.linear_fc2.weight"] = (t[src + "mlp.linear_fc2.weight"], "cols")
+    if c.proj_bias:
+        out["self_attention.linear_proj.bias"] = (t[src + "self_attention.linear_proj.bias"], "none")
+    if c.mlp_bias:
+        out["mlp.linear_fc2.bias"] = (t[src + "mlp.linear_fc2.bias"], "none")
     return out
 
 

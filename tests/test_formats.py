@@ -1,13 +1,18 @@
 """Every format, saved at one TP x PP split, reads back as the global canonical tensors at any slice."""
+import tarfile
+from pathlib import Path
+
 import pytest
 import sentencepiece
 import torch
 
+from fleetgen.model.checkpoint import lazy
+from fleetgen.model.checkpoint.hf import HFSource
 from fleetgen.model.checkpoint.nemo import nemo_model_config
 from fleetgen.model.checkpoint.open import detect_format, open_checkpoint
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.generate import Generator, greedy_plan
-from fleetgen.model.load import load_stage
+from fleetgen.model.generate import greedy_plan
+from fleetgen.model.load import build_generator
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.tokenizer import load_tokenizer
 from tests import hf_reference as ref
@@ -147,6 +152,40 @@ def test_distributed_checkpoint_reads_back_at_every_slice(tmp_path, sp_model, fi
     assert_reads_back(open_checkpoint(path), config, padded(config, tensors, tp))
 
 
+def test_distributed_checkpoint_inside_a_nemo_tar(tmp_path, sp_model):
+    config = make_config(NEMOTRON, sp_model)
+    tensors = canonical_tensors(config, dtype=torch.bfloat16)
+    directory = write_distckpt(tmp_path / "dist", config, tensors, sp_model, 2, "torch_dist")
+    with tarfile.open(tmp_path / "nemotron.nemo", "w:") as tar:
+        tar.add(directory, arcname=".")
+    assert detect_format(tmp_path / "nemotron.nemo") == "distckpt"
+    source = open_checkpoint(tmp_path / "nemotron.nemo", cache_dir=tmp_path / "cache")
+    assert_reads_back(source, config, padded(config, tensors, 2))
+
+
+def test_hugging_face_directories_go_to_hfsource(tmp_path, sp_model):
+    directory = ref.save(ref.build("gpt2"), tmp_path / "hf")
+    source = open_checkpoint(directory)
+    assert isinstance(source, HFSource) and source.config.family == "gpt2"
+    replaced = open_checkpoint(directory, tokenizer=sp_model)
+    assert replaced.tokenizer().encode("lazy dog") == load_tokenizer(sp_model).encode("lazy dog")
+    assert replaced.names() == source.names() and replaced.config == source.config
+    name = "layers.1.self_attention.query.weight"
+    assert torch.equal(replaced.read(name, slice(8, 16), slice(0, 32)), source.read(name, slice(8, 16), slice(0, 32)))
+
+
+def test_file_mappings_are_dropped_once_reads_touch_the_budget(tmp_path, sp_model, monkeypatch):
+    config = make_config(NEMO_GPT, sp_model)
+    path = write_nemo(tmp_path / "m", config, canonical_tensors(config), sp_model)
+    weights = str(path / "model_weights.ckpt")
+    source = open_checkpoint(path)
+    source.read("layers.0.mlp.gate.weight")
+    assert weights in Path("/proc/self/maps").read_text()  # small reads keep the mapping, and its index
+    monkeypatch.setattr(lazy, "MAPPED_BYTES_BUDGET", 0)
+    source.read("layers.0.mlp.gate.weight")
+    assert weights not in Path("/proc/self/maps").read_text()  # unmapped: its pages leave our RSS
+
+
 def test_saved_at_2x2_read_as_1x1_and_vice_versa(tmp_path, sp_model):
     config = make_config(NEMO_GPT, sp_model)
     tensors = canonical_tensors(config)
@@ -240,7 +279,7 @@ def _prefill_logits(rank: int, world_size: int, tp: int, pp: int, paths: dict, s
     for family, path in paths.items():
         # Megatron-LM checkpoints bring no tokenizer of their own: GPT-2's vocab.json would sit beside them
         source = open_checkpoint(path, tokenizer=sp if family == "gpt2" else None, cache_dir=cache)
-        generator = Generator(load_stage(source, ps, "fp32"), ps, max_batch=4, max_seq_len=16)
+        generator = build_generator(source, ps, "fp32", max_batch=4, max_seq_len=16)
         plan = greedy_plan("prefill", torch.arange(len(ref.PROMPTS)), tokens, lengths)
         plan.return_logits = True
         out[family] = generator.step(plan).logits

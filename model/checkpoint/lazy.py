@@ -14,7 +14,7 @@ import pickle
 import zipfile
 from itertools import product
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -289,9 +289,6 @@ class ArrayLeaf:
 
 
 # ---- the source -----------------------------------------------------------------------------------------
-
-View = Union[Stored, Rows, Concat, ArrayLeaf]
-
 
 class LazySource:
     """A CheckpointSource over global views; file mappings are dropped once reads have touched enough."""

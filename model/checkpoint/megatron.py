@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from fleetgen.model.checkpoint.lazy import (Concat, LazySource, Rows, Stored, TorchFile, check_views,
                                             qkv_group_major, split_rows)

@@ -213,9 +213,11 @@ def _tokenizer_file(archive: NemoArchive, tok: dict, key: str, where: str) -> Pa
 
 # ---- legacy Megatron GPT weights ------------------------------------------------------------------------
 
-_SHARD_DIRS = (re.compile(r"mp_rank_(\d+)/" + WEIGHTS_FILE), re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)/" + WEIGHTS_FILE))
+_SHARD_DIRS = (re.compile(r"mp_rank_(\d+)/" + re.escape(WEIGHTS_FILE)),
+               re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)/" + re.escape(WEIGHTS_FILE)))
+# buffers, TE fp8 state, and the last stage's copy of tied embeddings (the first stage's is read)
 _IGNORED = re.compile(r".*(rotary_pos_emb\.inv_freq|_extra_state)$|^model\.(module\.)?word_embeddings\.weight$")
-_LAYER = re.compile(r"language_model\.encoder\.layers\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"language_model\.encoder\.layers\.(\d+)\.")
 
 
 def shard_files(archive: NemoArchive, cfg: dict) -> dict[tuple[int, int], str]:
@@ -264,7 +266,8 @@ class LegacyLayout:
         self.pp = max(p for _, p in files) + 1
         first = files[(0, 0)]
         self.prefix = "model.module." if any(k.startswith("model.module.") for k in first.shapes) else "model."
-        for what, n in (("num_attention_heads", config.num_attention_heads), ("ffn_hidden_size", config.ffn_hidden_size)):
+        for what, n in (("num_attention_heads", config.num_attention_heads),
+                        ("ffn_hidden_size", config.ffn_hidden_size)):
             if n % self.tp:
                 raise CheckpointError(f"{first.path}: {what}={n} does not divide over the {self.tp} TP shards")
         self.layers = [self._stage_layers(p) for p in range(self.pp)]
