@@ -58,7 +58,8 @@ def open_model(cfg: LaunchConfig):
         raise LaunchError(f"model.checkpoint={cfg.model.checkpoint}: no such file or directory")
     try:
         source = open_checkpoint(path, format=cfg.model.format, tokenizer=cfg.model.tokenizer)
-        validate_against(source.config, {f"model.architecture.{k}": v for k, v in cfg.model.architecture.items()})
+        expected = {f"model.architecture.{key}": value for key, value in cfg.model.architecture.items()}
+        validate_against(source.config, expected)
     except (CheckpointError, ValueError) as e:
         raise LaunchError(f"model.checkpoint={cfg.model.checkpoint}: {e}") from None
     return source

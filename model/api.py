@@ -241,12 +241,16 @@ class CompletionText:
         """New text that is safe to show."""
         if token != self._eos_id:
             self.text += self._text.add(token)
-        return self._release(len(self.text) - self._holdback)
+        return self._release(min(self._end(), len(self.text) - self._holdback))
 
     def finish(self) -> str:
         self.text += self._text.flush()
-        self.text = self.text[:min([self.text.find(s) for s in self._stops if s in self.text] + [len(self.text)])]
+        self.text = self.text[:self._end()]
         return self._release(len(self.text))
+
+    def _end(self) -> int:
+        """Where the shown text ends: before the first stop string."""
+        return min([self.text.find(s) for s in self._stops if s in self.text] + [len(self.text)])
 
     def _release(self, upto: int) -> str:
         if upto <= self.sent:
@@ -328,7 +332,13 @@ def _openai_logprobs(request: CompletionRequest, result: SequenceResult, engine:
 
 def _top(row, k: int, tokenizer: Tokenizer) -> dict:
     values, ids = row.topk(k)
-    return {tokenizer.decode([i]): v for i, v in zip(ids.tolist(), values.tolist())}
+    return {_token_string(tokenizer, i): v for i, v in zip(ids.tolist(), values.tolist())}
+
+
+def _token_string(tokenizer: Tokenizer, token: int) -> str:
+    """Its text alone, or its vocabulary piece when that is not whole characters (distinct dict keys)."""
+    text = tokenizer.decode([token])
+    return tokenizer.id_to_piece(token) if "\ufffd" in text or not text else text
 
 
 def completion_chunk(cid: str, created: int, model: str, index: int, text: str,

@@ -1,4 +1,8 @@
-"""A tiny real GPT-2 checkpoint, a served engine around it, and transformers references for the server tests."""
+"""A tiny real GPT-2 checkpoint, a served engine around it, and transformers references for the server tests.
+
+Rank processes spawned by run_ranks import this module: transformers and tokenizers are imported only where
+a checkpoint or a reference is built, which keeps several seconds per rank out of every multi-process test.
+"""
 from __future__ import annotations
 
 import inspect
@@ -11,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.engine import Engine
@@ -33,6 +35,9 @@ def build_tiny_checkpoint(path: Path, eos_loving: bool = False, seed: int = 0) -
     eos_loving: the final norm's bias points at the end-of-text embedding, so greedy decoding picks it
     first unless it is banned (for min_tokens_to_generate).
     """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = ByteLevelBPETokenizer()
     tokenizer.train_from_iterator(CORPUS, vocab_size=512, min_frequency=2, special_tokens=[EOT])
@@ -51,17 +56,19 @@ def build_tiny_checkpoint(path: Path, eos_loving: bool = False, seed: int = 0) -
     return path
 
 
-def reference_model(path: Path) -> GPT2LMHeadModel:
+def reference_model(path: Path):
+    from transformers import GPT2LMHeadModel
+
     return GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def reference_logits(model: GPT2LMHeadModel, ids: list[int]) -> torch.Tensor:
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
     """fp32 logits [len(ids), vocab]."""
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
 
 
-def reference_greedy(model: GPT2LMHeadModel, ids: list[int], new_tokens: int) -> list[int]:
+def reference_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
     """Argmax continuation by full forward passes, not stopping at end-of-text."""
     ids = list(ids)
     for _ in range(new_tokens):

@@ -81,3 +81,8 @@ def test_tensor_parallel_must_divide_heads(tmp_path):
 
 def test_local_cluster_has_one_node(tmp_path):
     assert_clear_error(launch("tiny", "parallel.nodes=2", cwd=tmp_path), "parallel.nodes=2", "cluster=slurm")
+
+
+def test_recipe_architecture_contradicting_the_checkpoint_names_both_values(tmp_path):
+    assert_clear_error(launch("tiny", "+model.architecture.num_layers=96", cwd=tmp_path),
+                       "model.architecture.num_layers=96", "the checkpoint says")
