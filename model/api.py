@@ -269,7 +269,7 @@ def completion_sequences(request: CompletionRequest, engine: Engine) -> list[Seq
     greedy = request.temperature == 0
     sampling = Sampling(greedy=greedy, temperature=1.0 if greedy else request.temperature, top_k=request.top_k,
                         top_p=request.top_p, repetition_penalty=request.repetition_penalty)
-    stop = StopCondition(frozenset() if engine.eos_id is None else {engine.eos_id}, tuple(request.stops))
+    stop = StopCondition(frozenset() if engine.eos_id is None else frozenset({engine.eos_id}), tuple(request.stops))
     sequences = []
     for i, text in enumerate(request.prompts):
         prompt = engine.tokenizer.encode(text)

@@ -143,18 +143,20 @@ class Engine:
     def stop(self) -> None:
         """Leader: fail what is still queued or running, release the followers, end the step loop."""
         with self._lock:
-            self._stopping = True
-        if self._thread is None:
+            already, self._stopping = self._stopping, True
+        if self._thread is not None:
+            self._inbox.put(None)  # wakes an idle loop, which broadcasts the shutdown as it ends
+            self._thread.join()
+        elif not already:
             protocol.send_shutdown(self.ps)
-            return
-        self._inbox.put(None)  # wakes an idle loop
-        self._thread.join()
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        if self.ps.device.type == "cuda":
+            torch.cuda.set_device(self.ps.device)  # the current device is per thread; NCCL needs this rank's
         try:
             while not self._stopping:
                 self._take_submissions(block=not (self._waiting or self._active))
