@@ -91,24 +91,25 @@ class Generator:
             self.history[slots, lengths] = tokens[:, 0]
             self.history_len[slots] = lengths + 1
             select = None if self._wants_all(plan) else torch.zeros_like(lengths)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may modify the returned tensors in place
             logits = self._forward(tokens, positions, slots, select)
             outputs = self._outputs(plan, logits, slots, tokens, lengths) if self.is_output_rank else {}
             return self._share(plan, outputs)
 
     def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Collective. Exactly max_new_tokens argmax tokens per prompt (no stop at eos), without the prompt."""
+        longest = max((len(p) for p in prompts), default=0)
+        if max_new_tokens and longest + max_new_tokens - 1 > self.max_seq_len:
+            raise ValueError(f"generate_greedy: a {longest}-token prompt + {max_new_tokens} new tokens exceed "
+                             f"max_seq_len={self.max_seq_len}")
         results = []
         for start in range(0, len(prompts), self.max_batch):
             chunk = prompts[start:start + self.max_batch]
             lengths = torch.tensor([len(p) for p in chunk])
-            tokens = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+            tokens = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)  # [n, L] right-padded
             for row, prompt in enumerate(chunk):
                 tokens[row, :len(prompt)] = torch.tensor(prompt)
             slots = torch.arange(len(chunk))
-            if max_new_tokens + int(lengths.max()) > self.max_seq_len + 1:
-                raise ValueError(f"generate_greedy: prompt {int(lengths.max())} + {max_new_tokens} new tokens "
-                                 f"exceed max_seq_len {self.max_seq_len}")
             out = [self.step(greedy_plan("prefill", slots, tokens, lengths)).tokens] if max_new_tokens else []
             for i in range(max_new_tokens - 1):
                 out.append(self.step(greedy_plan("decode", slots, out[-1][:, None], lengths + i)).tokens)
@@ -167,7 +168,8 @@ class Generator:
         if plan.logprobs:
             out["logprobs"] = last.log_softmax(-1).gather(1, chosen[:, None]).squeeze(1)
         if plan.logprobs and plan.kind == "prefill":
-            following = logits[:, :-1].log_softmax(-1).gather(2, tokens[:, 1:, None]).squeeze(2)  # [n, L-1]
+            following_ids = tokens[:, 1:, None].clamp(0, logits.shape[-1] - 1)  # pad ids may be anything
+            following = logits[:, :-1].log_softmax(-1).gather(2, following_ids).squeeze(2)  # [n, L-1]
             inside = torch.arange(1, tokens.shape[1], device=device) < lengths[:, None]
             out["prompt_logprobs"] = torch.where(inside, following, 0.0)
         if plan.full_logprobs:
@@ -230,8 +232,9 @@ class Generator:
         self._check_positions(plan, width)
         if (~plan.greedy & (plan.temperature <= 0)).any():
             raise ValueError("StepPlan.temperature must be > 0 where greedy is false")
-        if plan.ban_eos.any() and self.config.eos_id is None:
-            raise ValueError("StepPlan.ban_eos is set but the model config has no eos_id")
+        eos = self.config.eos_id
+        if plan.ban_eos.any() and (eos is None or not 0 <= eos < self.config.vocab_size):
+            raise ValueError(f"StepPlan.ban_eos is set but the model's eos_id={eos} is not a vocabulary id")
 
     def _check_positions(self, plan: StepPlan, width: int) -> None:
         lengths = plan.lengths
@@ -239,7 +242,7 @@ class Generator:
             if width > self.max_seq_len or lengths.min() < 1 or lengths.max() > width:
                 raise ValueError(f"StepPlan.lengths={lengths.tolist()} must be in [1, {width}] and the prompt "
                                  f"width {width} at most max_seq_len={self.max_seq_len}")
-            inside = torch.arange(width) < lengths[:, None]
+            inside = torch.arange(width, device=lengths.device) < lengths[:, None]
             ids = plan.tokens[inside]
         else:
             if lengths.min() < 1 or lengths.max() >= self.max_seq_len:

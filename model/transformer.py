@@ -51,7 +51,7 @@ class ParallelAttention(nn.Module):
         self.linear_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                              ps=ps, bias=config.proj_bias, input_is_parallel=True, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rope, cache: KVCache, layer: int, slots: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope, mask, cache: KVCache, layer: int, slots: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
         n, s, _ = x.shape
         d = self.config.head_dim
@@ -62,16 +62,13 @@ class ParallelAttention(nn.Module):
             q = apply_rotary(q, *rope, self.config.rotary_interleaved)
             k = apply_rotary(k, *rope, self.config.rotary_interleaved)
         cache.update(layer, slots, positions, k, v)
-        if s > 1:  # prefill: every row starts at position 0, so the fresh keys are the whole context
-            out = self._attend(q, k, v, mask=None)
-        else:  # decode: each row attends to its own cached positions 0..p
-            length = int(positions.max()) + 1
-            k, v = cache.read(layer, slots, length)  # [n, length, kv_heads, d]
-            mask = torch.arange(length, device=x.device) <= positions  # [n, length]
-            out = self._attend(q, k, v, mask=mask[:, None, None, :])
+        if mask is not None:  # decode: each row attends to its own cached positions
+            k, v = cache.read(layer, slots, mask.shape[-1])  # [n, context, kv_heads, d]
+        out = self._attend(q, k, v, mask)
         return self.linear_proj(out.reshape(n, s, self.heads * d))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """mask None: causal over fresh keys (prefill starts every row at position 0)."""
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [n, heads, s, d]
             attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads)
@@ -108,10 +105,10 @@ class TransformerLayer(nn.Module):
             self.pre_mlp_layernorm = _norm(config, ps, dtype)
         self.mlp = ParallelMLP(config, ps, dtype)
 
-    def forward(self, x: torch.Tensor, rope, cache: KVCache, layer: int, slots: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope, mask, cache: KVCache, layer: int, slots: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
         h = self.input_layernorm(x)
-        attention = self.self_attention(h, rope, cache, layer, slots, positions)
+        attention = self.self_attention(h, rope, mask, cache, layer, slots, positions)
         if self.parallel_residual:  # GPT-J: attention and MLP both read ln_1(x)
             return x + attention + self.mlp(h)
         x = x + attention
@@ -125,7 +122,7 @@ class Embedding(nn.Module):
         self.position_embeddings = None
         if config.position_embedding == "learned":  # small: every TP rank holds all of it
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
-                                                    device=ps.device, dtype=dtype).requires_grad_(False)
+                                                    device=ps.device, dtype=dtype)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.word_embeddings(tokens)  # [n, s, H]
@@ -149,19 +146,22 @@ class DecoderStage(nn.Module):
                                                      bias=config.output_bias, gather_output=True, dtype=dtype)
             if config.tie_word_embeddings and ps.is_first_stage:
                 self.output_layer.weight = self.embedding.word_embeddings.weight
-        self.requires_grad_(False)
+        self.requires_grad_(False)  # inference only
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embedding(tokens, positions)  # [n, s, H]
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                    cache: KVCache) -> torch.Tensor:
-        rope = None
-        if self.config.position_embedding == "rope":  # shared by every layer of the stage
+        rope, mask = None, None  # both shared by every layer of the stage
+        if self.config.position_embedding == "rope":
             rope = rotary_tables(positions, self.config.rotary_dim, self.config.rotary_base,
                                  self.config.rotary_interleaved)
+        if positions.shape[1] == 1:  # decode: rows at their own positions p see cached positions 0..p
+            context = torch.arange(int(positions.max()) + 1, device=positions.device)
+            mask = (context <= positions)[:, None, None, :]  # [n, 1, 1, context]
         for layer, block in enumerate(self.layers):
-            h = block(h, rope, cache, layer, slots, positions)
+            h = block(h, rope, mask, cache, layer, slots, positions)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

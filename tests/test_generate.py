@@ -141,6 +141,7 @@ def test_decode_rows_at_different_positions_in_non_contiguous_slots(generator):
 
 def test_logprobs_follow_the_raw_logits(generator, gpt2):
     tokens, lengths = padded_batch(ref.PROMPTS)
+    tokens[torch.arange(tokens.shape[1]) >= lengths[:, None]] = -1  # a pad id outside the vocabulary is fine
     plan = _plan("prefill", [0, 1, 2], tokens, lengths.tolist(), logprobs=True, full_logprobs=True,
                  temperature=[0.5] * 3, top_k=[3] * 3, greedy=[False] * 3, seed=[1] * 3)
     out = generator.step(plan)
@@ -251,3 +252,10 @@ def test_learned_positions_bound_max_seq_len(gpt2):
 def test_unknown_precision_is_refused(gpt2):
     with pytest.raises(ValueError, match="precision='fp8'"):
         load_stage(ref.open_source(gpt2[1]), ParallelState.single(), "fp8")
+
+
+def test_generate_greedy_refuses_what_the_cache_cannot_hold(generator):
+    assert generator.generate_greedy([list(range(1, 40))], 10) != []  # 39 + 10 - 1 = 48 positions fit
+    with pytest.raises(ValueError, match="a 39-token prompt \\+ 11 new tokens exceed max_seq_len=48"):
+        generator.generate_greedy([list(range(1, 40))], 11)
+    assert generator.generate_greedy(ref.PROMPTS, 0) == [[], [], []]

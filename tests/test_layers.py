@@ -140,6 +140,7 @@ def _tensor_parallel_layers(rank: int, world_size: int) -> dict:
     ids = torch.tensor([[0, 7, 8, 15]])
     column = ColumnParallelLinear(6, 12, ps=ps, bias=True, gather_output=False, dtype=torch.float32)
     row = RowParallelLinear(12, 6, ps=ps, bias=True, input_is_parallel=True, dtype=torch.float32)
+    row_of_full = RowParallelLinear(12, 6, ps=ps, bias=True, input_is_parallel=False, dtype=torch.float32)
     gathered = ColumnParallelLinear(6, 12, ps=ps, bias=True, gather_output=True, dtype=torch.float32)
     embedding = VocabParallelEmbedding(16, 6, ps=ps, dtype=torch.float32)
     half = slice(6 * ps.tp_rank, 6 * ps.tp_rank + 6)
@@ -147,10 +148,12 @@ def _tensor_parallel_layers(rank: int, world_size: int) -> dict:
         for layer in (column, gathered):
             layer.weight.copy_(w1[half])
             layer.bias.copy_(b1[half])
-        row.weight.copy_(w2[:, half])
-        row.bias.copy_(b2)
+        for layer in (row, row_of_full):
+            layer.weight.copy_(w2[:, half])
+            layer.bias.copy_(b2)
         embedding.weight.copy_(table[8 * ps.tp_rank:8 * ps.tp_rank + 8])
-    return {"mlp": row(column(x)), "want_mlp": F.linear(F.linear(x, w1, b1), w2, b2),
+    hidden = F.linear(x, w1, b1)  # [3, 12], whole on every rank
+    return {"mlp": row(column(x)), "want_mlp": F.linear(hidden, w2, b2), "row_of_full": row_of_full(hidden),
             "gathered": gathered(x), "want_gathered": F.linear(x, w1, b1),
             "embedding": embedding(ids), "want_embedding": table[ids],
             "layout": (ps.replica, ps.tp_rank, ps.pp_rank, ps.first_rank, ps.last_stage_ranks, ps.replica_ranks)}
@@ -161,6 +164,7 @@ def test_tensor_parallel_layers_match_the_full_layers_in_every_replica():
     results = run_ranks(_tensor_parallel_layers, 4)
     for r in results:
         assert torch.allclose(r["mlp"], r["want_mlp"], atol=1e-5)
+        assert torch.allclose(r["row_of_full"], r["want_mlp"], atol=1e-5)
         assert torch.allclose(r["gathered"], r["want_gathered"], atol=1e-5)
         assert torch.equal(r["embedding"], r["want_embedding"])
     assert [r["layout"] for r in results] == [(0, 0, 0, 0, (0, 1), (0, 1)), (0, 1, 0, 0, (0, 1), (0, 1)),

@@ -60,7 +60,8 @@ def _run_cases(rank: int, world_size: int, tp: int, pp: int, directories: dict) 
     return results
 
 
-def check_matrix(tp: int, pp: int, references) -> None:
+def check_matrix(tp: int, pp: int, references) -> dict[str, list[list[int]]]:
+    """Every case on TP × PP ranks against HF; returns each case's layers per stage."""
     directories = {name: directory for name, (directory, _, _) in references.items()}
     per_rank = run_ranks(_run_cases, tp * pp, tp, pp, directories)
     for name, (_, want_logits, want_tokens) in references.items():
@@ -70,8 +71,7 @@ def check_matrix(tp: int, pp: int, references) -> None:
                 diff = (logits[row, :len(want)] - want).abs().max().item()
                 assert diff <= 1e-4, f"{name} rank {rank} prompt {row}: logits differ by {diff}"
             assert tokens == want_tokens, f"{name} rank {rank}: greedy tokens differ from HF generate"
-    layers_of = {name: [results[name][2] for results in per_rank[::tp]] for name in references}
-    return layers_of
+    return {name: [results[name][2] for results in per_rank[::tp]] for name in references}
 
 
 @pytest.mark.slow

@@ -20,10 +20,8 @@ from fleetgen.model.config import ModelConfig
 
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                   "gelu": "gelu", "relu2": "squared_relu"}
-
-
 # GPT-2's Conv1D layers store [in, out]
-CONV1D = frozenset({"self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"})
+CONV1D = frozenset({"self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"})
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,7 @@ class _WeightFiles:
     """Stored key -> file, over model.safetensors, a sharded index, or pytorch_model.bin."""
 
     def __init__(self, path: Path):
+        self._torch_files: dict[Path, dict] = {}
         for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (path / index).is_file():
                 self.origin = path / index
@@ -97,7 +96,6 @@ class _WeightFiles:
                                       f"pytorch_model.bin")
             self.origin = single[0]
             self.where = {k: single[0] for k in self._keys(single[0])}
-        self._torch_files: dict[Path, dict] = {}
 
     def _keys(self, file: Path) -> list[str]:
         if file.suffix == ".safetensors":
@@ -194,6 +192,8 @@ def _gptj_config(c: _Fields) -> ModelConfig:
     hidden, heads = c.need("n_embd"), c.need("n_head")
     head_dim = hidden // heads
     rotary_dim = c.get("rotary_dim", head_dim)
+    if rotary_dim % 2 or rotary_dim > head_dim or int(head_dim * (rotary_dim / head_dim)) != rotary_dim:
+        raise CheckpointError(f"{c.file}: rotary_dim={rotary_dim} must be even and at most the head size {head_dim}")
     return ModelConfig(family="gptj", num_layers=c.need("n_layer"), hidden_size=hidden,
                        ffn_hidden_size=c.get("n_inner", 4 * hidden), num_attention_heads=heads,
                        num_query_groups=heads, head_dim=head_dim, vocab_size=c.need("vocab_size"),
@@ -224,79 +224,63 @@ def _nemotron_config(c: _Fields) -> ModelConfig:
                        tie_word_embeddings=c.get("tie_word_embeddings", False), **c.token_ids())
 
 
-def _layer_views(config: ModelConfig, names: dict[str, str], transposed: frozenset = frozenset()) -> dict[str, _View]:
-    """Canonical per-layer suffix -> stored key pattern ({i} = layer), for every layer."""
-    return {f"layers.{i}.{canonical}": _View(key.format(i=i), canonical in transposed)
-            for i in range(config.num_layers) for canonical, key in names.items()}
-
-
-def _without_absent_biases(config: ModelConfig, views: dict[str, _View]) -> dict[str, _View]:
-    has = {"query": config.qkv_bias, "key": config.qkv_bias, "value": config.qkv_bias,
-           "linear_proj": config.proj_bias, "linear_fc1": config.mlp_bias, "linear_fc2": config.mlp_bias}
+def _views(config: ModelConfig, layer_modules: dict[str, str], top_modules: dict[str, str],
+           transposed: frozenset = frozenset()) -> dict[str, _View]:
+    """Canonical module -> stored module ({i} = layer index), each giving .weight and .bias, less the biases
+    the config says the model does not have."""
+    views = {f"{canonical}.{kind}": _View(f"{stored}.{kind}")
+             for canonical, stored in top_modules.items() for kind in ("weight", "bias")}
+    for i in range(config.num_layers):
+        for canonical, stored in layer_modules.items():
+            for kind in ("weight", "bias"):
+                views[f"layers.{i}.{canonical}.{kind}"] = _View(f"{stored.format(i=i)}.{kind}",
+                                                                kind == "weight" and canonical in transposed)
+    has_bias = {"word_embeddings": False, "position_embeddings": False, "output_layer": config.output_bias,
+                "query": config.qkv_bias, "key": config.qkv_bias, "value": config.qkv_bias,
+                "linear_proj": config.proj_bias, "linear_fc1": config.mlp_bias, "linear_fc2": config.mlp_bias}
     return {name: view for name, view in views.items()
-            if not name.endswith(".bias") or has.get(name.split(".")[-2], True)}
+            if not name.endswith(".bias") or has_bias.get(name.split(".")[-2], True)}  # norms keep theirs
 
 
 def _gpt2_views(config: ModelConfig, files: _WeightFiles) -> dict[str, _View]:
     p = "transformer." if files.has("transformer.wte.weight") else ""  # old hub files have no prefix
+    top = {"embedding.word_embeddings": p + "wte", "embedding.position_embeddings": p + "wpe",
+           "final_layernorm": p + "ln_f"}
+    if not config.tie_word_embeddings:
+        top["output_layer"] = "lm_head"
+    views = _views(config, {"input_layernorm": p + "h.{i}.ln_1", "self_attention.linear_proj": p + "h.{i}.attn.c_proj",
+                            "pre_mlp_layernorm": p + "h.{i}.ln_2", "mlp.linear_fc1": p + "h.{i}.mlp.c_fc",
+                            "mlp.linear_fc2": p + "h.{i}.mlp.c_proj"}, top, transposed=CONV1D)
     h = config.hidden_size
-    views = _layer_views(config, {
-        "input_layernorm.weight": p + "h.{i}.ln_1.weight", "input_layernorm.bias": p + "h.{i}.ln_1.bias",
-        "self_attention.linear_proj.weight": p + "h.{i}.attn.c_proj.weight",
-        "self_attention.linear_proj.bias": p + "h.{i}.attn.c_proj.bias",
-        "pre_mlp_layernorm.weight": p + "h.{i}.ln_2.weight", "pre_mlp_layernorm.bias": p + "h.{i}.ln_2.bias",
-        "mlp.linear_fc1.weight": p + "h.{i}.mlp.c_fc.weight", "mlp.linear_fc1.bias": p + "h.{i}.mlp.c_fc.bias",
-        "mlp.linear_fc2.weight": p + "h.{i}.mlp.c_proj.weight", "mlp.linear_fc2.bias": p + "h.{i}.mlp.c_proj.bias",
-    }, transposed=CONV1D)
     for i in range(config.num_layers):
         for j, part in enumerate(("query", "key", "value")):  # c_attn: [q; k; v] along the output axis
             views[f"layers.{i}.self_attention.{part}.weight"] = _View(f"{p}h.{i}.attn.c_attn.weight", True, j * h, h)
             views[f"layers.{i}.self_attention.{part}.bias"] = _View(f"{p}h.{i}.attn.c_attn.bias", False, j * h, h)
-    views.update({"embedding.word_embeddings.weight": _View(p + "wte.weight"),
-                  "embedding.position_embeddings.weight": _View(p + "wpe.weight"),
-                  "final_layernorm.weight": _View(p + "ln_f.weight"), "final_layernorm.bias": _View(p + "ln_f.bias")})
-    if not config.tie_word_embeddings:
-        views["output_layer.weight"] = _View("lm_head.weight")
     return views
 
 
 def _gptj_views(config: ModelConfig, files: _WeightFiles) -> dict[str, _View]:
-    views = _layer_views(config, {
-        "input_layernorm.weight": "transformer.h.{i}.ln_1.weight", "input_layernorm.bias": "transformer.h.{i}.ln_1.bias",
-        "self_attention.query.weight": "transformer.h.{i}.attn.q_proj.weight",
-        "self_attention.key.weight": "transformer.h.{i}.attn.k_proj.weight",
-        "self_attention.value.weight": "transformer.h.{i}.attn.v_proj.weight",
-        "self_attention.linear_proj.weight": "transformer.h.{i}.attn.out_proj.weight",
-        "mlp.linear_fc1.weight": "transformer.h.{i}.mlp.fc_in.weight",
-        "mlp.linear_fc1.bias": "transformer.h.{i}.mlp.fc_in.bias",
-        "mlp.linear_fc2.weight": "transformer.h.{i}.mlp.fc_out.weight",
-        "mlp.linear_fc2.bias": "transformer.h.{i}.mlp.fc_out.bias",
-    })
-    views.update({"embedding.word_embeddings.weight": _View("transformer.wte.weight"),
-                  "final_layernorm.weight": _View("transformer.ln_f.weight"),
-                  "final_layernorm.bias": _View("transformer.ln_f.bias"),
-                  "output_layer.weight": _View("lm_head.weight"), "output_layer.bias": _View("lm_head.bias")})
-    return views
+    block = "transformer.h.{i}."
+    return _views(config, {"input_layernorm": block + "ln_1", "self_attention.query": block + "attn.q_proj",
+                           "self_attention.key": block + "attn.k_proj", "self_attention.value": block + "attn.v_proj",
+                           "self_attention.linear_proj": block + "attn.out_proj", "mlp.linear_fc1": block + "mlp.fc_in",
+                           "mlp.linear_fc2": block + "mlp.fc_out"},
+                  {"embedding.word_embeddings": "transformer.wte", "final_layernorm": "transformer.ln_f",
+                   "output_layer": "lm_head"})
 
 
 def _nemotron_views(config: ModelConfig, files: _WeightFiles) -> dict[str, _View]:
-    names = {"input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
-             "input_layernorm.bias": "model.layers.{i}.input_layernorm.bias",
-             "pre_mlp_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-             "pre_mlp_layernorm.bias": "model.layers.{i}.post_attention_layernorm.bias"}
-    for canonical, stored in (("self_attention.query", "self_attn.q_proj"), ("self_attention.key", "self_attn.k_proj"),
-                              ("self_attention.value", "self_attn.v_proj"),
-                              ("self_attention.linear_proj", "self_attn.o_proj"),
-                              ("mlp.linear_fc1", "mlp.up_proj"), ("mlp.linear_fc2", "mlp.down_proj")):
-        names[f"{canonical}.weight"] = f"model.layers.{{i}}.{stored}.weight"
-        names[f"{canonical}.bias"] = f"model.layers.{{i}}.{stored}.bias"
-    views = _layer_views(config, names)
-    views.update({"embedding.word_embeddings.weight": _View("model.embed_tokens.weight"),
-                  "final_layernorm.weight": _View("model.norm.weight"),
-                  "final_layernorm.bias": _View("model.norm.bias")})
+    block = "model.layers.{i}."
+    top = {"embedding.word_embeddings": "model.embed_tokens", "final_layernorm": "model.norm"}
     if not config.tie_word_embeddings:
-        views["output_layer.weight"] = _View("lm_head.weight")
-    return _without_absent_biases(config, views)
+        top["output_layer"] = "lm_head"
+    return _views(config, {"input_layernorm": block + "input_layernorm",
+                           "pre_mlp_layernorm": block + "post_attention_layernorm",
+                           "self_attention.query": block + "self_attn.q_proj",
+                           "self_attention.key": block + "self_attn.k_proj",
+                           "self_attention.value": block + "self_attn.v_proj",
+                           "self_attention.linear_proj": block + "self_attn.o_proj",
+                           "mlp.linear_fc1": block + "mlp.up_proj", "mlp.linear_fc2": block + "mlp.down_proj"}, top)
 
 
 _FAMILIES: dict[str, tuple[Callable, Callable]] = {
