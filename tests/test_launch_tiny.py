@@ -99,3 +99,19 @@ def test_serve_mode_then_a_crashed_launcher_is_cleaned_up_by_the_next_run(tmp_pa
     assert result.returncode == 0, result.stderr
     assert "left running by a launcher that crashed" in result.stderr
     assert our_processes(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_tensor2_pipeline2_on_the_local_executor_gives_the_same_completions(tiny_run, tmp_path):
+    workdir, result = tiny_run
+    assert result.returncode == 0, result.stderr
+    split = subprocess.run([sys.executable, "-m", "fleetgen.launcher", "tiny", "parallel.tensor=2",
+                            "parallel.pipeline=2", "job.folder=jobs"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    assert split.returncode == 0, split.stderr
+    whole = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    parts = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in parts] == [r["completion"] for r in whole]
+    logs = "".join(p.read_text() for p in (tmp_path / "jobs").glob("*/*_log.out"))
+    assert "tp 1/2 pp 1/2" in logs  # four real ranks, each holding its own shard
+    assert our_processes(str(tmp_path)) == []
