@@ -204,19 +204,29 @@ def legacy_state_dicts(config: ModelConfig, tensors: dict, tp: int, pp: int, swi
     return out
 
 
-def _legacy_layer(config, t, i, pre, tp, r, swiglu) -> dict:
-    c, src = config, f"layers.{i}."
+def _unfused_layer(config, t, i, pre, attn, tp, r) -> dict:
+    """The norms and the row-parallel linears of layer i, which legacy NeMo and Megatron-LM key alike
+    (attn: the attention module's key prefix)."""
+    src = f"layers.{i}."
     sd = {pre + "input_layernorm.weight": t[src + "input_layernorm.weight"],
           pre + "input_layernorm.bias": t[src + "input_layernorm.bias"],
           pre + "post_attention_layernorm.weight": t[src + "pre_mlp_layernorm.weight"],
           pre + "post_attention_layernorm.bias": t[src + "pre_mlp_layernorm.bias"],
-          pre + "self_attention.dense.weight": _chunk(t[src + "self_attention.linear_proj.weight"], tp, r, 1),
+          attn + "dense.weight": _chunk(t[src + "self_attention.linear_proj.weight"], tp, r, 1),
           pre + "mlp.dense_4h_to_h.weight": _chunk(t[src + "mlp.linear_fc2.weight"], tp, r, 1)}
+    if config.proj_bias:
+        sd[attn + "dense.bias"] = t[src + "self_attention.linear_proj.bias"]
+    if config.mlp_bias:
+        sd[pre + "mlp.dense_4h_to_h.bias"] = t[src + "mlp.linear_fc2.bias"]
+    return sd
+
+
+def _legacy_layer(config, t, i, pre, tp, r, swiglu) -> dict:
+    c, src = config, f"layers.{i}."
+    sd = _unfused_layer(config, t, i, pre, pre + "self_attention.", tp, r)
     for s in ["weight"] + (["bias"] if c.qkv_bias else []):
         q, k, v = (_chunk(t[f"{src}self_attention.{n}.{s}"], tp, r) for n in ("query", "key", "value"))
         sd[f"{pre}self_attention.query_key_value.{s}"] = qkv_group_major(q, k, v, c.num_attention_heads // tp)
-    if c.proj_bias:
-        sd[pre + "self_attention.dense.bias"] = t[src + "self_attention.linear_proj.bias"]
     for s in ["weight"] + (["bias"] if c.mlp_bias else []):
         up = _chunk(t[f"{src}mlp.linear_fc1.{s}"], tp, r)
         if c.activation != "swiglu":
@@ -227,8 +237,6 @@ def _legacy_layer(config, t, i, pre, tp, r, swiglu) -> dict:
             sd[f"{pre}mlp.dense_h_to_4h.{s}"] = torch.cat([gate, up])
         else:
             sd[f"{pre}mlp.dense_h_to_4h.{s}"], sd[f"{pre}mlp.dense_h_to_4h_2.{s}"] = gate, up
-    if c.mlp_bias:
-        sd[pre + "mlp.dense_4h_to_h.bias"] = t[src + "mlp.linear_fc2.bias"]
     return sd
 
 
@@ -305,25 +313,16 @@ def megatron_state_dicts(config: ModelConfig, tensors: dict, tp: int, pp: int, v
 def _megatron_layer(config, t, i, pre, tp, r, version) -> dict:
     c, src = config, f"layers.{i}."
     attn = pre + ("attention." if version < 2.0 else "self_attention.")
-    sd = {pre + "input_layernorm.weight": t[src + "input_layernorm.weight"],
-          pre + "input_layernorm.bias": t[src + "input_layernorm.bias"],
-          pre + "post_attention_layernorm.weight": t[src + "pre_mlp_layernorm.weight"],
-          pre + "post_attention_layernorm.bias": t[src + "pre_mlp_layernorm.bias"],
-          attn + "dense.weight": _chunk(t[src + "self_attention.linear_proj.weight"], tp, r, 1),
-          pre + "mlp.dense_4h_to_h.weight": _chunk(t[src + "mlp.linear_fc2.weight"], tp, r, 1)}
+    sd = _unfused_layer(config, t, i, pre, attn, tp, r)
     for s in ["weight"] + (["bias"] if c.qkv_bias else []):
         q, k, v = (_chunk(t[f"{src}self_attention.{n}.{s}"], tp, r) for n in ("query", "key", "value"))
         sd[f"{attn}query_key_value.{s}"] = (qkv_group_major(q, k, v, c.num_query_groups // tp) if version >= 2.0
                                             else qkv_megatron(q, k, v, version))
-    if c.proj_bias:
-        sd[attn + "dense.bias"] = t[src + "self_attention.linear_proj.bias"]
     for s in ["weight"] + (["bias"] if c.mlp_bias else []):
         up = _chunk(t[f"{src}mlp.linear_fc1.{s}"], tp, r)
         if c.activation == "swiglu":
             up = torch.cat([_chunk(t[f"{src}mlp.gate.{s}"], tp, r), up])
         sd[f"{pre}mlp.dense_h_to_4h.{s}"] = up
-    if c.mlp_bias:
-        sd[pre + "mlp.dense_4h_to_h.bias"] = t[src + "mlp.linear_fc2.bias"]
     return sd
 
 

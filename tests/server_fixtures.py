@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from fleetgen.model.checkpoint.open import open_checkpoint
@@ -60,6 +61,18 @@ def reference_model(path: Path):
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint, built once per test module that imports this fixture."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The transformers model over the same checkpoint."""
+    return reference_model(checkpoint)
 
 
 def reference_logits(model, ids: list[int]) -> torch.Tensor:

@@ -8,21 +8,12 @@ from fleetgen.model import protocol
 from fleetgen.model.engine import EngineUnavailable, Sampling, SequenceRequest, StopCondition
 from fleetgen.model.generate import StepPlan
 from fleetgen.model.parallel import ParallelState
+from tests import server_fixtures
 from tests.distributed import run_ranks
-from tests.server_fixtures import (build_tiny_checkpoint, make_engine, reference_greedy, reference_logits,
-                                   reference_model)
+from tests.server_fixtures import make_engine, reference_greedy, reference_logits
 
 GREEDY = Sampling(greedy=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    return reference_model(checkpoint)
+checkpoint, reference = server_fixtures.checkpoint, server_fixtures.reference
 
 
 @pytest.fixture

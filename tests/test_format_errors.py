@@ -13,24 +13,15 @@ from fleetgen.model.checkpoint.open import open_checkpoint, validate_against
 from fleetgen.model.checkpoint.source import CheckpointError
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.tokenizer import load_tokenizer
-from tests.checkpoint_writers import (canonical_tensors, train_gpt2_bpe, train_sentencepiece, write_distckpt,
-                                      write_megatron, write_nemo)
+from tests import tokenizer_fixtures
+from tests.checkpoint_writers import canonical_tensors, write_distckpt, write_megatron, write_nemo
 
 LEGACY = "model.language_model.encoder."
+sp_model, bpe_dir = tokenizer_fixtures.sp_model, tokenizer_fixtures.bpe_dir
 
 
 class Gadget:
     """Stands for any class a pickle could smuggle in."""
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory):
-    return train_gpt2_bpe(tmp_path_factory.mktemp("bpe"))
 
 
 def nemo_config(sp_model) -> ModelConfig:

@@ -16,8 +16,9 @@ from fleetgen.model.load import build_generator
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.tokenizer import load_tokenizer
 from tests import hf_reference as ref
-from tests.checkpoint_writers import (canonical_tensors, padded, train_gpt2_bpe, train_sentencepiece,
-                                      write_distckpt, write_megatron, write_nemo)
+from tests import tokenizer_fixtures
+from tests.checkpoint_writers import (canonical_tensors, padded, train_sentencepiece, write_distckpt, write_megatron,
+                                      write_nemo)
 from tests.distributed import run_ranks
 
 NEMO_GPT = dict(family="nemo_gpt", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
@@ -32,16 +33,7 @@ GPT2 = dict(family="gpt2", num_layers=2, hidden_size=32, ffn_hidden_size=64, num
             num_query_groups=4, head_dim=8, max_position_embeddings=32)
 GPT2_HEAD64 = dict(GPT2, hidden_size=128, ffn_hidden_size=96, num_attention_heads=2, num_query_groups=2, head_dim=64)
 MEGATRON_MODERN = dict(NEMO_GPT, family="gpt2", num_query_groups=2)
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory):
-    return train_gpt2_bpe(tmp_path_factory.mktemp("bpe"))
+sp_model, bpe_dir = tokenizer_fixtures.sp_model, tokenizer_fixtures.bpe_dir
 
 
 def make_config(fields: dict, tokenizer_path) -> ModelConfig:

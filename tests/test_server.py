@@ -15,22 +15,14 @@ import torch
 
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.server import Server
+from tests import server_fixtures
 from tests.server_fixtures import (MODEL, build_tiny_checkpoint, fleetgen_threads, make_engine,
                                    reference_greedy, reference_logits, reference_model, serving)
 
 HEADERS = {"Content-Type": "application/json"}
 PROMPTS = ["def decode(self, s, _w=WHITESPACE.match):", "Café, naïve", "import re", "class JSONEncoder(object):",
            "    return _default_decoder.decode(s)", "x"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    return reference_model(checkpoint)
+checkpoint, reference = server_fixtures.checkpoint, server_fixtures.reference
 
 
 @pytest.fixture(scope="module")

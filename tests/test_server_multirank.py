@@ -9,21 +9,12 @@ import pytest
 import requests
 
 from fleetgen.model.tokenizer import load_tokenizer
+from tests import server_fixtures
 from tests.distributed import run_ranks
-from tests.server_fixtures import (MODEL, build_tiny_checkpoint, reference_greedy, reference_logits, reference_model,
-                                   serve_on_ranks)
+from tests.server_fixtures import MODEL, reference_greedy, reference_logits, serve_on_ranks
 
 PROMPTS = ["def decode(self, s):", "import re", "Café, naïve", "class JSONEncoder(object):"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    return reference_model(checkpoint)
+checkpoint, reference = server_fixtures.checkpoint, server_fixtures.reference
 
 
 class Replica:

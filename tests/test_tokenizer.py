@@ -7,20 +7,11 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from fleetgen.model.checkpoint.source import CheckpointError
 from fleetgen.model.tokenizer import load_tokenizer
-from tests.checkpoint_writers import train_gpt2_bpe, train_sentencepiece
+from tests import tokenizer_fixtures
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "  two  spaces, tabs\tand\nnewlines ", "zebras 123 ÄÖÜ ✓",
          ""]
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory):
-    return train_gpt2_bpe(tmp_path_factory.mktemp("bpe"))
+sp_model, bpe_dir = tokenizer_fixtures.sp_model, tokenizer_fixtures.bpe_dir
 
 
 def test_sentencepiece_matches_the_library(sp_model):

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from fleetgen.model.checkpoint.lazy import (ArrayLeaf, LazySource, ZarrArray, check_views, qkv_group_major,
                                             split_rows)
-from fleetgen.model.checkpoint.nemo import CONFIG_FILE, NemoArchive, nemo_model_config, nemo_tokenizer, read_nemo_config
+from fleetgen.model.checkpoint.nemo import CONFIG_FILE, NemoArchive, open_nemo_config
 from fleetgen.model.checkpoint.source import CheckpointError
 from fleetgen.model.config import ModelConfig
 
@@ -52,11 +52,8 @@ _LAYERS = "model.decoder.layers."
 
 def open_distckpt(path: Union[str, Path, NemoArchive], tokenizer=None, cache_dir: Optional[Path] = None) -> LazySource:
     """A NeMo mcore checkpoint whose model_weights/ is a zarr or torch_dist distributed checkpoint."""
-    archive = path if isinstance(path, NemoArchive) else NemoArchive(path, cache_dir)
-    cfg = read_nemo_config(archive)
+    archive, _, tok, config = open_nemo_config(path, tokenizer, cache_dir)
     where = f"{archive.path}/{CONFIG_FILE}"
-    tok = nemo_tokenizer(archive, cfg, tokenizer)
-    config = nemo_model_config(cfg, tok, where)
     weights = archive.local_dir(WEIGHTS_DIR)
     views = mcore_views(weight_arrays(weights), config, where)
     check_views(views, config, where)

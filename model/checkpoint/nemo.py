@@ -211,6 +211,16 @@ def _tokenizer_file(archive: NemoArchive, tok: dict, key: str, where: str) -> Pa
     raise CheckpointError(f"{where}: tokenizer.{key}={value!r} is neither in {archive.path} nor on disk")
 
 
+def open_nemo_config(path: Union[str, Path, NemoArchive], tokenizer=None,
+                     cache_dir: Optional[Path] = None) -> tuple[NemoArchive, dict, Tokenizer, ModelConfig]:
+    """The archive, its model_config.yaml as a dict, the tokenizer it names (unless overridden) and the
+    ModelConfig from both: what the legacy and mcore .nemo readers share."""
+    archive = path if isinstance(path, NemoArchive) else NemoArchive(path, cache_dir)
+    cfg = read_nemo_config(archive)
+    tok = nemo_tokenizer(archive, cfg, tokenizer)
+    return archive, cfg, tok, nemo_model_config(cfg, tok, f"{archive.path}/{CONFIG_FILE}")
+
+
 # ---- legacy Megatron GPT weights ------------------------------------------------------------------------
 
 _SHARD_DIRS = (re.compile(r"mp_rank_(\d+)/" + re.escape(WEIGHTS_FILE)),
@@ -243,11 +253,8 @@ def shard_files(archive: NemoArchive, cfg: dict) -> dict[tuple[int, int], str]:
 
 def open_nemo(path: Union[str, Path, NemoArchive], tokenizer=None, cache_dir: Optional[Path] = None) -> LazySource:
     """A legacy (non-mcore) NeMo GPT checkpoint, .nemo tar or extracted directory, at any TP x PP split."""
-    archive = path if isinstance(path, NemoArchive) else NemoArchive(path, cache_dir)
-    cfg = read_nemo_config(archive)
+    archive, cfg, tok, config = open_nemo_config(path, tokenizer, cache_dir)
     where = f"{archive.path}/{CONFIG_FILE}"
-    tok = nemo_tokenizer(archive, cfg, tokenizer)
-    config = nemo_model_config(cfg, tok, where)
     if config.num_query_groups != config.num_attention_heads:
         raise CheckpointError(f"{where}: num_query_groups is not supported by legacy NeMo GPT checkpoints")
     members = shard_files(archive, cfg)

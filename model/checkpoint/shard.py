@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from fleetgen.model.checkpoint.lazy import canonical_shapes
 from fleetgen.model.checkpoint.source import CheckpointError, CheckpointSource
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.parallel import ParallelState
@@ -118,34 +119,6 @@ def shard_plan(config: ModelConfig, ps: ParallelState, padded_vocab: int, layer_
     return plan
 
 
-def global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor the config implies, with its global shape; vocabulary rows are checked apart."""
-    h, f, d = config.hidden_size, config.ffn_hidden_size, config.head_dim
-    q, kv = config.num_attention_heads * d, config.num_query_groups * d
-    shapes = {"final_layernorm.weight": (h,), "final_layernorm.bias": (h,)}
-    if config.position_embedding == "learned":
-        shapes["embedding.position_embeddings.weight"] = (config.max_position_embeddings, h)
-    for i in range(config.num_layers):
-        g = f"layers.{i}"
-        for norm in ["input_layernorm"] + ([] if config.parallel_residual else ["pre_mlp_layernorm"]):
-            shapes.update({f"{g}.{norm}.weight": (h,), f"{g}.{norm}.bias": (h,)})
-        for part, rows in (("query", q), ("key", kv), ("value", kv)):
-            shapes[f"{g}.self_attention.{part}.weight"] = (rows, h)
-            if config.qkv_bias:
-                shapes[f"{g}.self_attention.{part}.bias"] = (rows,)
-        shapes[f"{g}.self_attention.linear_proj.weight"] = (h, q)
-        shapes[f"{g}.mlp.linear_fc2.weight"] = (h, f)
-        for branch in ["gate", "linear_fc1"] if config.activation == "swiglu" else ["linear_fc1"]:
-            shapes[f"{g}.mlp.{branch}.weight"] = (f, h)
-            if config.mlp_bias:
-                shapes[f"{g}.mlp.{branch}.bias"] = (f,)
-        if config.proj_bias:
-            shapes[f"{g}.self_attention.linear_proj.bias"] = (h,)
-        if config.mlp_bias:
-            shapes[f"{g}.mlp.linear_fc2.bias"] = (h,)
-    return shapes
-
-
 def vocab_rows(config: ModelConfig, source: CheckpointSource) -> dict[str, int]:
     """Stored rows of the vocabulary tensors, checked: at least vocab_size rows of hidden_size columns."""
     names = [WORD_EMBEDDINGS] + ([] if config.tie_word_embeddings else ["output_layer.weight"])
@@ -166,7 +139,9 @@ def load_shard(stage: DecoderStage, source: CheckpointSource, stored_rows: dict[
     params = dict(stage.named_parameters())
     if set(params) != set(plan):
         raise RuntimeError(f"shard plan and stage disagree on {sorted(set(params) ^ set(plan))}")
-    expected = global_shapes(stage.config)
+    # vocabulary tensors are left out: vocab_rows() checked them, and their stored rows vary
+    expected = {name: shape for name, shape in canonical_shapes(stage.config, vocab_rows=0).items()
+                if name not in stored_rows}
     with torch.no_grad():
         for local, param in params.items():
             param.zero_()  # vocabulary padding stays zero
