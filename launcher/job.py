@@ -134,9 +134,15 @@ class RunningJob:
         return f"Its state: {self.final_state()}.\n{self.error_tail()}"
 
     def final_state(self) -> str:
-        if self.cfg.cluster.kind == "slurm":
-            return self.job.get_info(mode="force").get("State", "UNKNOWN")
-        return self.job.state
+        """Slurm's word on the job; its tasks may have written their results before Slurm records the end."""
+        if self.cfg.cluster.kind != "slurm":
+            return self.job.state
+        deadline = time.monotonic() + 30
+        while True:
+            state = self.job.get_info(mode="force").get("State", "UNKNOWN")
+            if state not in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN") or time.monotonic() > deadline:
+                return state
+            time.sleep(1)
 
     def shut_down(self) -> None:
         """Ask each server to stop; cancel the job if none listened or it outlives the grace period."""
