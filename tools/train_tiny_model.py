@@ -100,10 +100,11 @@ def sample_batch(stream: torch.Tensor, batch: int, generator: torch.Generator) -
 @torch.no_grad()
 def heldout_loss(model: GPT2LMHeadModel, stream: torch.Tensor) -> float:
     """Mean next-token loss over non-overlapping SEQ_LEN windows of the stream."""
+    was_training = model.training
     model.eval()
     windows = stream[: len(stream) // SEQ_LEN * SEQ_LEN].view(-1, SEQ_LEN)  # [n, SEQ_LEN]
     losses = [model(input_ids=w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in windows]
-    model.train()
+    model.train(was_training)
     return sum(losses) / len(losses)
 
 
@@ -115,7 +116,9 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, train_ids, heldout_ids, args) -> float:
+def train(model: GPT2LMHeadModel, train_ids: torch.Tensor, heldout_ids: torch.Tensor,
+          args: argparse.Namespace) -> float:
+    """Runs args.steps AdamW steps on random windows, printing the loss curve; returns the held-out loss."""
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
@@ -130,9 +133,10 @@ def train(model, train_ids, heldout_ids, args) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         running += loss.item()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            line = f"step {step + 1:5d}  train {running / args.log_every:.3f}  lr {optimizer.param_groups[0]['lr']:.2e}"
-            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.log_every == 0:
+            lr = optimizer.param_groups[0]["lr"]
+            line = f"step {step + 1:5d}  train {running / args.log_every:.3f}  lr {lr:.2e}"
+            if (step + 1) % args.eval_every == 0:
                 line += f"  heldout {heldout_loss(model, heldout_ids):.3f}"
             print(f"{line}  {time.time() - start:6.0f}s", flush=True)
             running = 0.0
@@ -144,7 +148,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="directory for the tokenizer and model")
     parser.add_argument("--corpus", type=Path, default=CORPUS_DIR)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100)
