@@ -19,7 +19,8 @@ def dry_run(recipe, *overrides):
     result = subprocess.run([sys.executable, "-m", "fleetgen.launcher", recipe, "--dry-run", *FIXED, *overrides],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    return result.stdout.replace(str(DATA_DIR), "<fleetgen data>")
+    # local runs use this interpreter: its path is the machine's, not the recipe's
+    return result.stdout.replace(str(DATA_DIR), "<fleetgen data>").replace(sys.executable, "<python>")
 
 
 def test_the_seed_and_tiny_recipes_exist():
