@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -19,15 +20,25 @@ def our_jobs():
                           text=True).stdout.split()
 
 
+def our_processes(marker):
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if marker in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
 @pytest.fixture(autouse=True)
-def no_job_left_behind():
+def nothing_left_behind(tmp_path):
     yield
     deadline = time.monotonic() + 60
-    while our_jobs() and time.monotonic() < deadline:
+    while (our_jobs() or our_processes(str(tmp_path))) and time.monotonic() < deadline:
         time.sleep(1)
     left = our_jobs()
-    subprocess.run(["scancel", *left], check=False) if left else None
+    if left:
+        subprocess.run(["scancel", *left], check=False)
     assert left == [], f"jobs left in the queue: {left}"
+    assert our_processes(str(tmp_path)) == []
 
 
 def launch(tmp_path, *overrides, timeout=600):
@@ -57,9 +68,10 @@ def test_two_nodes_tensor2_pipeline2_serve_a_batch(tmp_path):
     assert "node1" in logs and "node2" in logs  # the ranks really ran on both nodes
 
 
-def test_ctrl_c_cancels_the_job(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_cancels_the_job(tmp_path, sig):
     proc, job_id = start_serving(tmp_path)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     assert proc.wait(timeout=120) == 130
     assert squeue(job_id) == ""
 
