@@ -39,7 +39,6 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     lm = GPT2LMHeadModel.from_pretrained(MODEL_DIR, dtype=torch.float32, local_files_only=True)
     return lm.eval()
 
