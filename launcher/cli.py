@@ -62,8 +62,7 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
         if cfg.mode == "serve":
             print(f"serving {recipe} at {' '.join(urls)} (PUT /generate, POST /v1/completions); "
                   "Ctrl-C stops it", flush=True)
-            job.wait_for_end()
-            return 0
+            job.wait_for_end()  # leaves only by Ctrl-C / SIGTERM, or by raising when the job ends by itself
         tokenizer = source.tokenizer()
         runner = BatchRunner(urls, lambda text, bos: len(tokenizer.encode(text)) + bos,
                              cfg.batch.concurrency, cfg.batch.prompts_per_request, cfg.server.api_key)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import httpx
@@ -124,7 +125,7 @@ class RunningJob:
                 tails.append(f"--- {path} (last {min(lines, len(text))} lines)\n" + "\n".join(text[-lines:]))
         return "\n".join(tails) or f"(no error output in {self.job_folder})"
 
-    def wait_for_end(self) -> None:
+    def wait_for_end(self) -> typing.NoReturn:
         """Serve mode: block until Ctrl-C; a job that ends by itself (time limit, scancel) is reported."""
         while not self.job.done(force_check=True):
             time.sleep(2)

@@ -76,7 +76,8 @@ def token_stream(tokenizer: ByteLevelBPETokenizer, texts: list[str]) -> torch.Te
 def build_model(seed: int, n_embd: int, dropout: float) -> GPT2LMHeadModel:
     """GPT-2 with the fused tanh-GELU kernel for training; save() renames it to GPT-2's own "gelu_new"."""
     torch.manual_seed(seed)
-    # No attention dropout: with it, SDPA leaves the CPU flash kernel for a 4x slower math path.
+    # No attention dropout: with it, SDPA leaves the CPU flash kernel for the math path, which materialises
+    # [batch, heads, T, T] scores and a dropout mask (the whole step ran 2-4x slower).
     config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=SEQ_LEN, n_embd=n_embd, n_layer=4, n_head=4,
                         activation_function="gelu_pytorch_tanh", bos_token_id=VOCAB_SIZE - 1,
                         eos_token_id=VOCAB_SIZE - 1, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=0.0)
