@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.schema import Generation
+from fleetgen.conf.schema import Generation
 
 RECORD_KEYS = {"id", "prompt"} | set(Generation.model_fields)
 

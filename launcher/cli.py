@@ -12,7 +12,7 @@ from fleetgen.launcher.batch import BatchRunner, read_records
 from fleetgen.launcher.config import compose_recipe, recipes
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
-from fleetgen.launcher.schema import LaunchConfig, parse
+from fleetgen.conf.schema import LaunchConfig, parse
 from fleetgen.launcher.validate import check_layout, check_model, open_model
 
 

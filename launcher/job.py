@@ -15,7 +15,7 @@ import submitit
 from omegaconf import OmegaConf
 
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.schema import LaunchConfig
+from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.submission import make_executor
 
 ACTIVE_FILE = "active.json"  # the job this folder's launcher is running; left behind only by a crash
@@ -26,7 +26,7 @@ def submit(cfg: LaunchConfig) -> "RunningJob":
     folder.mkdir(parents=True, exist_ok=True)
     reap_stale_job(folder)
     executor = make_executor(OmegaConf.create(cfg.model_dump()), folder / "%j")
-    from fleetgen.model.worker import run_rank  # imported here: the launcher itself needs no model code
+    from fleetgen.model.serve.worker import run_rank  # imported here: the launcher itself needs no model code
 
     job = executor.submit(run_rank, cfg.model_dump(), str(folder))
     _remove_if_empty(folder / "%j")  # submitit creates the folder pattern itself, unformatted

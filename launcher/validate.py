@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.schema import LaunchConfig
+from fleetgen.conf.schema import LaunchConfig
 from fleetgen.model.config import ModelConfig
 
 

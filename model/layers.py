@@ -1,7 +1,7 @@
 """Building blocks of the decoder: layer norms, rotary embeddings, activations and the tensor-parallel layers.
 
 Parameters are allocated with torch.empty at their *local* (per-TP-rank) shapes on the target device, so a
-rank never holds more than its shard; model/checkpoint/shard.py fills them.
+rank never holds more than its shard; model/shard.py fills them.
 """
 from __future__ import annotations
 

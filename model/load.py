@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fleetgen.model.checkpoint.shard import load_shard, vocab_rows
+from fleetgen.model.shard import load_shard, vocab_rows
 from fleetgen.model.checkpoint.source import CheckpointSource
 from fleetgen.model.generate import Generator
 from fleetgen.model.layers import LAYER_NORM_IMPL

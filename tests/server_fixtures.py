@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from fleetgen.model.checkpoint.open import open_checkpoint
-from fleetgen.model.engine import Engine
+from fleetgen.model.serve.engine import Engine
 from fleetgen.model.load import build_generator
 from fleetgen.model.parallel import ParallelState
-from fleetgen.model.server import Server
+from fleetgen.model.serve.server import Server
 
 EOT = "<|endoftext|>"
 MODEL = "tiny"
@@ -122,7 +122,7 @@ def fleetgen_threads() -> list[str]:
 
 
 def serve_on_ranks(rank: int, world_size: int, checkpoint: str, tensor: int, pipeline: int, port_file: str):
-    """A replica over real processes, as model/worker.py runs one: rank 0 serves, the others follow.
+    """A replica over real processes, as model/serve/worker.py runs one: rank 0 serves, the others follow.
     Returns what each rank saw when it ended."""
     ps = ParallelState.build(tensor, pipeline)
     if ps.world_rank != ps.first_rank:

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fleetgen.model.api import (CompletionRequest, CompletionText, GenerateRequest, IncrementalText, RequestError,
+from fleetgen.model.serve.api import (CompletionRequest, CompletionText, GenerateRequest, IncrementalText, RequestError,
                                 check_prompt, nemo_stop, parse, read_json, token_spans)
 from fleetgen.model.tokenizer import SentencePieceTokenizer, load_tokenizer
 from tests.server_fixtures import CORPUS, EOT, build_tiny_checkpoint

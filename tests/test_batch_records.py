@@ -4,7 +4,7 @@ import pytest
 
 from fleetgen.launcher.batch import _keep_finished, _requests, read_records
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.schema import Generation
+from fleetgen.conf.schema import Generation
 
 
 def write(tmp_path, *lines):

@@ -4,8 +4,8 @@ from concurrent.futures import wait
 import pytest
 import torch
 
-from fleetgen.model import protocol
-from fleetgen.model.engine import EngineUnavailable, Sampling, SequenceRequest, StopCondition
+from fleetgen.model.serve import protocol
+from fleetgen.model.serve.engine import EngineUnavailable, Sampling, SequenceRequest, StopCondition
 from fleetgen.model.generate import StepPlan
 from fleetgen.model.parallel import ParallelState
 from tests import server_fixtures

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fleetgen.model import layers
-from fleetgen.model.checkpoint.shard import shard_plan
+from fleetgen.model.shard import shard_plan
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.layers import (ColumnParallelLinear, LayerNorm, RowParallelLinear, VocabParallelEmbedding,

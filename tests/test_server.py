@@ -14,7 +14,7 @@ import requests
 import torch
 
 from fleetgen.model.parallel import ParallelState
-from fleetgen.model.server import Server
+from fleetgen.model.serve.server import Server
 from tests import server_fixtures
 from tests.server_fixtures import (MODEL, build_tiny_checkpoint, fleetgen_threads, make_engine,
                                    reference_greedy, reference_logits, reference_model, serving)
@@ -100,7 +100,7 @@ def test_shutdown_answers_pending_requests_and_leaves_no_thread_or_socket(checkp
 @pytest.mark.slow
 def test_sigterm_stops_a_serving_process_cleanly(checkpoint):
     script = ("import sys; from pathlib import Path; from fleetgen.model.parallel import ParallelState; "
-              "from fleetgen.model.server import Server; from tests.server_fixtures import make_engine\n"
+              "from fleetgen.model.serve.server import Server; from tests.server_fixtures import make_engine\n"
               "server = Server('127.0.0.1', 0); engine = make_engine(Path(sys.argv[1]), ParallelState.single())\n"
               "engine.warm_up(); server.attach(engine); print(server.port, flush=True); server.wait()\n"
               "print('stopped', flush=True)")

@@ -2,7 +2,7 @@
 
 A format reader (hf.py, nemo.py, megatron.py, distckpt.py) presents its checkpoint as *global*, unsharded
 tensors under the canonical names below, whatever split or fused layout the files use. The model side
-(model/checkpoint/shard.py) asks each rank's slices of those tensors; a reader reads only the bytes those
+(model/shard.py) asks each rank's slices of those tensors; a reader reads only the bytes those
 slices need (safetensors slices, memory-mapped torch.load, single zarr chunks), so no rank ever holds the
 full model.
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fleetgen.model import protocol
+from fleetgen.model.serve import protocol
 from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.generate import Generator, StepOutput, StepPlan, greedy_plan

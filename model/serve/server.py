@@ -22,10 +22,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fleetgen.model.api import (CompletionRequest, CompletionText, GenerateRequest, RequestError, completion_chunk,
+from fleetgen.model.serve.api import (CompletionRequest, CompletionText, GenerateRequest, RequestError, completion_chunk,
                                 completion_id, completion_response, completion_sequences, models_response,
                                 nemo_response, nemo_sequences, parse, read_json)
-from fleetgen.model.engine import Engine, EngineUnavailable, SequenceRequest, SequenceResult
+from fleetgen.model.serve.engine import Engine, EngineUnavailable, SequenceRequest, SequenceResult
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleetgen.model.checkpoint.source import Tokenizer
-from fleetgen.model.engine import Engine, Sampling, SequenceRequest, SequenceResult, StopCondition
+from fleetgen.model.serve.engine import Engine, Sampling, SequenceRequest, SequenceResult, StopCondition
 
 END_OF_DOCUMENT = "<|endoftext|>"   # NeMo's name for the end-of-document token, whatever the tokenizer
 MAX_SENTENCES = 128                 # NeMo's limit per request

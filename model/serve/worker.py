@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 from fleetgen.model.checkpoint.open import open_checkpoint
-from fleetgen.model.engine import Engine
+from fleetgen.model.serve.engine import Engine
 from fleetgen.model.load import build_generator, startup_report
 from fleetgen.model.parallel import ParallelState
-from fleetgen.model.server import Server
+from fleetgen.model.serve.server import Server
 from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.rendezvous import rendezvous
 
