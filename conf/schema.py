@@ -25,7 +25,7 @@ class Cluster(_Strict):
     mem_gb: Optional[float] = Field(None, gt=0)
     constraint: Optional[str] = None
     setup: list[str] = []
-    env: dict[str, str] = {}
+    env: dict[str, str | int | float] = {}  # numbers too: NCCL_DEBUG=1 on the command line is an int
     sbatch_args: dict[str, Any] = {}
     srun_args: list[str] = []
 
@@ -115,12 +115,40 @@ class LaunchConfig(_Strict):
                              "Slurm's pyxis (use cluster=slurm, or container=none)")
         return self
 
+    @model_validator(mode="after")
+    def _ranks_fill_the_nodes(self):
+        """One rank per GPU (or per cluster.tasks_per_node CPU slot): the allocation is exactly the ranks."""
+        par, cluster = self.parallel, self.cluster
+        if cluster.kind == "local":
+            if par.nodes != 1:
+                raise ValueError(f"parallel.nodes={par.nodes} but cluster=local runs on this one machine; "
+                                 "use cluster=slurm for several nodes")
+            return self
+        if cluster.gpus_per_node:
+            per_node, what = cluster.gpus_per_node, "cluster.gpus_per_node"
+        elif cluster.tasks_per_node:
+            per_node, what = cluster.tasks_per_node, "cluster.tasks_per_node"
+        else:
+            raise ValueError("cluster.gpus_per_node is 0: set cluster.tasks_per_node to run CPU ranks on Slurm")
+        if par.nodes * per_node != par.world_size:
+            raise ValueError(f"parallel.tensor × parallel.pipeline × parallel.replicas = {par.tensor} × "
+                             f"{par.pipeline} × {par.replicas} = {par.world_size} ranks, but parallel.nodes × "
+                             f"{what} = {par.nodes} × {per_node} = {par.nodes * per_node}: they must be equal "
+                             "(one rank per GPU)")
+        return self
+
+    @property
+    def ranks_per_node(self) -> int:
+        if self.cluster.kind == "local":
+            return self.parallel.world_size
+        return self.cluster.gpus_per_node or self.cluster.tasks_per_node
+
 
 def parse(data: dict) -> LaunchConfig:
     try:
         return LaunchConfig.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}"
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
                              + (f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else "")
                              for err in e.errors())
         raise LaunchError(f"invalid config: {problems}") from None

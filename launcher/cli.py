@@ -13,7 +13,7 @@ from fleetgen.launcher.config import compose_recipe, recipes
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
 from fleetgen.conf.schema import LaunchConfig, parse
-from fleetgen.launcher.validate import check_layout, check_model, open_model
+from fleetgen.launcher.validate import check_model, open_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
     started = time.monotonic()
     cfg = _with_absolute_paths(parse(OmegaConf.to_container(compose_recipe(recipe, overrides))))
-    check_layout(cfg)
     if dry_run:
         return _print_dry_run(cfg)
     source = open_model(cfg)
@@ -104,5 +103,5 @@ def _print_dry_run(cfg: LaunchConfig) -> int:
     if cfg.cluster.kind == "slurm":
         from fleetgen.slurm.submission import render_sbatch
 
-        print(render_sbatch(OmegaConf.create(cfg.model_dump()), Path(cfg.job.folder) / "%j"))
+        print(render_sbatch(cfg, Path(cfg.job.folder) / "%j"))
     return 0

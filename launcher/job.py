@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import psutil
 import submitit
-from omegaconf import OmegaConf
 
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.conf.schema import LaunchConfig
@@ -25,10 +24,10 @@ def submit(cfg: LaunchConfig) -> "RunningJob":
     folder = Path(cfg.job.folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     reap_stale_job(folder)
-    executor = make_executor(OmegaConf.create(cfg.model_dump()), folder / "%j")
+    executor = make_executor(cfg, folder / "%j")
     from fleetgen.model.serve.worker import run_rank  # imported here: the launcher itself needs no model code
 
-    job = executor.submit(run_rank, cfg.model_dump(), str(folder))
+    job = executor.submit(run_rank, cfg, str(folder))
     _remove_if_empty(folder / "%j")  # submitit creates the folder pattern itself, unformatted
     (folder / ACTIVE_FILE).write_text(json.dumps({"kind": cfg.cluster.kind, "job_id": job.job_id}))
     print(f"submitted job {job.job_id} ({cfg.cluster.kind}, {cfg.parallel.world_size} ranks); "

@@ -8,27 +8,6 @@ from fleetgen.conf.schema import LaunchConfig
 from fleetgen.model.config import ModelConfig
 
 
-def check_layout(cfg: LaunchConfig) -> None:
-    par, cluster = cfg.parallel, cfg.cluster
-    ranks = f"parallel.tensor × parallel.pipeline × parallel.replicas = {par.tensor} × {par.pipeline} × " \
-            f"{par.replicas} = {par.world_size}"
-    if cluster.kind == "local":
-        if par.nodes != 1:
-            raise LaunchError(f"parallel.nodes={par.nodes} but cluster=local runs on this one machine; "
-                              "use cluster=slurm for several nodes")
-        return
-    if cluster.gpus_per_node:
-        slots, what = par.nodes * cluster.gpus_per_node, (f"parallel.nodes × cluster.gpus_per_node = "
-                                                          f"{par.nodes} × {cluster.gpus_per_node}")
-    elif cluster.tasks_per_node:
-        slots, what = par.nodes * cluster.tasks_per_node, (f"parallel.nodes × cluster.tasks_per_node = "
-                                                           f"{par.nodes} × {cluster.tasks_per_node}")
-    else:
-        raise LaunchError("cluster.gpus_per_node is 0: set cluster.tasks_per_node to run CPU ranks on Slurm")
-    if slots != par.world_size:
-        raise LaunchError(f"{ranks} ranks, but {what} = {slots}: they must be equal (one rank per GPU)")
-
-
 def check_model(cfg: LaunchConfig, model: ModelConfig) -> None:
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     if model.num_attention_heads % tp:

@@ -12,23 +12,12 @@ import sys
 from pathlib import Path
 
 import submitit
-from omegaconf import DictConfig, OmegaConf
 from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
+
+from fleetgen.conf.schema import Cluster, Container, LaunchConfig
 
 CONTAINER_PYTHON = "python3"  # the image's interpreter: the login node's path means nothing inside it
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def tasks_per_node(cfg: DictConfig) -> int:
-    """Ranks per node: local runs them all here; Slurm runs one per GPU, or cluster.tasks_per_node on CPU."""
-    par, cluster = cfg.parallel, cfg.cluster
-    if cluster.kind == "local":
-        return par.tensor * par.pipeline * par.replicas
-    if cluster.gpus_per_node:
-        return cluster.gpus_per_node
-    if not cluster.get("tasks_per_node"):
-        raise ValueError("cluster.gpus_per_node is 0: set cluster.tasks_per_node to run CPU ranks on Slurm")
-    return cluster.tasks_per_node
 
 
 def mount_folder(job_folder: Path | str) -> Path:
@@ -39,10 +28,10 @@ def mount_folder(job_folder: Path | str) -> Path:
     return folder
 
 
-def container_srun_args(container: DictConfig, job_folder: Path | str) -> list[str]:
+def container_srun_args(container: Container, job_folder: Path | str) -> list[str]:
     """pyxis/enroot flags for srun; [] without an image. The job folder is always mounted (same path inside),
     so ranks can write the server address, rendezvous file and results where the launcher reads them."""
-    if not container.get("image"):
+    if not container.image:
         return []
     folder = str(mount_folder(job_folder))
     mounts = list(container.mounts)
@@ -59,7 +48,7 @@ def container_srun_args(container: DictConfig, job_folder: Path | str) -> list[s
     return args
 
 
-def _setup_lines(cluster: DictConfig) -> list[str]:
+def _setup_lines(cluster: Cluster) -> list[str]:
     lines = list(cluster.setup)
     for name, value in cluster.env.items():
         if not _ENV_NAME.fullmatch(str(name)):
@@ -68,10 +57,10 @@ def _setup_lines(cluster: DictConfig) -> list[str]:
     return lines
 
 
-def executor_parameters(cfg: DictConfig, job_folder: Path | str) -> dict:
+def executor_parameters(cfg: LaunchConfig, job_folder: Path | str) -> dict:
     """The keyword arguments of submitit's `executor.update_parameters(...)`, None values left out."""
     cluster = cfg.cluster
-    common = {"tasks_per_node": tasks_per_node(cfg), "timeout_min": cluster.time_min, "name": cfg.job.name}
+    common = {"tasks_per_node": cfg.ranks_per_node, "timeout_min": cluster.time_min, "name": cfg.job.name}
     if cluster.kind == "local":
         # The local executor hides every GPU (CUDA_VISIBLE_DEVICES="") unless asked for some.
         gpus = {"gpus_per_node": cluster.gpus_per_node} if cluster.gpus_per_node else {}
@@ -89,7 +78,7 @@ def executor_parameters(cfg: DictConfig, job_folder: Path | str) -> dict:
         "slurm_exclusive": True if cluster.exclusive else None,  # submitit would write --exclusive=False
         "slurm_constraint": cluster.constraint,
         "slurm_setup": _setup_lines(cluster) or None,
-        "slurm_additional_parameters": OmegaConf.to_container(cluster.sbatch_args) or None,
+        "slurm_additional_parameters": dict(cluster.sbatch_args) or None,
         "slurm_srun_args": [*cluster.srun_args, *container_args] or None,
         # USR2 this long before the time limit: rank 0 unwinds as after a shutdown request, with the same grace.
         "slurm_signal_delay_s": max(1, math.ceil(cfg.job.grace_period_s)),
@@ -97,11 +86,11 @@ def executor_parameters(cfg: DictConfig, job_folder: Path | str) -> dict:
     return {key: value for key, value in params.items() if value is not None}
 
 
-def _python(cfg: DictConfig) -> str | None:
-    return CONTAINER_PYTHON if cfg.cluster.kind == "slurm" and cfg.container.get("image") else None
+def _python(cfg: LaunchConfig) -> str | None:
+    return CONTAINER_PYTHON if cfg.cluster.kind == "slurm" and cfg.container.image else None
 
 
-def make_executor(cfg: DictConfig, job_folder: Path | str) -> submitit.Executor:
+def make_executor(cfg: LaunchConfig, job_folder: Path | str) -> submitit.Executor:
     """submitit's executor for cluster.kind ("slurm" or "local"), with every parameter set."""
     python = _python(cfg)
     executor = submitit.AutoExecutor(folder=job_folder, cluster=cfg.cluster.kind,
@@ -110,7 +99,7 @@ def make_executor(cfg: DictConfig, job_folder: Path | str) -> submitit.Executor:
     return executor
 
 
-def render_sbatch(cfg: DictConfig, job_folder: Path | str) -> str:
+def render_sbatch(cfg: LaunchConfig, job_folder: Path | str) -> str:
     """The sbatch script make_executor(cfg, job_folder) submits, made by submitit's own function.
 
     Needs no Slurm on this machine (a SlurmExecutor refuses to exist without srun), so the AutoExecutor's

@@ -12,8 +12,10 @@ import submitit
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import fleetgen.conf
+from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.rendezvous import rendezvous
 from fleetgen.slurm.submission import make_executor
@@ -187,7 +189,8 @@ def test_ranks_of_a_local_executor_job_all_reduce(tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["model.checkpoint=/x", "recipe=test", "parallel.tensor=2",
                                            "cluster.time_min=5"])
-    job = make_executor(cfg, tmp_path / "%j").submit(rank_report, str(tmp_path))
+    job = make_executor(LaunchConfig.model_validate(OmegaConf.to_container(cfg)), tmp_path / "%j").submit(
+        rank_report, str(tmp_path))
     try:
         reports = wait_for_results(job)
     finally:

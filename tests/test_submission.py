@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf
 
 import fleetgen.conf
+from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.submission import (container_srun_args, executor_parameters, make_executor, mount_folder,
-                                       render_sbatch, tasks_per_node)
+                                       render_sbatch)
 from tests.test_rank_environment import wait_for_results
 
 CONF_DIR = str(Path(fleetgen.conf.__path__[0]))
@@ -39,9 +40,10 @@ CASES = {
 }
 
 
-def composed(*overrides: str):
+def composed(*overrides: str) -> LaunchConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=["model.checkpoint=/x", "recipe=test", *overrides])
+        cfg = compose("config", overrides=["model.checkpoint=/x", "recipe=test", *overrides])
+    return LaunchConfig.model_validate(OmegaConf.to_container(cfg))
 
 
 def check_golden(name: str, text: str) -> None:
@@ -64,12 +66,13 @@ def test_sbatch_script_matches_golden(case):
     check_golden(f"{case}.sbatch", script)
 
 
-def test_tasks_per_node():
-    assert tasks_per_node(composed("parallel.tensor=2", "parallel.pipeline=3", "parallel.replicas=2")) == 12
-    assert tasks_per_node(composed("cluster=slurm", "cluster.gpus_per_node=4")) == 4
-    assert tasks_per_node(composed("cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=3")) == 3
+def test_ranks_per_node():
+    assert composed("parallel.tensor=2", "parallel.pipeline=3", "parallel.replicas=2").ranks_per_node == 12
+    assert composed("cluster=slurm", "cluster.gpus_per_node=4", "parallel.tensor=4").ranks_per_node == 4
+    assert composed("cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=3",
+                    "parallel.replicas=3").ranks_per_node == 3
     with pytest.raises(ValueError, match="cluster.gpus_per_node is 0: set cluster.tasks_per_node"):
-        tasks_per_node(composed("cluster=slurm", "cluster.gpus_per_node=0"))
+        composed("cluster=slurm", "cluster.gpus_per_node=0")
 
 
 def test_local_parameters():
@@ -80,12 +83,13 @@ def test_local_parameters():
 
 
 def test_container_args():
-    cfg = composed("cluster=slurm", "container=nemo", "container.workdir=/work", "container.mount_home=true",
+    cfg = composed("cluster=slurm", "cluster.gpus_per_node=1", "container=nemo", "container.workdir=/work",
+                   "container.mount_home=true",
                    "container.mounts=[/shared/fleetgen/jobs:/shared/fleetgen/jobs]")
     assert container_srun_args(cfg.container, JOB_FOLDER) == [
         "--container-image=nvcr.io/nvidia/nemo:24.05",
         "--container-mounts=/shared/fleetgen/jobs:/shared/fleetgen/jobs", "--container-workdir=/work"]
-    assert container_srun_args(composed("cluster=slurm").container, JOB_FOLDER) == []
+    assert container_srun_args(composed("cluster=slurm", "cluster.gpus_per_node=1").container, JOB_FOLDER) == []
 
 
 def test_the_mounted_job_folder_is_the_part_that_exists_before_the_job(tmp_path, monkeypatch):
@@ -97,12 +101,11 @@ def test_the_mounted_job_folder_is_the_part_that_exists_before_the_job(tmp_path,
 
 def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match=r"container.mounts\[1\]='/a,/b'"):
-        container_srun_args(composed("container=nemo", "container.mounts=['/x:/y','/a,/b']").container,
-                            JOB_FOLDER)
+        container_srun_args(composed("cluster=slurm", "cluster.gpus_per_node=1", "container=nemo",
+                                     "container.mounts=['/x:/y','/a,/b']").container, JOB_FOLDER)
     with pytest.raises(ValueError, match="cluster.env.1BAD: not a valid environment variable name"):
-        cfg = composed("cluster=slurm")
-        with open_dict(cfg):
-            cfg.cluster.env["1BAD"] = "x"
+        cfg = composed("cluster=slurm", "cluster.gpus_per_node=1")
+        cfg.cluster.env["1BAD"] = "x"
         executor_parameters(cfg, JOB_FOLDER)
 
 

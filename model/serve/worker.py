@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fleetgen.conf.schema import LaunchConfig, Model
 from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.serve.engine import Engine
 from fleetgen.model.load import build_generator, startup_report
@@ -18,49 +19,45 @@ from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.rendezvous import rendezvous
 
 
-def run_rank(cfg: dict, folder: str) -> None:
-    """The function submitit runs on every task; cfg is the launcher's validated LaunchConfig as a dict."""
+def run_rank(cfg: LaunchConfig, folder: str) -> None:
+    """The function submitit runs on every task, with the launcher's validated config."""
     env = RankEnvironment.detect()
     job_folder = Path(folder) / str(env.job_id)
-    server_cfg, model_cfg, par = cfg["server"], cfg["model"], cfg["parallel"]
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            init_method=rendezvous(job_folder, env, timeout_s=server_cfg["health_timeout_s"]),
+                            init_method=rendezvous(job_folder, env, timeout_s=cfg.server.health_timeout_s),
                             rank=env.global_rank, world_size=env.world_size,
-                            timeout=timedelta(seconds=server_cfg["dist_timeout_s"]))
+                            timeout=timedelta(seconds=cfg.server.dist_timeout_s))
     try:
-        ps = ParallelState.build(par["tensor"], par["pipeline"])
+        ps = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
         _log(ps, f"on node {env.hostnames[env.node_rank]} ({env.cluster} job {env.job_id})")
         if ps.world_rank == ps.first_rank:
             _lead(cfg, ps, env, job_folder)
         else:
-            _engine(model_cfg, ps).follow()
+            _engine(cfg.model, ps).follow()
     finally:
         dist.destroy_process_group()
 
 
-def _engine(model_cfg: dict, ps: ParallelState) -> Engine:
-    source = open_checkpoint(Path(model_cfg["checkpoint"]), format=model_cfg["format"],
-                             tokenizer=model_cfg["tokenizer"])
-    generator = build_generator(source, ps, model_cfg["precision"], model_cfg["max_batch"],
-                                model_cfg["max_seq_len"])
+def _engine(model: Model, ps: ParallelState) -> Engine:
+    source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
+    generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len)
     _log(ps, startup_report(generator))
     engine = Engine(generator, source.tokenizer(), ps, source.config)
     engine.warm_up()
     return engine
 
 
-def _lead(cfg: dict, ps: ParallelState, env: RankEnvironment, job_folder: Path) -> None:
+def _lead(cfg: LaunchConfig, ps: ParallelState, env: RankEnvironment, job_folder: Path) -> None:
     """The leader answers /health (503) while every rank loads, so clients see the job is alive."""
-    server_cfg = cfg["server"]
-    server = Server(server_cfg["host"], server_cfg["port"], api_key=server_cfg["api_key"],
-                    max_body_bytes=server_cfg["max_body_bytes"], model_name=cfg["recipe"])
-    host = "127.0.0.1" if cfg["cluster"]["kind"] == "local" else env.hostnames[env.node_rank]
+    server = Server(cfg.server.host, cfg.server.port, api_key=cfg.server.api_key,
+                    max_body_bytes=cfg.server.max_body_bytes, model_name=cfg.recipe)
+    host = "127.0.0.1" if cfg.cluster.kind == "local" else env.hostnames[env.node_rank]
     _write_atomically(job_folder / f"server-{ps.replica}.json",
                       json.dumps({"url": f"http://{host}:{server.port}", "replica": ps.replica}))
     try:
-        engine = _engine(cfg["model"], ps)
+        engine = _engine(cfg.model, ps)
     except Exception as e:
         server.fail(f"{type(e).__name__}: {e}")
         raise
