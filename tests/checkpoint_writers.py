@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
+from fleetgen.model.checkpoint.source import CheckpointError
 from fleetgen.model.config import ModelConfig
+from fleetgen.model.tokenizer import load_tokenizer
 
 WORDS = ("the quick brown fox jumps over lazy dog while seven wizards quietly hex bold zebras near "
          "amber rivers and many tiny models serve prompts through pipelines of tensors").split()
@@ -441,8 +444,17 @@ def write_dcp(directory: Path, arrays: dict, chunks: dict) -> None:
     """PyTorch DCP files with each array split into the given chunk shape, as N saving ranks would leave it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        MetadataIndex,
+        TensorProperties,
+    )
+    from torch.distributed.checkpoint.planner import (
+        SavePlan,
+        TensorWriteData,
+        WriteItem,
+        WriteItemType,
+    )
 
     class ChunkedSavePlanner(DefaultSavePlanner):
         def create_local_plan(self):
@@ -468,3 +480,99 @@ def write_dcp(directory: Path, arrays: dict, chunks: dict) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(arrays, storage_writer=dcp.FileSystemWriter(str(directory)), planner=ChunkedSavePlanner(),
                  no_dist=True)
+
+
+NEMO_GPT = dict(family="nemo_gpt", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                num_query_groups=4, head_dim=8, max_position_embeddings=64, position_embedding="rope",
+                rotary_percent=0.5, normalization="layernorm1p", activation="swiglu", qkv_bias=False,
+                proj_bias=False, mlp_bias=False, tie_word_embeddings=False)
+
+
+NEMO_GELU = dict(NEMO_GPT, num_layers=4, ffn_hidden_size=64, position_embedding="learned", rotary_percent=1.0,
+                 normalization="layernorm", activation="gelu_tanh", qkv_bias=True, proj_bias=True, mlp_bias=True,
+                 tie_word_embeddings=True)
+
+
+NEMOTRON = dict(NEMO_GPT, family="nemotron", num_query_groups=2, ffn_hidden_size=64, activation="squared_relu")
+
+
+GPT2 = dict(family="gpt2", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+            num_query_groups=4, head_dim=8, max_position_embeddings=32)
+
+
+GPT2_HEAD64 = dict(GPT2, hidden_size=128, ffn_hidden_size=96, num_attention_heads=2, num_query_groups=2, head_dim=64)
+
+
+MEGATRON_MODERN = dict(NEMO_GPT, family="gpt2", num_query_groups=2)
+
+
+def make_config(fields: dict, tokenizer_path) -> ModelConfig:
+    tok = load_tokenizer(tokenizer_path)
+    return ModelConfig(**fields, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+
+def requests(shape: tuple) -> list[tuple]:
+    """(rows, cols) slices a model at TP 1, 2 or 4 asks for, plus one that straddles shard boundaries."""
+    out = [(None, None), (slice(1, shape[0] - 1), None if len(shape) == 1 else slice(1, shape[1] - 1))]
+    for tp in (1, 2, 4):
+        if shape[0] % tp == 0:
+            step = shape[0] // tp
+            out += [(slice(r * step, (r + 1) * step), None) for r in range(tp)]
+        if len(shape) == 2 and shape[1] % tp == 0:
+            step = shape[1] // tp
+            out += [(None, slice(r * step, (r + 1) * step)) for r in range(tp)]
+    return out
+
+
+def assert_reads_back(source, config: ModelConfig, expected: dict) -> None:
+    assert source.config == config
+    assert source.names() == set(expected)
+    for name, full in expected.items():
+        assert source.shape(name) == tuple(full.shape), name
+        for rows, cols in requests(tuple(full.shape)):
+            got = source.read(name, rows, cols)
+            want = full[rows or slice(None)] if full.dim() == 1 else full[rows or slice(None), cols or slice(None)]
+            assert got.dtype == full.dtype and torch.equal(got, want), (name, rows, cols)
+
+
+LEGACY = "model.language_model.encoder."
+
+
+class Gadget:
+    """Stands for any class a pickle could smuggle in."""
+
+
+def nemo_config(sp_model) -> ModelConfig:
+    tok = load_tokenizer(sp_model)
+    return ModelConfig(family="nemo_gpt", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                       num_query_groups=4, head_dim=8, vocab_size=tok.vocab_size, max_position_embeddings=64,
+                       position_embedding="rope", normalization="layernorm1p", activation="swiglu",
+                       qkv_bias=False, proj_bias=False, mlp_bias=False, tie_word_embeddings=False,
+                       bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+
+def gpt2_config(bpe_dir) -> ModelConfig:
+    tok = load_tokenizer(bpe_dir / "vocab.json")
+    return ModelConfig(family="gpt2", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                       num_query_groups=4, head_dim=8, vocab_size=tok.vocab_size, max_position_embeddings=32,
+                       bos_id=tok.bos_id, eos_id=tok.eos_id)
+
+
+def rewrite(path, change) -> None:
+    """Load a torch file, let change() edit the dict, save it back."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        sd = torch.load(path, weights_only=True)
+    change(sd)
+    torch.save(sd, path)
+
+
+def raises(match: str):
+    return pytest.raises(CheckpointError, match=match)
+
+
+def small_config(**changes) -> ModelConfig:
+    base = dict(family="nemotron", num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8,
+                num_query_groups=2, head_dim=8, vocab_size=250, max_position_embeddings=64,
+                position_embedding="rope", normalization="layernorm1p", activation="squared_relu",
+                qkv_bias=False, proj_bias=False, mlp_bias=False, tie_word_embeddings=False)
+    return ModelConfig(**{**base, **changes})

@@ -1,15 +1,24 @@
-"""Run a function on N real processes joined by torch.distributed (gloo), as the ranks of a job would be."""
+"""Run a function on N real processes joined by torch.distributed (gloo), as the ranks of a job would be; a
+rank's coordinates without processes; waiting for a real submitit job."""
 from __future__ import annotations
 
 import os
 import pickle
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import submitit
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from fleetgen.model.parallel import ParallelState
+
+CPU = torch.device("cpu")
+JOB_TIMEOUT_S = 120
 
 
 def _rank_main(rank: int, world_size: int, workdir: str, fn, args) -> None:
@@ -42,3 +51,20 @@ def run_ranks(fn, world_size: int, *args) -> list:
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             results.append(value)
         return results
+
+
+def wait_for_results(job: submitit.Job, timeout_s: float = JOB_TIMEOUT_S) -> list:
+    """Every task's result; a job still pending or running after timeout_s fails the test (and is cancelled
+    by the caller's finally)."""
+    deadline = time.monotonic() + timeout_s
+    while not job.done(force_check=True):
+        assert time.monotonic() < deadline, f"job {job.job_id} not done after {timeout_s} s: {job.state}"
+        time.sleep(0.5)
+    return job.results()
+
+
+def rank_coordinates(tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1) -> ParallelState:
+    """A rank's coordinates without processes: enough for shapes and plans, never for collectives."""
+    return ParallelState(world_rank=pp_rank * tp_size + tp_rank, replica=0, tp_rank=tp_rank, tp_size=tp_size,
+                         pp_rank=pp_rank, pp_size=pp_size, tp_group=None, pp_group=None, replica_group=None,
+                         replica_ranks=tuple(range(tp_size * pp_size)), device=CPU, backend="gloo")

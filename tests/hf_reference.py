@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from fleetgen.model.checkpoint.hf import HFSource
 from fleetgen.model.checkpoint.memory import StateDictSource
 from fleetgen.model.config import ModelConfig
+from fleetgen.model.generate import StepPlan, greedy_plan
 
 VOCAB = 250          # pads to 256: the last 6 logits are Megatron padding
 HIDDEN, HEADS, POSITIONS = 64, 4, 64
@@ -120,3 +121,23 @@ def reference_greedy(model: torch.nn.Module, new_tokens: int, prompts=PROMPTS) -
                                  do_sample=False, pad_token_id=0)
             out.append(ids[0, len(p):].tolist())
     return out
+
+
+def padded_batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(p) for p in prompts])
+    tokens = torch.full((len(prompts), int(lengths.max())), 7, dtype=torch.long)  # any pad id will do
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = torch.tensor(prompt)
+    return tokens, lengths
+
+
+def step_plan(kind, slots, tokens, lengths, **changes) -> StepPlan:
+    plan = greedy_plan(kind, torch.tensor(slots), tokens, torch.tensor(lengths))
+    n = len(slots)
+    for name, value in changes.items():
+        if name in ("logprobs", "full_logprobs", "return_logits"):
+            setattr(plan, name, value)
+        else:
+            dtype = getattr(plan, name).dtype
+            setattr(plan, name, torch.tensor(value, dtype=dtype).expand(n).clone())
+    return plan

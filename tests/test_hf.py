@@ -102,7 +102,7 @@ def test_gpt2_files_without_the_transformer_prefix(saved, tmp_path):
 
 def _logits(source) -> torch.Tensor:
     from fleetgen.model.generate import Generator, greedy_plan
-    from tests.test_parity import padded_batch
+    from tests.hf_reference import padded_batch
 
     tokens, lengths = padded_batch(ref.PROMPTS)
     plan = greedy_plan("prefill", torch.arange(3), tokens, lengths)

@@ -14,6 +14,7 @@ from fleetgen.model.generate import Generator, greedy_plan
 from fleetgen.model.load import load_stage
 from fleetgen.model.parallel import ParallelState
 from tests import hf_reference as ref
+from tests.hf_reference import padded_batch
 from tests.distributed import run_ranks
 
 NEW_TOKENS = 32
@@ -35,14 +36,6 @@ def references(tmp_path_factory):
         directory = ref.save(model, tmp_path_factory.mktemp(name))
         out[name] = (directory, ref.reference_logits(model), ref.reference_greedy(model, NEW_TOKENS))
     return out
-
-
-def padded_batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(p) for p in prompts])
-    tokens = torch.full((len(prompts), int(lengths.max())), 7, dtype=torch.long)  # any pad id will do
-    for row, prompt in enumerate(prompts):
-        tokens[row, :len(prompt)] = torch.tensor(prompt)
-    return tokens, lengths
 
 
 def _run_cases(rank: int, world_size: int, tp: int, pp: int, directories: dict) -> dict:

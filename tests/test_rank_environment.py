@@ -19,9 +19,9 @@ from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.rendezvous import rendezvous
 from fleetgen.slurm.submission import make_executor
+from tests.distributed import wait_for_results
 
 CONF_DIR = str(Path(fleetgen.conf.__path__[0]))
-JOB_TIMEOUT_S = 120
 LAUNCHER_VARIABLES = ("SUBMITIT_EXECUTOR", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
                       "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                       "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
@@ -123,16 +123,6 @@ def test_an_earlier_attempts_file_is_not_used(tmp_path):
     rendezvous(tmp_path, fake_env(0, restart_count=0), timeout_s=1)
     with pytest.raises(TimeoutError, match="only an earlier attempt's file found"):
         rendezvous(tmp_path, fake_env(1, restart_count=1), timeout_s=0.3)
-
-
-def wait_for_results(job: submitit.Job, timeout_s: float = JOB_TIMEOUT_S) -> list:
-    """Every task's result; a job still pending or running after timeout_s fails the test (and is cancelled
-    by the caller's finally)."""
-    deadline = time.monotonic() + timeout_s
-    while not job.done(force_check=True):
-        assert time.monotonic() < deadline, f"job {job.job_id} not done after {timeout_s} s: {job.state}"
-        time.sleep(0.5)
-    return job.results()
 
 
 def rank_report(folder: str) -> dict:

@@ -18,7 +18,7 @@ import fleetgen.conf
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.submission import (container_srun_args, executor_parameters, make_executor, mount_folder,
                                        render_sbatch)
-from tests.test_rank_environment import wait_for_results
+from tests.distributed import wait_for_results
 
 CONF_DIR = str(Path(fleetgen.conf.__path__[0]))
 GOLDEN = Path(__file__).parent / "golden"

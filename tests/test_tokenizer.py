@@ -7,11 +7,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from fleetgen.model.checkpoint.source import CheckpointError
 from fleetgen.model.tokenizer import load_tokenizer
-from tests import tokenizer_fixtures
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "  two  spaces, tabs\tand\nnewlines ", "zebras 123 ÄÖÜ ✓",
          ""]
-sp_model, bpe_dir = tokenizer_fixtures.sp_model, tokenizer_fixtures.bpe_dir
 
 
 def test_sentencepiece_matches_the_library(sp_model):

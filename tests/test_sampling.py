@@ -1,0 +1,77 @@
+"""Sampling functions on their own (model/sampling.py)."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleetgen.model.sampling import (apply_repetition_penalty, apply_top_k, apply_top_p, ban_tokens, history_mask,
+                                     multinomial, sample)
+
+INF = float("-inf")
+
+
+def test_top_k_keeps_the_k_largest_per_row_and_zero_is_off():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]])
+    out = apply_top_k(logits, torch.tensor([2, 0]))
+    assert out[0].tolist() == [INF, 4.0, 3.0, INF]
+    assert out[1].tolist() == logits[1].tolist()
+
+
+def test_top_p_keeps_the_first_token_crossing_p():
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(4, 3)
+    out = apply_top_p(logits, torch.tensor([0.4, 0.6, 0.0, 1.0]))
+    kept = (out > INF).tolist()
+    assert kept[0] == [True, False, False]  # 0.5 already crosses 0.4
+    assert kept[1] == [True, True, False]   # 0.5 < 0.6, 0.8 crosses: kept
+    assert kept[2] == kept[3] == [True, True, True]  # 0 and 1 are off
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-20, 20), min_size=2, max_size=12), st.integers(0, 12), st.floats(0, 1))
+def test_top_k_then_top_p_always_keeps_the_argmax(values, k, p):
+    logits = torch.tensor([values])
+    out = apply_top_p(apply_top_k(logits, torch.tensor([k])), torch.tensor([p]))
+    assert out[0, logits.argmax()] == logits.max()
+    kept = out[0] > INF
+    assert (logits[0][kept].min() >= logits[0][~kept].max()) if (~kept).any() else kept.all()
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    history = torch.tensor([[0, 2, 9, 9], [1, 1, 1, 1]])
+    seen = history_mask(history, torch.tensor([2, 1]), vocab=4)
+    assert seen.tolist() == [[True, False, True, False], [False, True, False, False]]
+    logits = torch.tensor([[2.0, 2.0, -2.0, 1.0], [2.0, 2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([2.0, 1.0]), seen)
+    assert out[0].tolist() == [1.0, 2.0, -4.0, 1.0]
+    assert out[1].tolist() == logits[1].tolist()
+
+
+def test_ban_tokens_only_touches_banned_rows():
+    out = ban_tokens(torch.zeros(2, 3), torch.tensor([True, False]), 1)
+    assert out.tolist() == [[0.0, INF, 0.0], [0.0, 0.0, 0.0]]
+
+
+def test_greedy_rows_take_the_argmax_whatever_the_sampling_settings():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0]])
+    tokens = sample(logits, greedy=torch.tensor([True, True]), temperature=torch.tensor([5.0, 0.1]),
+                    top_k=torch.tensor([0, 3]), top_p=torch.tensor([0.9, 0.0]),
+                    repetition_penalty=torch.ones(2), seen=None, generators=[None, None])
+    assert tokens.tolist() == [1, 1]
+
+
+def test_seeded_draws_do_not_depend_on_batch_neighbours():
+    probs = torch.full((3, 50), 1 / 50)
+    alone = multinomial(probs[:1], [torch.Generator().manual_seed(7)])
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(7), None]
+    together = multinomial(probs, gens)
+    assert together[1] == alone[0]
+    again = multinomial(probs[:1], [torch.Generator().manual_seed(7)])
+    assert again.tolist() == alone.tolist()
+
+
+def test_sampling_respects_top_k_and_temperature():
+    logits = torch.tensor([[5.0, 4.9, 0.0, -1.0]]).expand(200, 4)
+    n = logits.shape[0]
+    tokens = sample(logits, greedy=torch.zeros(n, dtype=torch.bool), temperature=torch.full((n,), 10.0),
+                    top_k=torch.full((n,), 2), top_p=torch.zeros(n), repetition_penalty=torch.ones(n),
+                    seen=None, generators=[torch.Generator().manual_seed(i) for i in range(n)])
+    assert set(tokens.tolist()) == {0, 1}  # both survive, nothing past the top 2
