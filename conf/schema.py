@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from fleetgen.launcher.errors import LaunchError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -43,7 +41,7 @@ class Model(_Strict):
     tokenizer: Optional[str] = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_batch: int = Field(16, ge=1)
-    max_seq_len: int = Field(1024, ge=2)
+    max_seq_len: Optional[int] = Field(None, ge=2)  # None: the checkpoint's context length
     architecture: dict[str, Any] = {}
 
 
@@ -67,18 +65,28 @@ class Server(_Strict):
     dist_timeout_s: float = Field(18000, gt=0)
 
 
-class Generation(_Strict):
-    """Defaults for batch records, in NeMo's field names (a record's own fields win)."""
-    tokens_to_generate: int = Field(32, ge=1)
+MAX_SENTENCES = 128                     # NeMo's limit of sentences per /generate request
+MAX_SEED = 2 ** 63 - 1 - MAX_SENTENCES  # sentence i of a request is seeded with random_seed + i
+END_OF_DOCUMENT = "<|endoftext|>"       # NeMo's name for the end-of-document token, whatever the tokenizer
+
+
+class Generation(BaseModel):
+    """NeMo's generation fields with NeMo's defaults (megatron_gpt_eval.py): the body of PUT /generate less its
+    sentences, and what a batch record may set. The config's `generation` section starts from these defaults
+    (a recipe or KEY=VALUE changes them for a whole batch) and a record's own fields win over it. Checked as
+    strictly as the server checks a request, so a record the server would refuse fails before submission."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    tokens_to_generate: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0, le=100)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(0.9, ge=0, le=1)
+    top_k: int = Field(0, ge=0)                     # 0 = off
+    top_p: float = Field(0.9, ge=0, le=1)           # after top-k; 0 or 1 = off
     greedy: bool = False
     add_BOS: bool = False
-    repetition_penalty: float = Field(1.0, ge=1.0)
-    min_tokens_to_generate: int = Field(0, ge=0)
-    end_strings: list[str] = ["<|endoftext|>"]
-    random_seed: Optional[int] = Field(None, ge=0)
+    repetition_penalty: float = Field(1.0, ge=1.0)  # 1 = off
+    min_tokens_to_generate: int = Field(0, ge=0)    # the end-of-document token is banned until then
+    end_strings: list[str] = [END_OF_DOCUMENT]
+    random_seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     compute_logprob: bool = False
 
 
@@ -86,7 +94,7 @@ class Batch(_Strict):
     input: Optional[str] = None
     output: str = "results.jsonl"
     concurrency: int = Field(8, ge=1)
-    prompts_per_request: int = Field(4, ge=1, le=128)
+    prompts_per_request: int = Field(4, ge=1, le=MAX_SENTENCES)
 
 
 class Job(_Strict):
@@ -143,12 +151,3 @@ class LaunchConfig(_Strict):
             return self.parallel.world_size
         return self.cluster.gpus_per_node or self.cluster.tasks_per_node
 
-
-def parse(data: dict) -> LaunchConfig:
-    try:
-        return LaunchConfig.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
-                             + (f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else "")
-                             for err in e.errors())
-        raise LaunchError(f"invalid config: {problems}") from None

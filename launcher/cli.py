@@ -9,11 +9,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fleetgen.launcher.batch import BatchRunner, read_records
-from fleetgen.launcher.config import compose_recipe, recipes
+from fleetgen.launcher.config import compose_recipe, parse_config, recipes
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
-from fleetgen.conf.schema import LaunchConfig, parse
-from fleetgen.launcher.validate import check_model, open_model
+from fleetgen.conf.schema import LaunchConfig
+from fleetgen.launcher.validate import fit_to_model, open_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
     started = time.monotonic()
-    cfg = _with_absolute_paths(parse(OmegaConf.to_container(compose_recipe(recipe, overrides))))
+    cfg = _with_absolute_paths(parse_config(OmegaConf.to_container(compose_recipe(recipe, overrides))))
     if dry_run:
-        return _print_dry_run(cfg)
+        return _print_dry_run(cfg, overrides)
     source = open_model(cfg)
-    check_model(cfg, source.config)
+    fit_to_model(cfg, source.config, overrides)
     records = None
     if cfg.mode == "batch":
         if not cfg.batch.input:
@@ -93,10 +93,10 @@ def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:
     return cfg
 
 
-def _print_dry_run(cfg: LaunchConfig) -> int:
+def _print_dry_run(cfg: LaunchConfig, overrides: list[str]) -> int:
     """The checkpoint is often only on the cluster: a dry run reports it unreadable instead of failing."""
     try:
-        check_model(cfg, open_model(cfg).config)
+        fit_to_model(cfg, open_model(cfg).config, overrides)
     except LaunchError as e:
         print(f"# warning: {e}")
     print(OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump())))

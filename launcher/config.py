@@ -9,9 +9,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from pydantic import ValidationError
 
 import fleetgen.conf
 import fleetgen.recipes
+from fleetgen.conf.schema import Generation, LaunchConfig
 from fleetgen.launcher.errors import LaunchError
 
 CONF_DIR = Path(fleetgen.conf.__path__[0])
@@ -72,9 +74,17 @@ def _keys_under(dotted: str) -> list[str]:
     node = OmegaConf.load(CONF_DIR / "config.yaml")
     for group in ("cluster", "container"):  # groups' keys, as composed by default
         node[group] = OmegaConf.merge(*(OmegaConf.load(p) for p in sorted((CONF_DIR / group).glob("*.yaml"))))
+    node["generation"] = Generation().model_dump()
     node = OmegaConf.select(node, dotted) if dotted else node
     return sorted(k for k in node.keys() if k != "defaults") if isinstance(node, DictConfig) else []
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
+def parse_config(data: dict) -> LaunchConfig:
+    """The composed config, typed; every bad value is named in one LaunchError."""
+    try:
+        return LaunchConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+                             + (f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else "")
+                             for err in e.errors())
+        raise LaunchError(f"invalid config: {problems}") from None

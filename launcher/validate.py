@@ -8,23 +8,40 @@ from fleetgen.conf.schema import LaunchConfig
 from fleetgen.model.config import ModelConfig
 
 
+def fit_to_model(cfg: LaunchConfig, model: ModelConfig, overrides: list[str]) -> None:
+    """Check the split against the checkpoint's model and settle model.max_seq_len (given KEY=VALUE overrides)."""
+    check_model(cfg, model)
+    on_command_line = any(o.lstrip("+~").partition("=")[0] == "model.max_seq_len" for o in overrides)
+    cfg.model.max_seq_len = fit_max_seq_len(cfg, model, on_command_line)
+
+
 def check_model(cfg: LaunchConfig, model: ModelConfig) -> None:
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    if model.num_attention_heads % tp:
-        raise LaunchError(f"parallel.tensor={tp} does not divide the model's num_attention_heads="
-                          f"{model.num_attention_heads}")
-    groups = model.num_query_groups
-    if groups % tp and tp % groups:
-        raise LaunchError(f"parallel.tensor={tp} and the model's num_query_groups={groups}: one must divide "
-                          "the other (query groups are split across, or replicated over, tensor ranks)")
-    if model.ffn_hidden_size % tp:
-        raise LaunchError(f"parallel.tensor={tp} does not divide the model's ffn_hidden_size="
-                          f"{model.ffn_hidden_size}")
-    if model.num_layers < pp:
-        raise LaunchError(f"parallel.pipeline={pp} exceeds the model's num_layers={model.num_layers}")
-    if cfg.model.max_seq_len > model.max_position_embeddings and model.position_embedding == "learned":
-        raise LaunchError(f"model.max_seq_len={cfg.model.max_seq_len} exceeds the model's "
-                          f"max_position_embeddings={model.max_position_embeddings}")
+    """The model's own split rules (model/transformer.py), named by the config key that chose the split."""
+    from fleetgen.model.parallel import SplitError
+    from fleetgen.model.transformer import check_split
+
+    try:
+        check_split(model, cfg.parallel.tensor, cfg.parallel.pipeline)
+    except SplitError as e:
+        raise LaunchError(f"parallel.{e.axis}={getattr(cfg.parallel, e.axis)}: the model's {e}") from None
+
+
+def fit_max_seq_len(cfg: LaunchConfig, model: ModelConfig, from_command_line: bool) -> int:
+    """model.max_seq_len as the ranks will use it: the model's context length unless set lower. A recipe's
+    value is an upper bound; a value given on the command line is the user's and must fit (model/load.py)."""
+    from fleetgen.model.load import check_max_seq_len
+
+    requested, context = cfg.model.max_seq_len, model.max_position_embeddings
+    if requested is None:
+        return context
+    if not from_command_line:
+        return min(requested, context)
+    try:
+        check_max_seq_len(model, requested)
+    except ValueError as e:
+        raise LaunchError(f"model.max_seq_len={requested} (on the command line): {e}; leave it out to use the "
+                          "model's context length") from None
+    return requested
 
 
 def open_model(cfg: LaunchConfig):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleetgen.model.parallel import (ParallelState, copy_to_tensor_model_parallel_region,
+from fleetgen.model.parallel import (ParallelState, SplitError, copy_to_tensor_model_parallel_region,
                                      gather_from_tensor_model_parallel_region,
                                      reduce_from_tensor_model_parallel_region)
 
@@ -82,9 +82,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat(((rot * cos + rotated * sin).to(x.dtype), x[..., rotary_dim:]), dim=-1)
 
 
-def _divide(total: int, parts: int, what: str) -> int:
+def divide(total: int, parts: int, what: str) -> int:
     if total % parts:
-        raise ValueError(f"tensor parallel: {what}={total} is not divisible by tensor parallel size {parts}")
+        raise SplitError("tensor", f"{what}={total} is not divisible by tensor parallel size {parts}")
     return total // parts
 
 
@@ -95,7 +95,7 @@ class ColumnParallelLinear(nn.Module):
                  gather_output: bool, dtype: torch.dtype):
         super().__init__()
         self.ps, self.gather_output = ps, gather_output
-        local = _divide(output_size, ps.tp_size, "output_size")
+        local = divide(output_size, ps.tp_size, "output_size")
         self.weight = _empty(local, input_size, device=ps.device, dtype=dtype)
         self.bias = _empty(local, device=ps.device, dtype=dtype) if bias else None
 
@@ -115,7 +115,7 @@ class RowParallelLinear(nn.Module):
                  input_is_parallel: bool, dtype: torch.dtype):
         super().__init__()
         self.ps, self.input_is_parallel = ps, input_is_parallel
-        self.weight = _empty(output_size, _divide(input_size, ps.tp_size, "input_size"), device=ps.device,
+        self.weight = _empty(output_size, divide(input_size, ps.tp_size, "input_size"), device=ps.device,
                              dtype=dtype)
         self.bias = _empty(output_size, device=ps.device, dtype=dtype) if bias else None
 
@@ -133,7 +133,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, *, ps: ParallelState, dtype: torch.dtype):
         super().__init__()
         self.ps = ps
-        local = _divide(num_embeddings, ps.tp_size, "padded vocab size")
+        local = divide(num_embeddings, ps.tp_size, "padded vocab size")
         self.vocab_start, self.vocab_end = ps.tp_rank * local, (ps.tp_rank + 1) * local
         self.weight = _empty(local, embedding_dim, device=ps.device, dtype=dtype)
 

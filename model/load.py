@@ -5,6 +5,7 @@ import torch
 
 from fleetgen.model.shard import load_shard, vocab_rows
 from fleetgen.model.checkpoint.source import CheckpointSource
+from fleetgen.model.config import ModelConfig
 from fleetgen.model.generate import Generator
 from fleetgen.model.layers import LAYER_NORM_IMPL
 from fleetgen.model.parallel import ParallelState
@@ -28,12 +29,16 @@ def load_stage(source: CheckpointSource, ps: ParallelState, precision: str) -> D
     return stage.eval()
 
 
-def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,
-                    max_seq_len: int) -> Generator:
-    config = source.config
+def check_max_seq_len(config: ModelConfig, max_seq_len: int) -> None:
+    """Learned position embeddings end at max_position_embeddings; rotary ones do not refuse a longer cache."""
     if config.position_embedding == "learned" and max_seq_len > config.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {config.max_position_embeddings} "
                          f"learned positions")
+
+
+def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,
+                    max_seq_len: int) -> Generator:
+    check_max_seq_len(source.config, max_seq_len)
     return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len)
 
 

@@ -14,6 +14,15 @@ import torch
 import torch.distributed as dist
 
 
+class SplitError(ValueError):
+    """A model that cannot be split over `axis` ("tensor" or "pipeline") ranks as asked; the message names the
+    model's field."""
+
+    def __init__(self, axis: str, message: str):
+        super().__init__(message)
+        self.axis = axis
+
+
 @dataclass(frozen=True)
 class ParallelState:
     world_rank: int

@@ -13,15 +13,15 @@ from torch import nn
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.layers import (ACTIVATIONS, ColumnParallelLinear, LayerNorm, RowParallelLinear,
-                                   VocabParallelEmbedding, apply_rotary, rotary_tables, swiglu)
-from fleetgen.model.parallel import ParallelState
+                                   VocabParallelEmbedding, apply_rotary, divide, rotary_tables, swiglu)
+from fleetgen.model.parallel import ParallelState, SplitError
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
     """Global layer indices held by a stage: even shares, the first num_layers % PP stages take one more
     (3 layers over 2 stages -> 0-1 | 2)."""
     if num_layers < pp_size:
-        raise ValueError(f"pipeline parallel: {num_layers} layers cannot fill {pp_size} stages")
+        raise SplitError("pipeline", f"num_layers={num_layers} cannot fill {pp_size} pipeline stages")
     share, extra = divmod(num_layers, pp_size)
     start = pp_rank * share + min(pp_rank, extra)
     return range(start, start + share + (pp_rank < extra))
@@ -30,13 +30,19 @@ def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
 def local_kv_heads(config: ModelConfig, tp_size: int) -> int:
     """Query groups per TP rank; when TP > groups each group is replicated on TP / groups ranks."""
     groups = config.num_query_groups
-    if config.num_attention_heads % tp_size:
-        raise ValueError(f"tensor parallel: num_attention_heads={config.num_attention_heads} is not divisible "
-                         f"by tensor parallel size {tp_size}")
+    divide(config.num_attention_heads, tp_size, "num_attention_heads")
     if groups % tp_size and tp_size % groups:
-        raise ValueError(f"tensor parallel: num_query_groups={groups} and tensor parallel size {tp_size} must "
-                         f"divide one another")
+        raise SplitError("tensor", f"num_query_groups={groups} and tensor parallel size {tp_size} must divide one "
+                                   "another")
     return max(groups // tp_size, 1)
+
+
+def check_split(config: ModelConfig, tp_size: int, pp_size: int) -> None:
+    """Every rule for splitting the model over tensor × pipeline ranks, without building anything (a launcher
+    checks them before submission); a SplitError names the model's field."""
+    local_kv_heads(config, tp_size)
+    stage_layers(config.num_layers, pp_size, 0)
+    divide(config.ffn_hidden_size, tp_size, "ffn_hidden_size")
 
 
 class ParallelAttention(nn.Module):
@@ -134,6 +140,7 @@ class Embedding(nn.Module):
 class DecoderStage(nn.Module):
     def __init__(self, config: ModelConfig, ps: ParallelState, padded_vocab: int, dtype: torch.dtype):
         super().__init__()
+        check_split(config, ps.tp_size, ps.pp_size)
         self.config, self.ps, self.padded_vocab, self.dtype = config, ps, padded_vocab, dtype
         self.layer_ids = stage_layers(config.num_layers, ps.pp_size, ps.pp_rank)
         self.kv_heads = local_kv_heads(config, ps.tp_size)

@@ -444,17 +444,8 @@ def write_dcp(directory: Path, arrays: dict, chunks: dict) -> None:
     """PyTorch DCP files with each array split into the given chunk shape, as N saving ranks would leave it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-    from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata,
-        MetadataIndex,
-        TensorProperties,
-    )
-    from torch.distributed.checkpoint.planner import (
-        SavePlan,
-        TensorWriteData,
-        WriteItem,
-        WriteItemType,
-    )
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
     class ChunkedSavePlanner(DefaultSavePlanner):
         def create_local_plan(self):

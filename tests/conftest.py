@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules: tiny tokenizers (trained once per module) and small checkpoints."""
+import io
 import os
 
 import pytest
@@ -7,17 +8,11 @@ import torch
 from fleetgen.model.generate import Generator
 from fleetgen.model.load import build_generator
 from fleetgen.model.parallel import ParallelState
+from fleetgen.model.tokenizer import SentencePieceTokenizer, load_tokenizer
 from tests import hf_reference as ref
-from tests.checkpoint_writers import (
-    canonical_tensors,
-    gpt2_config,
-    nemo_config,
-    train_gpt2_bpe,
-    train_sentencepiece,
-    write_distckpt,
-    write_megatron,
-    write_nemo,
-)
+from tests.checkpoint_writers import (canonical_tensors, gpt2_config, nemo_config, train_gpt2_bpe, train_sentencepiece,
+                                      write_distckpt, write_megatron, write_nemo)
+from tests.server_fixtures import CORPUS, build_tiny_checkpoint
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -62,3 +57,21 @@ def generator(gpt2) -> Generator:
     torch.manual_seed(0)
     return build_generator(ref.open_source(gpt2[1]), ParallelState.single(), "fp32", max_batch=4,
                            max_seq_len=48)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return load_tokenizer(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter("".join(CORPUS).splitlines()), model_writer=model,
+                                   vocab_size=600, character_coverage=1.0, byte_fallback=True,
+                                   minloglevel=2)
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return SentencePieceTokenizer(path)

@@ -8,23 +8,9 @@ import tarfile
 import pytest
 import torch
 
-from fleetgen.model.checkpoint.open import (
-    detect_format,
-    open_checkpoint,
-)
-from tests.checkpoint_writers import (
-    NEMO_GELU,
-    NEMO_GPT,
-    NEMOTRON,
-    Gadget,
-    assert_reads_back,
-    canonical_tensors,
-    make_config,
-    nemo_config,
-    padded,
-    raises,
-    write_distckpt,
-)
+from fleetgen.model.checkpoint.open import detect_format, open_checkpoint
+from tests.checkpoint_writers import (NEMO_GELU, NEMO_GPT, NEMOTRON, Gadget, assert_reads_back, canonical_tensors,
+                                      make_config, nemo_config, padded, raises, write_distckpt)
 
 
 @pytest.mark.parametrize("fields,tp,backend,dtype", [

@@ -3,12 +3,7 @@ from pathlib import Path
 
 from fleetgen.model.checkpoint import lazy
 from fleetgen.model.checkpoint.open import open_checkpoint
-from tests.checkpoint_writers import (
-    NEMO_GPT,
-    canonical_tensors,
-    make_config,
-    write_nemo,
-)
+from tests.checkpoint_writers import NEMO_GPT, canonical_tensors, make_config, write_nemo
 
 
 def test_tar_members_are_extracted_once_into_the_cache(tmp_path, sp_model):

@@ -4,22 +4,9 @@ import shutil
 import pytest
 import torch
 
-from fleetgen.model.checkpoint.open import (
-    open_checkpoint,
-)
-from tests.checkpoint_writers import (
-    GPT2,
-    GPT2_HEAD64,
-    MEGATRON_MODERN,
-    Gadget,
-    assert_reads_back,
-    canonical_tensors,
-    make_config,
-    padded,
-    raises,
-    rewrite,
-    write_megatron,
-)
+from fleetgen.model.checkpoint.open import open_checkpoint
+from tests.checkpoint_writers import (GPT2, GPT2_HEAD64, MEGATRON_MODERN, Gadget, assert_reads_back, canonical_tensors,
+                                      make_config, padded, raises, rewrite, write_megatron)
 
 
 @pytest.mark.parametrize("fields,tp,pp,version,with_args", [

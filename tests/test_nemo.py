@@ -11,19 +11,8 @@ import yaml
 from fleetgen.model.checkpoint.nemo import nemo_model_config
 from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.tokenizer import load_tokenizer
-from tests.checkpoint_writers import (
-    LEGACY,
-    NEMO_GELU,
-    NEMO_GPT,
-    assert_reads_back,
-    canonical_tensors,
-    make_config,
-    nemo_config,
-    padded,
-    raises,
-    rewrite,
-    write_nemo,
-)
+from tests.checkpoint_writers import (LEGACY, NEMO_GELU, NEMO_GPT, assert_reads_back, canonical_tensors, make_config,
+                                      nemo_config, padded, raises, rewrite, write_nemo)
 
 
 def test_truncated_tar(tmp_path, sp_model):

@@ -5,28 +5,14 @@ import pytest
 import torch
 
 from fleetgen.model.checkpoint.hf import HFSource
-from fleetgen.model.checkpoint.open import (
-    detect_format,
-    open_checkpoint,
-    validate_against,
-)
+from fleetgen.model.checkpoint.open import detect_format, open_checkpoint, validate_against
 from fleetgen.model.generate import greedy_plan
 from fleetgen.model.load import build_generator
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.tokenizer import load_tokenizer
 from tests import hf_reference as ref
-from tests.checkpoint_writers import (
-    GPT2,
-    NEMO_GPT,
-    canonical_tensors,
-    make_config,
-    nemo_config,
-    raises,
-    train_sentencepiece,
-    write_distckpt,
-    write_megatron,
-    write_nemo,
-)
+from tests.checkpoint_writers import (GPT2, NEMO_GPT, canonical_tensors, make_config, nemo_config, raises,
+                                      train_sentencepiece, write_distckpt, write_megatron, write_nemo)
 from tests.distributed import run_ranks
 
 

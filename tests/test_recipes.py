@@ -20,7 +20,8 @@ def dry_run(recipe, *overrides):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     # local runs use this interpreter: its path is the machine's, not the recipe's
-    return result.stdout.replace(str(DATA_DIR), "<fleetgen data>").replace(sys.executable, "<python>")
+    text = result.stdout.replace(str(DATA_DIR.resolve()), "<fleetgen data>").replace(str(DATA_DIR), "<fleetgen data>")
+    return text.replace(sys.executable, "<python>")
 
 
 def test_the_seed_and_tiny_recipes_exist():

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleetgen.model.serve.api import CompletionRequest, GenerateRequest
+from fleetgen.model.serve.request_schemas import CompletionRequest, GenerateRequest
 from tests.server_fixtures import MODEL, build_tiny_checkpoint, serving
 
 TOO_LONG = "word " * 300  # more tokens than the 128-token context window

@@ -8,7 +8,7 @@ from tests.checkpoint_writers import small_config
 def test_layers_split_evenly_with_the_first_stages_taking_the_remainder():
     assert [list(stage_layers(3, 2, r)) for r in range(2)] == [[0, 1], [2]]
     assert [list(stage_layers(10, 4, r)) for r in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
-    with pytest.raises(ValueError, match="2 layers cannot fill 3 stages"):
+    with pytest.raises(ValueError, match="num_layers=2 cannot fill 3 pipeline stages"):
         stage_layers(2, 3, 0)
 
 

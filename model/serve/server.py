@@ -22,10 +22,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fleetgen.model.serve.api import (CompletionRequest, CompletionText, GenerateRequest, RequestError, completion_chunk,
-                                completion_id, completion_response, completion_sequences, models_response,
-                                nemo_response, nemo_sequences, parse, read_json)
+from fleetgen.model.serve.detokenize import CompletionText
 from fleetgen.model.serve.engine import Engine, EngineUnavailable, SequenceRequest, SequenceResult
+from fleetgen.model.serve.nemo_api import nemo_response, nemo_sequences
+from fleetgen.model.serve.openai_api import (completion_chunk, completion_id, completion_response, completion_sequences,
+                                            models_response)
+from fleetgen.model.serve.request_schemas import (CompletionRequest, GenerateRequest, RequestError, parse,
+                                                  read_json)
 
 log = logging.getLogger(__name__)
 
