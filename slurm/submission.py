@@ -6,17 +6,22 @@ submitit submits, for `launch --dry-run` and for golden tests.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import submitit
+from submitit.local.local import LocalExecutor
 from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
 from fleetgen.conf.schema import Cluster, Container, LaunchConfig
 
 CONTAINER_PYTHON = "python3"  # the image's interpreter: the login node's path means nothing inside it
+CONTROLLER_LOG = "local_controller.log"  # in the jobs folder: what submitit's local job controllers print
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -92,11 +97,44 @@ def _python(cfg: LaunchConfig) -> str | None:
 
 def make_executor(cfg: LaunchConfig, job_folder: Path | str) -> submitit.Executor:
     """submitit's executor for cluster.kind ("slurm" or "local"), with every parameter set."""
-    python = _python(cfg)
-    executor = submitit.AutoExecutor(folder=job_folder, cluster=cfg.cluster.kind,
-                                     **({"slurm_python": python} if python else {}))
+    if cfg.cluster.kind == "local":
+        executor = QuietLocalExecutor(folder=job_folder)
+    else:
+        python = _python(cfg)
+        executor = submitit.AutoExecutor(folder=job_folder, cluster="slurm",
+                                         **({"slurm_python": python} if python else {}))
     executor.update_parameters(**executor_parameters(cfg, job_folder))
     return executor
+
+
+class QuietLocalExecutor(LocalExecutor):
+    """submitit's local executor, its job controller writing to the jobs folder instead of the terminal.
+
+    submitit starts the controller in the caller's process group, so a Ctrl-C at the terminal reaches it as
+    well as `launch`, and it dies with a KeyboardInterrupt traceback: in CONTROLLER_LOG, not on the user's
+    screen. (The ranks write to their own log files already.)"""
+
+    def _submit_command(self, command: str):
+        with _output_to(mount_folder(self.folder) / CONTROLLER_LOG):
+            return super()._submit_command(command)
+
+
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr, the descriptors a child inherits, appended to path meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        for fd, saved_fd in zip((1, 2), saved):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
 
 
 def render_sbatch(cfg: LaunchConfig, job_folder: Path | str) -> str:
