@@ -6,7 +6,7 @@ checkpoint's own metadata (config.json, model_config.yaml, Megatron args), never
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Optional
 
 POSITION_EMBEDDINGS = ("learned", "rope")
@@ -60,9 +60,6 @@ class ModelConfig:
         """Megatron's padding: a multiple of make_vocab_size_divisible_by * TP, covering stored rows too."""
         multiple = self.make_vocab_size_divisible_by * tensor_parallel
         return math.ceil(max(self.vocab_size, stored_rows) / multiple) * multiple
-
-    def with_overrides(self, **changes) -> "ModelConfig":
-        return replace(self, **changes)
 
     @classmethod
     def field_names(cls) -> list[str]:

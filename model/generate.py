@@ -38,7 +38,6 @@ class StepPlan:
     seed: torch.Tensor          # int64 [n], -1 = none; prefill only: seeds the slot's own torch.Generator
     logprobs: bool = False      # log_softmax(raw logits) at chosen tokens (and at prompt tokens in prefill)
     full_logprobs: bool = False  # whole log_softmax rows over the real vocabulary
-    return_logits: bool = False  # raw fp32 logits over the real vocabulary, every position of the step
 
     @property
     def n(self) -> int:
@@ -52,7 +51,6 @@ class StepOutput:
     logprobs: Optional[torch.Tensor] = None  # float32 [n] logprob of tokens under the raw logits
     prompt_logprobs: Optional[torch.Tensor] = None  # prefill: float32 [n, L-1], 0 past a prompt's length
     full_logprobs: Optional[torch.Tensor] = None    # float32 prefill [n, L, vocab] / decode [n, 1, vocab]
-    logits: Optional[torch.Tensor] = None           # float32 like full_logprobs, when plan.return_logits
 
 
 def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> StepPlan:
@@ -74,7 +72,7 @@ class Generator:
         # each slot's prompt + fed tokens, for the repetition penalty
         self.history = torch.zeros(max_batch, max_seq_len, dtype=torch.long, device=ps.device)
         self.history_len = torch.zeros(max_batch, dtype=torch.long, device=ps.device)
-        self.generators: list[Optional[torch.Generator]] = [None] * max_batch
+        self.rngs: list[Optional[torch.Generator]] = [None] * max_batch
         self.is_output_rank = ps.world_rank == ps.last_stage_ranks[0]
 
     def step(self, plan: StepPlan) -> StepOutput:
@@ -122,14 +120,14 @@ class Generator:
         self.history[slots, :width] = tokens
         self.history_len[slots] = lengths
         for slot, seed in zip(plan.slots.tolist(), plan.seed.tolist()):
-            self.generators[slot] = None
+            self.rngs[slot] = None
             if seed >= 0:
-                self.generators[slot] = torch.Generator(device=self.ps.device).manual_seed(seed)
+                self.rngs[slot] = torch.Generator(device=self.ps.device).manual_seed(seed)
 
     @staticmethod
     def _wants_all(plan: StepPlan) -> bool:
         """Whether every position's logits are needed, not just each row's last."""
-        return (plan.logprobs and plan.kind == "prefill") or plan.full_logprobs or plan.return_logits
+        return (plan.logprobs and plan.kind == "prefill") or plan.full_logprobs
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  select: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -174,8 +172,6 @@ class Generator:
             out["prompt_logprobs"] = torch.where(inside, following, 0.0)
         if plan.full_logprobs:
             out["full_logprobs"] = logits.log_softmax(-1)
-        if plan.return_logits:
-            out["logits"] = logits
         return out
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -188,7 +184,7 @@ class Generator:
         return sample(logits, greedy=plan.greedy.to(device), temperature=plan.temperature.to(device),
                       top_k=plan.top_k.to(device), top_p=plan.top_p.to(device),
                       repetition_penalty=plan.repetition_penalty.to(device), seen=seen,
-                      generators=[self.generators[s] for s in plan.slots.tolist()])
+                      generators=[self.rngs[s] for s in plan.slots.tolist()])
 
     def _share(self, plan: StepPlan, outputs: dict[str, torch.Tensor]) -> StepOutput:
         """Broadcast the output rank's results; the other ranks know the shapes from the plan."""
@@ -209,8 +205,6 @@ class Generator:
             shapes["prompt_logprobs"] = ((n, s - 1), torch.float32)
         if plan.full_logprobs:
             shapes["full_logprobs"] = ((n, s, vocab), torch.float32)
-        if plan.return_logits:
-            shapes["logits"] = ((n, s, vocab), torch.float32)
         return shapes
 
     def _check(self, plan: StepPlan) -> None:

@@ -1,8 +1,10 @@
 """A static, preallocated key/value cache for the layers of one pipeline stage (gpt-fast style).
 
 One buffer each for keys and values, [local layers, max_batch slots, max_seq_len, local kv heads, head_dim],
-allocated once so shapes never change. A slot holds one sequence; position p of a slot holds the keys and
-values of that sequence's token p.
+allocated once: nothing is reallocated as sequences grow. Reads return a slot's first `length` positions, so
+the keys and values attention sees grow with the context (unlike gpt-fast, which attends over the whole
+buffer under a mask). A slot holds one sequence; position p of a slot holds the keys and values of that
+sequence's token p.
 """
 from __future__ import annotations
 

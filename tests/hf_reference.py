@@ -135,7 +135,7 @@ def step_plan(kind, slots, tokens, lengths, **changes) -> StepPlan:
     plan = greedy_plan(kind, torch.tensor(slots), tokens, torch.tensor(lengths))
     n = len(slots)
     for name, value in changes.items():
-        if name in ("logprobs", "full_logprobs", "return_logits"):
+        if name in ("logprobs", "full_logprobs"):
             setattr(plan, name, value)
         else:
             dtype = getattr(plan, name).dtype

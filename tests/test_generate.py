@@ -1,13 +1,15 @@
 """The Generator's step contract on one process (model/generate.py, ParallelState.single)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fleetgen.model.generate import greedy_plan
 from fleetgen.model.load import build_generator
 from fleetgen.model.parallel import ParallelState
-from fleetgen.model.sampling import (apply_repetition_penalty, history_mask)
+from fleetgen.model.sampling import apply_repetition_penalty, history_mask
 from tests import hf_reference as ref
 from tests.hf_reference import padded_batch, step_plan
 
@@ -77,16 +79,17 @@ def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(generator
     assert run([0], [1234], ref.PROMPTS[:1]) == alone
 
 
-def test_repetition_penalty_covers_prompt_and_fed_tokens(generator):
+def test_repetition_penalty_covers_prompt_and_fed_tokens(generator, gpt2):
     prompt = ref.PROMPTS[2]
     fed = int(generator.step(step_plan("prefill", [0], torch.tensor([prompt]), [len(prompt)])).tokens[0])
-    decode = step_plan("decode", [0], torch.tensor([[fed]]), [len(prompt)], return_logits=True, greedy=[False],
-                   top_k=[1], repetition_penalty=[50.0])
+    decode = step_plan("decode", [0], torch.tensor([[fed]]), [len(prompt)], greedy=[False], top_k=[1],
+                       repetition_penalty=[50.0])
     out = generator.step(decode)
     seen = torch.zeros(ref.VOCAB, dtype=torch.bool)
     seen[prompt + [fed]] = True
     assert history_mask(generator.history[[0]], generator.history_len[[0]], ref.VOCAB)[0].equal(seen)
-    expected = apply_repetition_penalty(out.logits[:, 0], torch.tensor([50.0]), seen[None]).argmax()
+    logits = ref.reference_logits(gpt2[0], [prompt + [fed]])[0][-1:]  # [1, vocab] at the fed token
+    expected = apply_repetition_penalty(logits, torch.tensor([50.0]), seen[None]).argmax()
     assert int(out.tokens[0]) == int(expected)
 
 
@@ -95,7 +98,7 @@ def test_ban_eos_never_picks_the_eos_token(gpt2):
     prompt = ref.PROMPTS[0]
     generator = build_generator(source, ParallelState.single(), "fp32", 2, 16)
     favourite = generator.generate_greedy([prompt], 1)[0][0]
-    source.config = source.config.with_overrides(eos_id=favourite)
+    source.config = replace(source.config, eos_id=favourite)
     generator = build_generator(source, ParallelState.single(), "fp32", 2, 16)
     banned = generator.step(step_plan("prefill", [0], torch.tensor([prompt]), [len(prompt)], ban_eos=[True]))
     free = generator.step(step_plan("prefill", [0], torch.tensor([prompt]), [len(prompt)]))

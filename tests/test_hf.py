@@ -100,15 +100,15 @@ def test_gpt2_files_without_the_transformer_prefix(saved, tmp_path):
     assert torch.equal(HFSource(old).read(name), HFSource(directory).read(name))
 
 
-def _logits(source) -> torch.Tensor:
+def _logprobs(source) -> torch.Tensor:
     from fleetgen.model.generate import Generator, greedy_plan
     from tests.hf_reference import padded_batch
 
     tokens, lengths = padded_batch(ref.PROMPTS)
     plan = greedy_plan("prefill", torch.arange(3), tokens, lengths)
-    plan.return_logits = True
+    plan.full_logprobs = True
     ps = ParallelState.single()
-    return Generator(load_stage(source, ps, "fp32"), ps, 4, 16).step(plan).logits
+    return Generator(load_stage(source, ps, "fp32"), ps, 4, 16).step(plan).full_logprobs
 
 
 def test_sharded_safetensors_and_pytorch_bin_load_the_same_model(saved, tmp_path):
@@ -119,9 +119,9 @@ def test_sharded_safetensors_and_pytorch_bin_load_the_same_model(saved, tmp_path
     binary = tmp_path / "bin"
     model.config.save_pretrained(binary)
     torch.save(model.state_dict(), binary / "pytorch_model.bin")
-    want = _logits(HFSource(directory))
-    assert torch.equal(_logits(HFSource(sharded)), want)
-    assert torch.equal(_logits(HFSource(binary)), want)
+    want = _logprobs(HFSource(directory))
+    assert torch.equal(_logprobs(HFSource(sharded)), want)
+    assert torch.equal(_logprobs(HFSource(binary)), want)
 
 
 def test_unknown_model_type_names_config_json_and_the_value(saved, tmp_path):

@@ -17,8 +17,8 @@ def test_half_precisions_stay_close_to_fp32(gpt2, precision, tolerance):
         stage = load_stage(ref.open_source(gpt2[1]), ParallelState.single(), p)
         assert {t.dtype for t in stage.parameters()} == {torch.float16 if p == "fp16" else
                                                           torch.bfloat16 if p == "bf16" else torch.float32}
-        plan = step_plan("prefill", [0, 1, 2], tokens, lengths.tolist(), return_logits=True)
-        logits[p] = Generator(stage, ParallelState.single(), 4, 16).step(plan).logits
+        plan = step_plan("prefill", [0, 1, 2], tokens, lengths.tolist(), full_logprobs=True)
+        logits[p] = Generator(stage, ParallelState.single(), 4, 16).step(plan).full_logprobs
     assert logits[precision].dtype == torch.float32
     assert (logits[precision] - logits["fp32"]).abs().max() < tolerance
 

@@ -47,9 +47,9 @@ def _run_cases(rank: int, world_size: int, tp: int, pp: int, directories: dict) 
         generator = Generator(stage, ps, max_batch=4, max_seq_len=48, microbatch_threshold=8)
         tokens, lengths = padded_batch(ref.PROMPTS)
         plan = greedy_plan("prefill", torch.arange(len(ref.PROMPTS)), tokens, lengths)
-        plan.return_logits = True
-        logits = generator.step(plan).logits
-        results[name] = (logits, generator.generate_greedy(ref.PROMPTS, NEW_TOKENS), list(stage.layer_ids))
+        plan.full_logprobs = True
+        logprobs = generator.step(plan).full_logprobs
+        results[name] = (logprobs, generator.generate_greedy(ref.PROMPTS, NEW_TOKENS), list(stage.layer_ids))
     return results
 
 
@@ -59,10 +59,10 @@ def check_matrix(tp: int, pp: int, references) -> dict[str, list[list[int]]]:
     per_rank = run_ranks(_run_cases, tp * pp, tp, pp, directories)
     for name, (_, want_logits, want_tokens) in references.items():
         for rank, results in enumerate(per_rank):
-            logits, tokens, _ = results[name]
+            logprobs, tokens, _ = results[name]
             for row, want in enumerate(want_logits):
-                diff = (logits[row, :len(want)] - want).abs().max().item()
-                assert diff <= 1e-4, f"{name} rank {rank} prompt {row}: logits differ by {diff}"
+                diff = (logprobs[row, :len(want)] - want.log_softmax(-1)).abs().max().item()
+                assert diff <= 1e-4, f"{name} rank {rank} prompt {row}: log-probabilities differ by {diff}"
             assert tokens == want_tokens, f"{name} rank {rank}: greedy tokens differ from HF generate"
     return {name: [results[name][2] for results in per_rank[::tp]] for name in references}
 

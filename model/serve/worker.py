@@ -35,12 +35,12 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
         if ps.world_rank == ps.first_rank:
             _lead(cfg, ps, env, job_folder)
         else:
-            _engine(cfg.model, ps).follow()
+            _build_engine(cfg.model, ps).follow()
     finally:
         dist.destroy_process_group()
 
 
-def _engine(model: Model, ps: ParallelState) -> Engine:
+def _build_engine(model: Model, ps: ParallelState) -> Engine:
     source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
     generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len)
     _log(ps, startup_report(generator))
@@ -57,7 +57,7 @@ def _lead(cfg: LaunchConfig, ps: ParallelState, env: RankEnvironment, job_folder
     _write_atomically(job_folder / f"server-{ps.replica}.json",
                       json.dumps({"url": f"http://{host}:{server.port}", "replica": ps.replica}))
     try:
-        engine = _engine(cfg.model, ps)
+        engine = _build_engine(cfg.model, ps)
     except Exception as e:
         server.fail(f"{type(e).__name__}: {e}")
         raise
