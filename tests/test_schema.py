@@ -1,40 +1,32 @@
 """The config's types (conf/schema.py): the layout rule, and NeMo's generation fields defined once for batch
 records and the server."""
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from pydantic import ValidationError
 
-from fleetgen.conf.schema import MAX_SEED, Generation, LaunchConfig
-from fleetgen.launcher.config import CONF_DIR
+from fleetgen.conf.schema import MAX_SEED, Generation
 from fleetgen.model.serve.request_schemas import GenerateRequest
-
-
-def composed(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_container(compose("config", overrides=["model.checkpoint=/x", "recipe=test",
-                                                                   *overrides]))
+from tests.goldens import composed
 
 
 def test_ranks_must_fill_the_nodes_slots():
     with pytest.raises(ValidationError, match=r"parallel.tensor × parallel.pipeline × parallel.replicas = 2 × 1 × 1 "
                                               r"= 2 ranks, but parallel.nodes × cluster.gpus_per_node = 1 × 4 = 4: "
                                               r"they must be equal \(one rank per GPU\)"):
-        LaunchConfig.model_validate(composed("cluster=slurm", "cluster.gpus_per_node=4", "parallel.tensor=2"))
+        composed("cluster=slurm", "cluster.gpus_per_node=4", "parallel.tensor=2")
     with pytest.raises(ValidationError, match="parallel.nodes × cluster.tasks_per_node = 2 × 3 = 6"):
-        LaunchConfig.model_validate(composed("cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=3",
-                                             "parallel.nodes=2", "parallel.tensor=4"))
+        composed("cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=3", "parallel.nodes=2",
+                 "parallel.tensor=4")
 
 
 def test_the_server_and_the_batch_share_neMos_generation_defaults():
     request = GenerateRequest(sentences=["a"]).model_dump(include=set(Generation.model_fields))
     assert request == Generation().model_dump()
-    assert LaunchConfig.model_validate(composed()).generation == Generation()  # no recipe: NeMo's defaults
+    assert composed().generation == Generation()  # no recipe: NeMo's defaults
     assert Generation().tokens_to_generate == 64 and Generation().greedy is False
 
 
 def test_a_recipe_or_the_command_line_changes_the_batch_defaults():
-    cfg = LaunchConfig.model_validate(composed("generation.greedy=true", "generation.top_k=5"))
+    cfg = composed("generation.greedy=true", "generation.top_k=5")
     assert (cfg.generation.greedy, cfg.generation.top_k, cfg.generation.tokens_to_generate) == (True, 5, 64)
 
 

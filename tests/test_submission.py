@@ -1,69 +1,21 @@
-"""Submission arguments: golden files for executor parameters and sbatch scripts, then the real cluster.
-
-Regenerate the golden files after an intended change: FLEETGEN_REGOLD=1 python -m pytest tests/test_submission.py
-"""
-import json
+"""Submission arguments (slurm/submission.py): golden files for executor parameters and sbatch scripts, then the
+real cluster. After an intended change, `python3 tools/regold.py` rewrites the golden files."""
 import os
 import re
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-import fleetgen.conf
-from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.submission import (container_srun_args, executor_parameters, make_executor, mount_folder,
                                        render_sbatch)
 from tests.distributed import wait_for_results
-
-CONF_DIR = str(Path(fleetgen.conf.__path__[0]))
-GOLDEN = Path(__file__).parent / "golden"
-JOB_FOLDER = Path("/shared/fleetgen/jobs/%j")
-
-CASES = {
-    "tp8_pp2_two_nodes_container": [
-        "cluster=slurm", "container=nemo", "parallel.nodes=2", "parallel.tensor=8", "parallel.pipeline=2",
-        "cluster.partition=batch", "cluster.account=llm", "cluster.exclusive=true", "cluster.time_min=240",
-        "container.mounts=[/models:/models:ro,/lustre/data:/data]", "job.name=nemotron"],
-    "one_gpu_no_container": ["cluster=slurm", "cluster.gpus_per_node=1"],
-    "cpu_ranks_env_setup_sbatch_args": [
-        "cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=4", "parallel.tensor=2",
-        "parallel.pipeline=2", "cluster.qos=high", "cluster.constraint=h100", "cluster.cpus_per_task=2",
-        "cluster.mem_gb=64", "cluster.setup=['module load cuda/12.4','source /opt/venv/bin/activate']",
-        "+cluster.env.HF_HOME='/scratch/hf cache'", "+cluster.env.NCCL_DEBUG=INFO",
-        "+cluster.sbatch_args.reservation=fleetgen", "+cluster.sbatch_args.mail-type=END",
-        "cluster.srun_args=['--cpu-bind=none']", "job.grace_period_s=12.5"],
-}
+from tests.goldens import CASES, GOLDEN, JOB_FOLDER, composed, submission_text
 
 
-def composed(*overrides: str) -> LaunchConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["model.checkpoint=/x", "recipe=test", *overrides])
-    return LaunchConfig.model_validate(OmegaConf.to_container(cfg))
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("FLEETGEN_REGOLD") == "1":
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs (FLEETGEN_REGOLD=1 rewrites it after an intended change)"
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_executor_parameters_match_golden(case):
-    params = executor_parameters(composed(*CASES[case]), JOB_FOLDER)
-    check_golden(f"{case}.json", json.dumps(params, indent=2) + "\n")
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_sbatch_script_matches_golden(case):
-    # The interpreter's path differs between machines; inside a container it is the image's python3.
-    script = render_sbatch(composed(*CASES[case]), JOB_FOLDER).replace(shlex.quote(sys.executable), "PYTHON")
-    check_golden(f"{case}.sbatch", script)
+@pytest.mark.parametrize("name", [f"{case}.{kind}" for case in sorted(CASES) for kind in ("json", "sbatch")])
+def test_parameters_and_script_match_golden(name):
+    assert submission_text(name) == (GOLDEN / name).read_text(), f"{name} differs (see tools/regold.py)"
 
 
 def test_ranks_per_node():
