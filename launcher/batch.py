@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
 from threading import Lock
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 from pydantic import ValidationError

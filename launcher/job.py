@@ -20,7 +20,7 @@ from fleetgen.slurm.submission import make_executor
 ACTIVE_FILE = "active.json"  # the job this folder's launcher is running; left behind only by a crash
 
 
-def submit(cfg: LaunchConfig) -> "RunningJob":
+def submit(cfg: LaunchConfig) -> RunningJob:
     folder = Path(cfg.job.folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     reap_stale_job(folder)

@@ -39,7 +39,7 @@ class ParallelState:
     backend: str                # "gloo" | "nccl" | "none" (no torch.distributed)
 
     @classmethod
-    def build(cls, tensor: int, pipeline: int) -> "ParallelState":
+    def build(cls, tensor: int, pipeline: int) -> ParallelState:
         """Collective over the world: every rank creates every group, in the same order."""
         if not dist.is_initialized():
             raise RuntimeError("ParallelState.build: torch.distributed is not initialised")
@@ -65,7 +65,7 @@ class ParallelState:
                    device=_local_device(), backend=dist.get_backend())
 
     @classmethod
-    def single(cls, device: Optional[torch.device] = None) -> "ParallelState":
+    def single(cls, device: Optional[torch.device] = None) -> ParallelState:
         """One process holding the whole model, without torch.distributed."""
         return cls(world_rank=0, replica=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, tp_group=None,
                    pp_group=None, replica_group=None, replica_ranks=(0,),

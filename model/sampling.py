@@ -6,7 +6,8 @@ Every function is pure apart from the generators' state.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 

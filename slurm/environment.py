@@ -23,7 +23,7 @@ class RankEnvironment:
     restart_count: int = 0      # how often this job id was started before (Slurm requeue, torchrun restart)
 
     @classmethod
-    def detect(cls) -> "RankEnvironment":
+    def detect(cls) -> RankEnvironment:
         """Read submitit's job environment, or torchrun's variables when not started by submitit."""
         try:
             job = submitit.JobEnvironment()
@@ -32,7 +32,7 @@ class RankEnvironment:
         return cls._from_submitit(job)
 
     @classmethod
-    def _from_submitit(cls, job: submitit.JobEnvironment) -> "RankEnvironment":
+    def _from_submitit(cls, job: submitit.JobEnvironment) -> RankEnvironment:
         # Slurm: SLURM_JOB_NODELIST expanded (node[1-2] -> node1, node2). Local: every rank is on this machine.
         hostnames = tuple(job.hostnames) if job.cluster == "slurm" else (LOCAL_HOST,)
         if len(hostnames) != job.num_nodes:
@@ -44,7 +44,7 @@ class RankEnvironment:
                    restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
 
     @classmethod
-    def _from_torchrun(cls) -> "RankEnvironment":
+    def _from_torchrun(cls) -> RankEnvironment:
         """torchrun's variables; a process started by hand is rank 0 of a world of 1."""
         env = os.environ
         world_size = int(env.get("WORLD_SIZE", 1))

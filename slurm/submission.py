@@ -12,7 +12,7 @@ import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import submitit
 from submitit.local.local import LocalExecutor

@@ -14,7 +14,8 @@ import threading
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 

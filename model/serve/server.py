@@ -15,7 +15,8 @@ import signal
 import socket
 import threading
 import time
-from typing import AsyncIterator, Callable, Optional
+from collections.abc import AsyncIterator, Callable
+from typing import Optional
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
