@@ -154,7 +154,39 @@ def _config_from_shapes(files: dict, common: dict, where: str) -> ModelConfig:
                        **common)
 
 
-class MegatronLayout:
+class LanguageModelLayout:
+    """Canonical global views over Megatron's `language_model` keys, which Megatron-LM and legacy NeMo
+    checkpoints share: word embeddings split over TP ranks, position embeddings on the first stage, the final
+    norm and the output layer on the last, layers numbered from 0 again in every pipeline stage. Subclasses
+    give `_find(t, p, name)`, a stored key of TP rank t and stage p; `_layer_counts()`, each stage's number of
+    layers; and `_layer(p, j)`, the views of stage p's layer j."""
+
+    config: ModelConfig
+    tp: int
+    pp: int
+    final_norm = "final_layernorm"  # where the final norm's key sits, relative to language_model
+
+    def _column(self, p: int, name: str) -> Concat:
+        return Concat([self._find(t, p, name) for t in range(self.tp)], 0)
+
+    def views(self) -> dict:
+        last = self.pp - 1
+        views = {"embedding.word_embeddings.weight": self._column(0, "embedding.word_embeddings.weight"),
+                 "final_layernorm.weight": self._find(0, last, f"{self.final_norm}.weight"),
+                 "final_layernorm.bias": self._find(0, last, f"{self.final_norm}.bias")}
+        if self.config.position_embedding == "learned":
+            views["embedding.position_embeddings.weight"] = self._find(0, 0, "embedding.position_embeddings.weight")
+        if not self.config.tie_word_embeddings:
+            views["output_layer.weight"] = self._column(last, "output_layer.weight")
+        offset = 0
+        for p, count in enumerate(self._layer_counts()):
+            for j in range(count):
+                views.update({f"layers.{offset + j}.{k}": v for k, v in self._layer(p, j).items()})
+            offset += count
+        return views
+
+
+class MegatronLayout(LanguageModelLayout):
     """Maps Megatron-LM keys of every shard file to canonical global views."""
 
     def __init__(self, files: dict[tuple[int, int], TorchFile], config: ModelConfig, version: float):
@@ -180,25 +212,9 @@ class MegatronLayout:
                     return Stored(f, variant)
         raise CheckpointError(f"{f.path}: missing key model.language_model.transformer.{suffix}")
 
-    def _column(self, p: int, suffix: str) -> Concat:
-        return Concat([self._find(t, p, suffix) for t in range(self.tp)], 0)
-
-    def views(self) -> dict:
-        last = self.pp - 1
-        views = {"embedding.word_embeddings.weight": self._column(0, "embedding.word_embeddings.weight"),
-                 "final_layernorm.weight": self._find(0, last, "final_layernorm.weight"),
-                 "final_layernorm.bias": self._find(0, last, "final_layernorm.bias")}
-        if self.config.position_embedding == "learned":
-            views["embedding.position_embeddings.weight"] = self._find(0, 0, "embedding.position_embeddings.weight")
-        if not self.config.tie_word_embeddings:
-            views["output_layer.weight"] = self._column(last, "output_layer.weight")
-        offset = 0
-        for p in range(self.pp):  # layer numbers restart at 0 in every pipeline stage
-            count = len({m.group(1) for k in self.files[(0, p)].shapes if (m := _LAYER.search(k))})
-            for j in range(count):
-                views.update({f"layers.{offset + j}.{k}": v for k, v in self._layer(p, j).items()})
-            offset += count
-        return views
+    def _layer_counts(self) -> list[int]:
+        return [len({m.group(1) for k in self.files[(0, p)].shapes if (m := _LAYER.search(k))})
+                for p in range(self.pp)]
 
     def _layer(self, p: int, j: int) -> dict:
         c, pre = self.config, f"layers.{j}."

@@ -22,6 +22,7 @@ import yaml
 
 from fleetgen.model.checkpoint.lazy import (Concat, LazySource, Stored, TorchFile, check_views,
                                             qkv_group_major, split_rows)
+from fleetgen.model.checkpoint.megatron import LanguageModelLayout
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.tokenizer import load_tokenizer
@@ -264,8 +265,10 @@ def open_nemo(path: Union[str, Path, NemoArchive], tokenizer=None, cache_dir: Op
     return LazySource(config, views, tok, list(files.values()))
 
 
-class LegacyLayout:
+class LegacyLayout(LanguageModelLayout):
     """Maps legacy keys of every shard file to canonical global views."""
+
+    final_norm = "encoder.final_layernorm"
 
     def __init__(self, files: dict[tuple[int, int], TorchFile], config: ModelConfig, activation: str):
         self.files, self.config, self.activation = files, config, activation
@@ -300,62 +303,46 @@ class LegacyLayout:
     def _key(self, name: str) -> str:
         return self.prefix + "language_model." + name
 
-    def _stored(self, t: int, p: int, name: str) -> Stored:
+    def _find(self, t: int, p: int, name: str) -> Stored:
         return Stored(self.files[(t, p)], self._key(name))
 
-    def _column(self, p: int, name: str) -> Concat:
-        return Concat([self._stored(t, p, name) for t in range(self.tp)], 0)
-
-    def views(self) -> dict:
-        last = self.pp - 1
-        views = {"embedding.word_embeddings.weight": self._column(0, "embedding.word_embeddings.weight"),
-                 "final_layernorm.weight": self._stored(0, last, "encoder.final_layernorm.weight"),
-                 "final_layernorm.bias": self._stored(0, last, "encoder.final_layernorm.bias")}
-        if self.config.position_embedding == "learned":
-            views["embedding.position_embeddings.weight"] = self._stored(0, 0, "embedding.position_embeddings.weight")
-        if not self.config.tie_word_embeddings:
-            views["output_layer.weight"] = self._column(last, "output_layer.weight")
-        offset = 0
-        for stage, count in enumerate(self.layers):
-            for local in range(count):
-                views.update({f"layers.{offset + local}.{k}": v for k, v in self._layer(stage, local).items()})
-            offset += count
-        return views
+    def _layer_counts(self) -> list[int]:
+        return self.layers
 
     def _layer(self, p: int, j: int) -> dict:
         c, tp = self.config, self.tp
         heads_local, ffn_local = c.num_attention_heads // tp, c.ffn_hidden_size // tp
         pre = f"encoder.layers.{j}."
         suffixes = ["weight"] + (["bias"] if c.qkv_bias else [])
-        out = {f"{canon}.{s}": self._stored(0, p, f"{pre}{stored}.{s}")
+        out = {f"{canon}.{s}": self._find(0, p, f"{pre}{stored}.{s}")
                for canon, stored in (("input_layernorm", "input_layernorm"),
                                      ("pre_mlp_layernorm", "post_attention_layernorm"))
                for s in ("weight", "bias")}
         for s in suffixes:
             # per TP rank the fused rows are [heads_local, 3, head_dim]
-            parts = [qkv_group_major(self._stored(t, p, f"{pre}self_attention.query_key_value.{s}"),
+            parts = [qkv_group_major(self._find(t, p, f"{pre}self_attention.query_key_value.{s}"),
                                      heads_local, 1, c.head_dim) for t in range(tp)]
             for i, which in enumerate(("query", "key", "value")):
                 out[f"self_attention.{which}.{s}"] = Concat([part[i] for part in parts], 0)
         out["self_attention.linear_proj.weight"] = Concat(
-            [self._stored(t, p, f"{pre}self_attention.dense.weight") for t in range(tp)], 1)
-        out["mlp.linear_fc2.weight"] = Concat([self._stored(t, p, f"{pre}mlp.dense_4h_to_h.weight")
+            [self._find(t, p, f"{pre}self_attention.dense.weight") for t in range(tp)], 1)
+        out["mlp.linear_fc2.weight"] = Concat([self._find(t, p, f"{pre}mlp.dense_4h_to_h.weight")
                                                for t in range(tp)], 1)
         if c.proj_bias:
-            out["self_attention.linear_proj.bias"] = self._stored(0, p, f"{pre}self_attention.dense.bias")
+            out["self_attention.linear_proj.bias"] = self._find(0, p, f"{pre}self_attention.dense.bias")
         if c.mlp_bias:
-            out["mlp.linear_fc2.bias"] = self._stored(0, p, f"{pre}mlp.dense_4h_to_h.bias")
+            out["mlp.linear_fc2.bias"] = self._find(0, p, f"{pre}mlp.dense_4h_to_h.bias")
         for s in ["weight"] + (["bias"] if c.mlp_bias else []):
             out.update(self._fc1(p, pre, s, ffn_local))
         return out
 
     def _fc1(self, p: int, pre: str, s: str, ffn_local: int) -> dict:
-        fc1 = [self._stored(t, p, f"{pre}mlp.dense_h_to_4h.{s}") for t in range(self.tp)]
+        fc1 = [self._find(t, p, f"{pre}mlp.dense_h_to_4h.{s}") for t in range(self.tp)]
         if self.activation == "fast-swiglu":  # per TP rank: [gate_local; up_local]
             halves = [split_rows(part, [ffn_local, ffn_local]) for part in fc1]
             return {f"mlp.gate.{s}": Concat([h[0] for h in halves], 0),
                     f"mlp.linear_fc1.{s}": Concat([h[1] for h in halves], 0)}
         if self.activation == "swiglu":  # separate up projection dense_h_to_4h_2
-            up = [self._stored(t, p, f"{pre}mlp.dense_h_to_4h_2.{s}") for t in range(self.tp)]
+            up = [self._find(t, p, f"{pre}mlp.dense_h_to_4h_2.{s}") for t in range(self.tp)]
             return {f"mlp.gate.{s}": Concat(fc1, 0), f"mlp.linear_fc1.{s}": Concat(up, 0)}
         return {f"mlp.linear_fc1.{s}": Concat(fc1, 0)}
