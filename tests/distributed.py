@@ -10,6 +10,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import submitit
 import torch
 import torch.distributed as dist
@@ -51,6 +52,11 @@ def run_ranks(fn, world_size: int, *args) -> list:
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             results.append(value)
         return results
+
+
+def our_processes(marker: str) -> list[psutil.Process]:
+    """The processes whose command line holds marker (a test's tmp_path): what a test started and left."""
+    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
 
 
 def wait_for_results(job: submitit.Job, timeout_s: float = JOB_TIMEOUT_S) -> list:

@@ -5,16 +5,12 @@ import signal
 import subprocess
 import sys
 
-import psutil
 import pytest
 
+from tests.distributed import our_processes
 from tests.server_fixtures import build_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def our_processes(marker: str) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
 
 
 def test_tiny_runs_a_checkpoint_with_fewer_positions_than_the_recipes_max_seq_len(tmp_path):

@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import psutil
 import requests
 import pytest
 import torch
@@ -14,17 +13,10 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import GPT2LMHeadModel
 
 from fleetgen.launcher.config import DATA_DIR
+from tests.distributed import our_processes
 
 TINY = DATA_DIR / "tiny-gpt2"
 PROMPTS = DATA_DIR / "tiny_prompts.jsonl"
-
-
-def our_processes(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if marker in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
+
+from tests.distributed import our_processes
 
 pytestmark = pytest.mark.slow
 
@@ -18,14 +19,6 @@ def squeue(job_id):
 def our_jobs():
     return subprocess.run(["squeue", "-h", "-n", "fleetgen", "-o", "%i"], capture_output=True,
                           text=True).stdout.split()
-
-
-def our_processes(marker):
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if marker in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 @pytest.fixture(autouse=True)
