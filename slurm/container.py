@@ -24,6 +24,9 @@ from fleetgen.slurm import container_probe
 from fleetgen.slurm.container_overlay import overlay_folder, prepare_overlay
 
 CONTAINER_PYTHON = "python3"  # the image's interpreter: the login node's path means nothing inside it
+# ch-run 0.31 binds the node's /etc/resolv.conf and /etc/passwd but not /etc/hosts, where clusters (and
+# slurm/local_cluster.sh) may name their nodes: ranks resolve the rendezvous host by that name.
+CH_RUN_NODE_FILES = ("/etc/hosts",)
 CH_RUN_SHARED = PurePosixPath("/tmp")  # ch-run binds the node's $TMPDIR (or /tmp) there: nothing mounts inside
 PROBE_TIMEOUT_S = 300
 
@@ -116,7 +119,8 @@ def ch_run_args(cfg: LaunchConfig, job_folder: Path | str, overlay: Path | None)
 
 def charliecloud_mounts(cfg: LaunchConfig, job_folder: Path | str, overlay: Path | None) -> list[Mount]:
     given, added = mounts(cfg.container, job_folder, read_only_paths(cfg, overlay))
-    found = [*(Mount.parse(i, text) for i, text in enumerate(given)), *added]
+    found = [*(Mount(path, path) for path in CH_RUN_NODE_FILES),
+             *(Mount.parse(i, text) for i, text in enumerate(given)), *added]
     for mount in found:
         if PurePosixPath(mount.target).is_relative_to(CH_RUN_SHARED):
             raise LaunchError(f"container.runtime=charliecloud: {mount.source} cannot be mounted at {mount.target}, "
