@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import runpy
 import sys
+from pathlib import Path
 
 from fleetgen.slurm.container_probe import describe, problems
 
@@ -16,14 +17,17 @@ SUBMITIT_ARGS = ["-u", "-m", "submitit.core._submit"]
 
 
 def main(argv: list[str]) -> None:
-    image, rest = argv[0], argv[1:]
-    if rest[:3] != SUBMITIT_ARGS or len(rest) != 4:
+    if len(argv) != 5 or argv[1:4] != SUBMITIT_ARGS:
         sys.exit(f"fleetgen.slurm.container_entry: expected IMAGE {' '.join(SUBMITIT_ARGS)} FOLDER, got {argv}")
-    missing = problems(describe())
+    image, module, folder = argv[0], argv[3], argv[4]
+    report = describe()
+    missing = problems(report)
     if missing:
         sys.exit(f"container image {image} cannot run fleetgen's ranks: {'; '.join(missing)}")
-    sys.argv = [rest[2], rest[3]]
-    runpy.run_module(rest[2], run_name="__main__", alter_sys=True)
+    print(f"in container image {image}: {sys.executable} (Python {report['python']}), torch {report['torch']}, "
+          f"fleetgen from {Path(__file__).resolve().parents[2]}", flush=True)
+    sys.argv = [module, folder]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
