@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     if missing:
         sys.exit(f"container image {image} cannot run fleetgen's ranks: {'; '.join(missing)}")
     print(f"in container image {image}: {sys.executable} (Python {report['python']}), torch {report['torch']}, "
-          f"fleetgen from {Path(__file__).resolve().parents[2]}", flush=True)
+          f"fleetgen from {Path(__file__).resolve().parents[1]}", flush=True)
     sys.argv = [module, folder]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
