@@ -160,7 +160,11 @@ def probe_image(container: Container) -> dict:
     if result.returncode:
         raise LaunchError(f"container.image={container.image} cannot run fleetgen's ranks: its {CONTAINER_PYTHON} "
                           f"did not start ({result.stderr.strip()[-500:]})")
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise LaunchError(f"container.image={container.image}: its {CONTAINER_PYTHON} did not report on the "
+                          f"image (stdout: {result.stdout.strip()[-500:]!r})") from None
     missing = container_probe.problems(report)
     if missing:
         raise LaunchError(f"container.image={container.image} cannot run fleetgen's ranks: {'; '.join(missing)}")

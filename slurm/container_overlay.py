@@ -10,6 +10,7 @@ fleetgen in a development install) is rebuilt.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import json
@@ -104,9 +105,18 @@ def prepare_overlay(container: Container, probe: dict | None) -> Path | None:
     copied, fetched = needed_distributions(target, probe["distributions"] if probe else None)
     manifest = {"image": container.image, "target": target.describe(), "fleetgen": fleetgen_digest(),
                 "copied": sorted(f"{d.metadata['Name']}=={d.version}" for d in copied), "fetched": sorted(fetched)}
-    if _read_manifest(folder) == manifest:
-        print(f"container: reusing the overlay {folder}", file=sys.stderr)
-        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f"{folder.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two launchers at once: the second waits, then reuses
+        if _read_manifest(folder) == manifest:
+            print(f"container: reusing the overlay {folder}", file=sys.stderr)
+            return folder
+        _build(folder, manifest, copied, fetched, target, container)
+    return folder
+
+
+def _build(folder: Path, manifest: dict, copied: list, fetched: list[str], target: Target,
+           container: Container) -> None:
     started = time.monotonic()
     building = folder.with_name(f"{folder.name}.building-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
@@ -123,7 +133,6 @@ def prepare_overlay(container: Container, probe: dict | None) -> Path | None:
     print(f"container: built the overlay {folder} for {container.image} ({target.describe()}: fleetgen, "
           f"{len(copied)} distributions copied, {len(fetched)} installed by pip) in "
           f"{time.monotonic() - started:.1f} s", file=sys.stderr)
-    return folder
 
 
 def needed_distributions(target: Target, image_has: dict[str, str] | None) -> tuple[list, list[str]]:
@@ -243,7 +252,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _replace(built: Path, folder: Path) -> None:
     """Put the built folder in place; an older overlay moves aside first and is removed after."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
     old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
     if folder.exists():
         folder.rename(old)

@@ -175,6 +175,7 @@ def test_an_image_with_this_fleetgen_gets_no_overlay(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_pip_builds_for_the_image_python_from_container_wheels(tmp_path, monkeypatch):
     """Offline: a pure wheel from this machine's index, installed for Python 3.10 from container.wheels."""
     wheels = tmp_path / "wheels"
@@ -211,6 +212,7 @@ def test_a_rank_in_an_image_without_torch_names_the_image(tmp_path):
            "libcuda.so.1)" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_rank_in_a_usable_image_hands_over_to_submitit(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fleetgen.slurm.container_entry", "img", "-u", "-m",
                              "submitit.core._submit", str(tmp_path / "missing")], capture_output=True, text=True,
@@ -228,3 +230,26 @@ def test_the_probe_runs_alone_in_a_plain_interpreter():
     report = json.loads(result.stdout)
     assert report["python"].startswith(f"{sys.version_info[0]}.{sys.version_info[1]}.")
     assert report["torch"] and "torch" in report["distributions"]
+
+
+@pytest.mark.slow
+def test_the_overlay_is_built_once_reused_and_rebuilt_when_fleetgen_changes(tmp_path, monkeypatch, capsys):
+    container = Container(image="nvcr.io/nvidia/nemo:24.05", python_version=f"3.{sys.version_info[1]}",
+                          overlay=str(tmp_path))
+    folder = prepare_overlay(container, None)
+    assert "container: built the overlay" in capsys.readouterr().err
+    assert not (folder / "numpy").exists() and not (folder / "torch").exists()  # the image's own
+    # Self-sufficient but for the image's torch and numpy: no site-packages (-S), only the overlay.
+    modules = "fleetgen.conf.schema, fleetgen.slurm.container_entry, submitit, hydra, omegaconf, pydantic, " \
+              "fastapi, uvicorn, httpx, yaml, safetensors, tokenizers, sentencepiece, psutil, tqdm"
+    result = subprocess.run([sys.executable, "-S", "-c", f"import {modules}; print(fleetgen.conf.schema.__file__)"],
+                            env={**os.environ, "PYTHONPATH": str(folder)}, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == str(folder / "fleetgen" / "conf" / "schema.py"), result.stderr
+    assert prepare_overlay(container, None) == folder
+    assert "container: reusing the overlay" in capsys.readouterr().err
+    # An edited fleetgen (a development install) is a different overlay: rebuilt in place, the old one removed.
+    monkeypatch.setattr(container_overlay, "fleetgen_digest", lambda: "edited")
+    assert prepare_overlay(container, None) == folder
+    assert "container: built the overlay" in capsys.readouterr().err
+    assert json.loads((folder / container_overlay.MANIFEST).read_text())["fleetgen"] == "edited"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name, f"{folder.name}.lock"]
