@@ -8,6 +8,7 @@ Installs charliecloud's ch-run and debootstrap first when they are missing (Debi
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -41,7 +42,9 @@ def images() -> dict[str, Path]:
     """{"python": image without torch, "torch": image with the CPU torch}, built unless cached."""
     install_tools()
     CACHE.mkdir(parents=True, exist_ok=True)
-    found = {"python": CACHE / "python", "torch": CACHE / "torch"}
+    # Named by what they are built from: a changed recipe builds new images instead of reusing stale ones.
+    recipe = hashlib.sha256(repr((MIRROR, DEBIAN_PACKAGES, DEBIAN_PYTHON, TORCH)).encode()).hexdigest()[:12]
+    found = {"python": CACHE / f"python-{recipe}", "torch": CACHE / f"torch-{recipe}"}
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then find the images
         _build(found["python"], _debootstrap)

@@ -42,10 +42,10 @@ def work():
 
 def launch(work: Path, image: Path, *overrides: str) -> subprocess.CompletedProcess:
     """tiny_slurm at 2 nodes × tensor 2 (one rank per node), inside the image."""
-    command = [sys.executable, "-m", "fleetgen.launcher", "tiny_slurm", "container=charliecloud",
+    command = [sys.executable, "-m", "fleetgen.launcher", "tiny_slurm", *overrides, "container=charliecloud",
                f"container.image={image}", f"container.overlay={work / 'overlays'}",
                f"model.checkpoint={work / 'models' / 'tiny-gpt2'}", "job.folder=jobs", f"job.name={JOB_NAME}",
-               "parallel.pipeline=1", "cluster.tasks_per_node=1", "server.health_timeout_s=240", *overrides]
+               "parallel.pipeline=1", "cluster.tasks_per_node=1", "server.health_timeout_s=240"]
     env = {**os.environ, "USER": os.environ.get("USER") or "root"}  # ch-run refuses to start without $USER
     return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
@@ -70,6 +70,13 @@ def test_two_nodes_tensor2_serve_batches_in_the_image_and_the_overlay_is_reused(
         assert f"in container image {image['torch']}: /usr/bin/python3 (Python 3.11." in log
         assert f"torch 2.13.0+cpu, fleetgen from {overlay}/fleetgen" in log
     assert "node1" in " ".join(logs.values()) and "node2" in " ".join(logs.values())
+    # The dry run shows exactly what was submitted: ch-run, every bind, the overlay on PYTHONPATH.
+    dry_run = launch(work, image["torch"], "--dry-run", f"batch.output={work / 'first.jsonl'}")
+    job = max((work / "jobs").glob("[0-9]*"), key=lambda p: int(p.name))
+    submitted = (job / f"{job.name}_submission.sh").read_text()
+    assert dry_run.stdout[dry_run.stdout.index("#!/bin/bash"):].strip() == submitted.strip()
+    for bind in [work / "jobs", work / "models" / "tiny-gpt2", overlay]:
+        assert f"--bind={bind}:{bind}" in submitted
 
     second = launch(work, image["torch"], f"batch.output={work / 'second.jsonl'}",
                     f"batch.input={DATA_DIR / 'tiny_prompts.jsonl'}", "generation.tokens_to_generate=4")
