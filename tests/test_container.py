@@ -27,9 +27,10 @@ from fleetgen.slurm.submission import render_sbatch
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = Path("/shared/jobs/%j")
-NEMO = ["cluster=slurm", "cluster.gpus_per_node=1", "container=nemo", "model.checkpoint=/models/ckpt", "container.overlay=/shared/overlays"]
-CH = ["cluster=slurm", "cluster.gpus_per_node=1", "container=charliecloud", "container.image=/images/torch", "model.checkpoint=/models/ckpt",
-      "container.overlay=/shared/overlays"]
+SLURM = ["cluster=slurm", "cluster.gpus_per_node=1", "model.checkpoint=/models/ckpt",
+         "container.overlay=/shared/overlays"]
+NEMO = [*SLURM, "container=nemo"]
+CH = [*SLURM, "container=charliecloud", "container.image=/images/torch"]
 
 
 def composed(*overrides: str) -> LaunchConfig:
