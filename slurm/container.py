@@ -5,8 +5,8 @@ tokenizer read-only at their login-node paths, the overlay read-only), the worki
 unless container.workdir) and the environment (the job's, which both runtimes pass on, with the overlay first
 on PYTHONPATH).
 - pyxis: srun's --container-* flags; the task's interpreter is the image's python3.
-- charliecloud: no srun flags; the task's interpreter is `ch-run IMAGE -b SRC:DST ... -- python3`, given to
-  submitit as its `python` (the command its sbatch script starts each task with, meant for this use).
+- charliecloud: no srun flags; the task's interpreter is `ch-run --bind=SRC:DST ... IMAGE -- python3`, given
+  to submitit as its `python` (the command its sbatch script starts each task with, meant for this use).
 With an overlay, python3 first runs fleetgen.slurm.container_entry, which checks the image before submitit's
 own entry point runs.
 """
@@ -157,6 +157,9 @@ def probe_image(container: Container) -> dict:
     except FileNotFoundError:
         raise LaunchError("container.runtime=charliecloud but ch-run is not installed on this machine "
                           "(Debian: apt-get install charliecloud-runtime)") from None
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"container.image={container.image}: its {CONTAINER_PYTHON} did not report on the image "
+                          f"within {PROBE_TIMEOUT_S} s") from None
     if result.returncode:
         raise LaunchError(f"container.image={container.image} cannot run fleetgen's ranks: its {CONTAINER_PYTHON} "
                           f"did not start ({result.stderr.strip()[-500:]})")

@@ -225,6 +225,15 @@ def test_a_rank_in_a_usable_image_hands_over_to_submitit(tmp_path):
     assert "expected IMAGE -u -m submitit.core._submit FOLDER" in result.stderr
 
 
+def test_the_probe_names_what_the_image_lacks():
+    from fleetgen.slurm.container_probe import problems
+
+    report = {"python": "3.8.10", "torch": None, "torch_error": "ModuleNotFoundError: No module named 'torch'"}
+    assert problems(report) == ["its python3 is 3.8.10; fleetgen needs Python >= 3.10",
+                                "torch does not import (ModuleNotFoundError: No module named 'torch')"]
+    assert problems({**report, "python": "3.10.12", "torch": "2.3.0a0"}) == []
+
+
 def test_the_probe_runs_alone_in_a_plain_interpreter():
     source = (REPO / "slurm" / "container_probe.py").read_text()
     result = subprocess.run([sys.executable, "-I", "-c", source], capture_output=True, text=True, timeout=120)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fleetgen.launcher.config import DATA_DIR
-from tests.container_image import images
+from tests.container_image import images, install_tools
 
 pytestmark = pytest.mark.slow
 JOB_NAME = "fleetgen-container-test"
@@ -92,3 +92,17 @@ def test_an_image_without_torch_fails_at_submission_naming_it(image, work):
     assert f"container.image={image['python']} cannot run fleetgen's ranks: torch does not import " \
            "(ModuleNotFoundError: No module named 'torch')" in result.stderr
     assert "submitted job" not in result.stderr and not list((work / "jobs").glob("[0-9]*"))
+
+
+def test_an_image_without_python_fails_at_submission_naming_it(work):
+    install_tools()
+    bare = work / "bare-image"
+    for folder in ["usr", "bin", "dev", "proc", "sys", "etc", "tmp", "home", "mnt", "root"]:
+        (bare / folder).mkdir(parents=True)
+    for name in ["passwd", "group", "resolv.conf", "hosts"]:
+        (bare / "etc" / name).touch()
+    result = launch(work, bare)
+    assert result.returncode == 2
+    assert f"container.image={bare} cannot run fleetgen's ranks: its python3 did not start (" in result.stderr
+    assert "python3" in result.stderr.rsplit("did not start", 1)[1]
+    assert "submitted job" not in result.stderr
