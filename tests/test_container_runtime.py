@@ -57,7 +57,8 @@ def rank_logs(work: Path) -> dict[str, str]:
 
 
 def test_two_nodes_tensor2_serve_batches_in_the_image_and_the_overlay_is_reused(image, work):
-    first = launch(work, image["torch"], f"batch.output={work / 'first.jsonl'}")
+    first_run = [f"batch.output={work / 'first.jsonl'}", "generation.tokens_to_generate=8"]
+    first = launch(work, image["torch"], *first_run)
     assert first.returncode == 0, first.stderr[-5000:]
     assert f"container: built the overlay {work / 'overlays'}" in first.stderr
     records = [json.loads(line) for line in (work / "first.jsonl").read_text().splitlines()]
@@ -71,7 +72,7 @@ def test_two_nodes_tensor2_serve_batches_in_the_image_and_the_overlay_is_reused(
         assert f"torch 2.13.0+cpu, fleetgen from {overlay}/fleetgen" in log
     assert "node1" in " ".join(logs.values()) and "node2" in " ".join(logs.values())
     # The dry run shows exactly what was submitted: ch-run, every bind, the overlay on PYTHONPATH.
-    dry_run = launch(work, image["torch"], "--dry-run", f"batch.output={work / 'first.jsonl'}")
+    dry_run = launch(work, image["torch"], "--dry-run", *first_run)
     job = max((work / "jobs").glob("[0-9]*"), key=lambda p: int(p.name))
     submitted = (job / f"{job.name}_submission.sh").read_text()
     assert dry_run.stdout[dry_run.stdout.index("#!/bin/bash"):].strip() == submitted.strip()
