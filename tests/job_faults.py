@@ -22,9 +22,9 @@ class Serving:
 
     def __init__(self, tmp_path: Path, recipe: str, *overrides: str, env: dict | None = None):
         self.tmp_path = tmp_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleetgen.launcher", recipe, "mode=serve", "job.folder=jobs",
-                                      *overrides], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, **(env or {})})
+        command = [sys.executable, "-m", "fleetgen.launcher", recipe, "mode=serve", "job.folder=jobs", *overrides]
+        self.proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         self._stderr: list[str] = []
         threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()
         line = self.proc.stdout.readline()
@@ -51,7 +51,7 @@ class Serving:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             if env.get("SUBMITIT_LOCAL_GLOBALID", env.get("SLURM_PROCID")) == str(rank) and \
-                    "submitit.core._submit" in " ".join(proc.cmdline()):
+                    proc.name().startswith("python") and "submitit.core._submit" in " ".join(proc.cmdline()):
                 return proc
         raise AssertionError(f"no process for rank {rank}")
 

@@ -67,14 +67,14 @@ def test_a_killed_follower_fails_its_replica_mid_request(tmp_path):
 
 
 def test_a_step_that_never_finishes_fails_its_replica(tmp_path):
-    # heartbeats would notice after 60 s; the step watchdog does after 8 s and names the silent rank
-    serving = Serving(tmp_path, "tiny", "parallel.tensor=2", "server.heartbeat_timeout_s=60",
-                      "server.step_timeout_s=8")
+    # heartbeats would notice after 30 s; the step watchdog does after 12 s and names the silent rank
+    serving = Serving(tmp_path, "tiny", "parallel.tensor=2", "server.heartbeat_timeout_s=30",
+                      "server.step_timeout_s=12")
     follower = serving.rank_process(1)
     try:
         answer = start_long_request(serving.urls[0])
         follower.send_signal(signal.SIGSTOP)
-        assert_replica_failed(serving, answer, "server.step_timeout_s=8", 8 + MARGIN_S)
+        assert_replica_failed(serving, answer, "server.step_timeout_s=12", 12 + MARGIN_S)
         assert f"rank 1 on {HOST} silent" in serving.stderr()
     finally:
         continue_or_kill(follower)
