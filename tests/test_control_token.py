@@ -127,7 +127,7 @@ def test_batch_mode_sends_the_token_and_shows_it_nowhere(tmp_path):
     assert_nowhere(token, result.stdout + result.stderr, tmp_path)
     dry = subprocess.run([sys.executable, "-m", "fleetgen.launcher", "tiny", "job.folder=jobs", "--dry-run"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert dry.returncode == 0 and "token" not in dry.stdout.lower() and token not in dry.stdout
+    assert dry.returncode == 0 and "control" not in dry.stdout.lower() and token not in dry.stdout
 
 
 def assert_nowhere(token: str, output: str, tmp_path):

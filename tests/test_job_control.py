@@ -57,7 +57,7 @@ def test_a_ranks_exit_is_seen_while_the_job_runs_and_cancel_ends_it(tmp_path, ki
     finally:
         control.cancel()
     until(control.gone)
-    assert control.ended()
+    until(control.ended)  # sacct may record the end a moment after the queue forgets the job
     if kind == "slurm":
         assert control.final_state() == "CANCELLED"
 
