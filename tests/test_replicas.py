@@ -8,9 +8,9 @@ import sys
 import pytest
 import requests
 
+from fleetgen.conf.schema import parse
+from fleetgen.launcher.errors import LaunchError
 from tests.job_faults import Serving, nothing_left
-
-pytestmark = pytest.mark.slow
 
 # Injected into every process of the job through PYTHONPATH: rank 3 (replica 1's follower) cannot load.
 FAULTY_RANK = """
@@ -37,6 +37,14 @@ def two_free_ports() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
+def test_replica_ports_past_65535_are_refused_before_submission():
+    cfg = {"recipe": "r", "cluster": {"kind": "local"}, "model": {"checkpoint": "c"}, "parallel": {"replicas": 4}}
+    assert parse({**cfg, "server": {"port": 65532}}).server.port == 65532
+    with pytest.raises(LaunchError, match=r"server.port=65533 \+ parallel.replicas=4 - 1 = 65536"):
+        parse({**cfg, "server": {"port": 65533}})
+
+
+@pytest.mark.slow
 def test_two_replicas_with_an_explicit_port_serve_on_port_and_port_plus_one(tmp_path):
     port = two_free_ports()
     serving = Serving(tmp_path, "tiny", "parallel.replicas=2", f"server.port={port}")
@@ -52,6 +60,7 @@ def test_two_replicas_with_an_explicit_port_serve_on_port_and_port_plus_one(tmp_
     assert nothing_left(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_while_loading_fails_a_two_replica_launch_at_once(tmp_path):
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAULTY_RANK)
@@ -63,4 +72,15 @@ def test_a_rank_that_fails_while_loading_fails_a_two_replica_launch_at_once(tmp_
     assert "a rank exited before the job was healthy" in result.stderr, result.stderr
     assert "injected fault: rank 3 cannot read its shard" in result.stderr
     assert "server.health_timeout_s" not in result.stderr  # found by the rank's exit, not after 900 s
+    assert nothing_left(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_a_leader_that_cannot_bind_its_port_fails_the_launch_at_once(tmp_path):
+    with socket.create_server(("", 0)) as taken:
+        result = subprocess.run([sys.executable, "-m", "fleetgen.launcher", "tiny", "job.folder=jobs",
+                                 f"server.port={taken.getsockname()[1]}"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)
+    assert result.returncode == 2
+    assert "a rank exited before the job was healthy" in result.stderr and "Address already in use" in result.stderr
     assert nothing_left(str(tmp_path)) == []
