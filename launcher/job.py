@@ -17,7 +17,7 @@ from fleetgen.slurm.job_control import JobControl, control_class
 
 ACTIVE_FILE = "active.json"  # the job this folder's launcher is running; left behind only by a crash
 CANCEL_WAIT_S = 60
-FAILED_JOB_END_S = 15  # a failed replica's ranks exit by themselves within this; a stopped one never does
+FAILED_JOB_END_S = 10  # a failed replica's ranks exit by themselves within this; a stopped one never does
 
 
 def submit(cfg: LaunchConfig) -> "RunningJob":
@@ -92,10 +92,9 @@ class RunningJob:
                           f"{self.error_tail()}")
 
     def _fail_on_rank_exits(self) -> None:
-        exits = self.control.rank_exits()
-        if exits:
-            reasons = "; ".join(f"rank {rank} {why}" for rank, why in sorted(exits.items()))
-            raise LaunchError(f"job {self.job_id}: a rank exited before the job was healthy: {reasons}\n"
+        failures = self.failure_report()
+        if failures:
+            raise LaunchError(f"job {self.job_id}: a rank exited before the job was healthy: {failures}\n"
                               f"{self.error_tail()}")
 
     def failure_report(self) -> str:

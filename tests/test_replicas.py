@@ -12,14 +12,14 @@ from fleetgen.conf.schema import parse
 from fleetgen.launcher.errors import LaunchError
 from tests.job_faults import Serving, nothing_left
 
-# Injected into every process of the job through PYTHONPATH: rank 3 (replica 1's follower) cannot load.
+# Injected into every process of the job through PYTHONPATH: rank 1 (replica 1) cannot load.
 FAULTY_RANK = """
 import os
-if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == "3":
+if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == "1":
     import fleetgen.model.load as load
 
     def build_generator(*args, **kwargs):
-        raise RuntimeError("injected fault: rank 3 cannot read its shard")
+        raise RuntimeError("injected fault: rank 1 cannot read its shard")
 
     load.build_generator = build_generator
 """
@@ -66,11 +66,11 @@ def test_a_rank_that_fails_while_loading_fails_a_two_replica_launch_at_once(tmp_
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAULTY_RANK)
     env = {"PYTHONPATH": f"{tmp_path / 'inject'}:{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-m", "fleetgen.launcher", "tiny", "parallel.replicas=2",
-                             "parallel.tensor=2", "job.folder=jobs"], cwd=tmp_path, capture_output=True, text=True,
+                             "job.folder=jobs"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=600, env={**os.environ, **env})
     assert result.returncode == 2
     assert "a rank exited before the job was healthy" in result.stderr, result.stderr
-    assert "injected fault: rank 3 cannot read its shard" in result.stderr
+    assert "injected fault: rank 1 cannot read its shard" in result.stderr
     assert "server.health_timeout_s" not in result.stderr  # found by the rank's exit, not after 900 s
     assert nothing_left(str(tmp_path)) == []
 
