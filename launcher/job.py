@@ -127,7 +127,7 @@ class RunningJob:
         while not self.control.ended():
             exits = self.control.rank_exits()
             for rank in sorted(set(exits) - told):
-                print(f"launch: job {self.job_id}: rank {rank} exited {exits[rank]}", file=sys.stderr)
+                print(f"launch: job {self.job_id}: rank {rank} {exits[rank]}", file=sys.stderr)
             told |= set(exits)
             if len({rank // per_replica for rank in exits}) == self.cfg.parallel.replicas and \
                     not self._ended_within(FAILED_JOB_END_S):

@@ -4,13 +4,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
 
 from fleetgen.conf.schema import parse
 from fleetgen.launcher.errors import LaunchError
-from tests.job_faults import Serving, nothing_left
+from tests.job_faults import Serving, nothing_left, wait_for_failed_health
 
 # Injected into every process of the job through PYTHONPATH: rank 1 (replica 1) cannot load.
 FAULTY_RANK = """
@@ -83,4 +84,24 @@ def test_a_leader_that_cannot_bind_its_port_fails_the_launch_at_once(tmp_path):
                                 text=True, timeout=600)
     assert result.returncode == 2
     assert "a rank exited before the job was healthy" in result.stderr and "Address already in use" in result.stderr
+    assert nothing_left(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_when_one_replica_fails_the_other_serves_on(tmp_path):
+    serving = Serving(tmp_path, "tiny", "parallel.replicas=2", "parallel.tensor=2", "server.heartbeat_timeout_s=6")
+    try:
+        serving.rank_process(3).kill()  # replica 1's follower
+        health = wait_for_failed_health(serving.urls[1], timeout=60)
+        assert f"rank 3 on {socket.gethostname()} exited" in health["error"]
+        deadline = time.monotonic() + 60
+        while "launch: job" not in serving.stderr() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert f"rank 2 on {socket.gethostname()}: replica 1 failed" in serving.stderr()
+        answer = requests.put(f"{serving.urls[0]}/generate", json={"sentences": ["Once upon"],
+                                                                    "tokens_to_generate": 3, "greedy": True})
+        assert answer.status_code == 200 and serving.proc.poll() is None
+    finally:
+        serving.stop()
+    assert serving.exit_code(timeout=10) == 130
     assert nothing_left(str(tmp_path)) == []
