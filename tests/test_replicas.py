@@ -83,7 +83,8 @@ def test_a_leader_that_cannot_bind_its_port_fails_the_launch_at_once(tmp_path):
                                  f"server.port={taken.getsockname()[1]}"], cwd=tmp_path, capture_output=True,
                                 text=True, timeout=600)
     assert result.returncode == 2
-    assert "a rank exited before the job was healthy" in result.stderr and "Address already in use" in result.stderr
+    assert "rank 0 on" in result.stderr and "Address already in use" in result.stderr  # its exit record
+    assert "server.health_timeout_s" not in result.stderr  # found at once, not after 900 s
     assert nothing_left(str(tmp_path)) == []
 
 
