@@ -64,13 +64,14 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
             job.wait_for_end()  # leaves only by Ctrl-C / SIGTERM, or by raising when the job ends by itself
         tokenizer = source.tokenizer()
         runner = BatchRunner(urls, lambda text, bos: len(tokenizer.encode(text)) + bos,
-                             cfg.batch.concurrency, cfg.batch.prompts_per_request, cfg.server.api_key)
+                             cfg.batch.concurrency, cfg.batch.prompts_per_request, job.token)
         try:
             summary = runner.run(records, Path(cfg.batch.output))
         except LaunchError as e:
-            if job.job.done(force_check=True):
+            if job.control.ended():
                 raise LaunchError(f"{e}\n{job.end_report()}") from None
-            raise
+            failures = job.failure_report()
+            raise LaunchError(f"{e}\nRanks that exited: {failures}" if failures else str(e)) from None
     finally:
         job.shut_down()
     rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
