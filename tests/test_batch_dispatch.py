@@ -186,3 +186,13 @@ def test_a_finished_run_rerun_changes_nothing(tmp_path, stubs):
     time.sleep(0.01)
     summary = go(tmp_path, prompts(10), [stub])
     assert summary.complete and stub.requests == requests and (tmp_path / "out.jsonl").read_text() == before
+
+
+def test_outside_a_terminal_progress_is_a_plain_line(tmp_path, stubs, monkeypatch, capsys):
+    from fleetgen.launcher.batch import progress
+
+    monkeypatch.setattr(progress, "SNAPSHOT_EVERY_S", 0.05)
+    monkeypatch.setattr(progress, "PLAIN_LINE_EVERY_S", 0.1)
+    go(tmp_path, prompts(30), [stubs(delay_s=0.05)], concurrency=1, prompts_per_request=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch: ")]
+    assert lines and "/30 items" in lines[-1] and "tokens/s, ETA" in lines[-1] and "1/1 servers healthy" in lines[-1]
