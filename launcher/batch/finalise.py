@@ -15,7 +15,7 @@ import numpy as np
 from fleetgen.launcher.batch.keys import DuplicateKeys, hash64
 from fleetgen.launcher.batch.ledger import entries, record_bytes
 
-SPAN = 1 << 20     # positions per bucket: 16 MB of pairs to sort at a time
+SPAN = 1 << 18     # positions per bucket: 4 MB of pairs to sort at a time
 BUFFERED = 8192    # pairs held per bucket before they go to its file
 
 
