@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fleetgen.launcher.batch import BatchRunner, read_records
+from fleetgen.launcher import batch
 from fleetgen.launcher.config import compose_recipe, parse_config, recipes
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
@@ -48,11 +48,7 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
         return _print_dry_run(cfg, overrides)
     source = open_model(cfg)
     fit_to_model(cfg, source.config, overrides)
-    records = None
-    if cfg.mode == "batch":
-        if not cfg.batch.input:
-            raise LaunchError("batch.input is not set: give batch.input=PATH (a JSONL file), or mode=serve")
-        records = read_records(Path(cfg.batch.input), cfg.generation)
+    plan = batch.prepare(cfg) if cfg.mode == "batch" else None
 
     raise_on_sigterm()
     job = submit(cfg)
@@ -62,23 +58,16 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
             print(f"serving {recipe} at {' '.join(urls)} (PUT /generate, POST /v1/completions); "
                   "Ctrl-C stops it", flush=True)
             job.wait_for_end()  # leaves only by Ctrl-C / SIGTERM, or by raising when the job ends by itself
-        tokenizer = source.tokenizer()
-        runner = BatchRunner(urls, lambda text, bos: len(tokenizer.encode(text)) + bos,
-                             cfg.batch.concurrency, cfg.batch.prompts_per_request, job.token)
-        try:
-            summary = runner.run(records, Path(cfg.batch.output))
-        except LaunchError as e:
+        summary = batch.run(plan, urls, job.token)
+        if not summary.complete:
             if job.control.ended():
-                raise LaunchError(f"{e}\n{job.end_report()}") from None
+                raise LaunchError(f"the batch stopped: {summary.stop_reason}\n{job.end_report()}")
             failures = job.failure_report()
-            raise LaunchError(f"{e}\nRanks that exited: {failures}" if failures else str(e)) from None
+            if failures:
+                print(f"launch: ranks that exited: {failures}", file=sys.stderr)
     finally:
         job.shut_down()
-    rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
-    print(f"results: {cfg.batch.output} — {summary.prompts} prompts ({summary.failed} failed), "
-          f"{summary.generated_tokens} generated tokens, {rate:.1f} tokens/s, "
-          f"wall time {time.monotonic() - started:.1f} s")
-    return 1 if summary.failed else 0
+    return batch.report(summary, time.monotonic() - started)
 
 
 def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:
