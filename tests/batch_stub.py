@@ -107,7 +107,7 @@ class StubServer:
 
 def batch_config(input_path, output_path, checkpoint="/unused", recipe="tiny", generation=None, **batch):
     """A LaunchConfig for driving prepare()/run() directly (the servers are the test's own)."""
-    from fleetgen.conf.schema import parse
+    from fleetgen.launcher.config import parse_config as parse
 
     return parse({"recipe": recipe, "cluster": {"kind": "local"}, "model": {"checkpoint": str(checkpoint)},
                   "generation": {"greedy": True, **(generation or {})},

@@ -6,7 +6,7 @@ import time
 import pytest
 import submitit
 
-from fleetgen.conf.schema import parse
+from fleetgen.launcher.config import parse_config as parse
 from fleetgen.slurm.job_control import JobControl, LocalJobControl, SlurmJobControl
 from fleetgen.slurm.rank_exit import write_exit
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from fleetgen.conf.schema import parse
+from fleetgen.launcher.config import parse_config as parse
 from fleetgen.launcher.errors import LaunchError
 from tests.job_faults import Serving, nothing_left, wait_for_failed_health
 

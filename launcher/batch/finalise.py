@@ -51,7 +51,7 @@ def finalise(ledger: Path, output: Path, errors: Path, items: int, samples: int)
     return audit(output, errors, items, repeats)
 
 
-def _index(ledger: Path, folder: Path, samples: int) -> "_Buckets":
+def _index(ledger: Path, folder: Path, samples: int) -> _Buckets:
     """(position, offset) of every entry, bucketed by position range; an error's offset is negated."""
     buckets = _Buckets(folder)
     for offset, head, _ in entries(ledger):

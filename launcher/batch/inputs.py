@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from fleetgen.launcher.batch.formats import FleetgenFormat, OpenAIFormat, Record
 from fleetgen.launcher.batch.keys import DuplicateKeys

@@ -6,7 +6,8 @@ import json
 import tempfile
 from array import array
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 

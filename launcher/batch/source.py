@@ -5,7 +5,8 @@ Only what is in flight (and one item looked ahead) is held: records are read fro
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Iterator, Optional
+from typing import Optional
+from collections.abc import Iterable, Iterator
 
 from fleetgen.launcher.batch.formats import Item, Record
 from fleetgen.launcher.batch.ledger import Bits
