@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fleetgen.launcher import control, detached
 from fleetgen.launcher.batch import BatchRunner, read_records
 from fleetgen.launcher.config import compose_recipe, recipes
 from fleetgen.launcher.errors import LaunchError
@@ -17,6 +18,9 @@ from fleetgen.launcher.validate import check_model, open_model
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in control.COMMANDS:  # `launch status|logs|cancel ...`: a detached job, not a recipe
+        return _reporting_errors(lambda: control.main(argv))
     parser = argparse.ArgumentParser(prog="launch", description="Serve a model on Slurm or this machine and "
                                      "run a batch of prompts through it.")
     parser.add_argument("recipe", nargs="?", help="a recipe name (see --list)")
@@ -54,6 +58,8 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
             raise LaunchError("batch.input is not set: give batch.input=PATH (a JSONL file), or mode=serve")
         records = read_records(Path(cfg.batch.input), cfg.generation)
 
+    if cfg.detach:
+        return _submit_detached(cfg)
     raise_on_sigterm()
     job = submit(cfg)
     try:
@@ -78,6 +84,22 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
           f"{summary.generated_tokens} generated tokens, {rate:.1f} tokens/s, "
           f"wall time {time.monotonic() - started:.1f} s")
     return 1 if summary.failed else 0
+
+
+def _submit_detached(cfg: LaunchConfig) -> int:
+    job_id = detached.submit(cfg)
+    folder = Path(cfg.job.folder) / job_id
+    print(f"submitted detached job {job_id} ({cfg.cluster.kind}); job folder {folder}\n"
+          f"  launch status {folder} [--json] | launch logs {folder} [--rank N] [-f] | launch cancel {folder}")
+    return 0
+
+
+def _reporting_errors(command) -> int:
+    try:
+        return command()
+    except LaunchError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:

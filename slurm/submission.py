@@ -80,7 +80,8 @@ def executor_parameters(cfg: LaunchConfig, job_folder: Path | str) -> dict:
         "slurm_setup": _setup_lines(cluster) or None,
         "slurm_additional_parameters": dict(cluster.sbatch_args) or None,
         "slurm_srun_args": [*cluster.srun_args, *container_args] or None,
-        # USR2 this long before the time limit: rank 0 unwinds as after a shutdown request, with the same grace.
+        # USR2 this long before the time limit: rank 0 unwinds as after a shutdown request, with the same grace;
+        # a detached job drains its batch in that time and requeues.
         "slurm_signal_delay_s": max(1, math.ceil(cfg.job.grace_period_s)),
     }
     return {key: value for key, value in params.items() if value is not None}
@@ -93,7 +94,10 @@ def _python(cfg: LaunchConfig) -> str | None:
 def make_executor(cfg: LaunchConfig, job_folder: Path | str) -> submitit.Executor:
     """submitit's executor for cluster.kind ("slurm" or "local"), with every parameter set."""
     python = _python(cfg)
-    executor = submitit.AutoExecutor(folder=job_folder, cluster=cfg.cluster.kind,
+    kind = cfg.cluster.kind
+    # Requeues after a time limit, counted by submitit's checkpoint mechanism (a detached job is checkpointable).
+    executor = submitit.AutoExecutor(folder=job_folder, cluster=kind,
+                                     **{f"{kind}_max_num_timeout": cfg.job.max_requeues},
                                      **({"slurm_python": python} if python else {}))
     executor.update_parameters(**executor_parameters(cfg, job_folder))
     return executor

@@ -1,0 +1,95 @@
+"""The batch driver of a detached job: wait for the replicas, stream the batch through them, shut them down.
+
+It runs on a thread of global rank 0's task (see detached.py), so that the task's main thread stays free for
+submitit's signal handler, which drains the driver before requeueing the job.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from fleetgen.conf.schema import LaunchConfig
+from fleetgen.launcher.batch import BatchRunner, read_records
+
+POLL_S = 0.5
+
+
+class Driver:
+    def __init__(self, cfg: LaunchConfig, job_folder: Path, rank0: subprocess.Popen):
+        self.cfg, self.job_folder, self.rank0 = cfg, job_folder, rank0
+        self.drain = threading.Event()
+        self.summary = None
+        self.servers_stopped = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """The thread's body: its outcome is left in .summary (None if drained before the start) or .error."""
+        try:
+            urls = self._wait_until_healthy()
+            if urls is None:
+                return
+            print(f"driver: {len(urls)} replica(s) healthy: {' '.join(urls)}", flush=True)
+            self.summary = self._run_batch(urls)
+            if not self.drain.is_set():
+                self._shut_down(urls)
+                self.servers_stopped = True
+        except Exception as e:  # reported by the task's main thread, which fails the job with it
+            self.error = e
+
+    def _run_batch(self, urls: list[str]):
+        records = read_records(Path(self.cfg.batch.input), self.cfg.generation)
+        runner = BatchRunner(urls, lambda text, bos: 0, self.cfg.batch.concurrency,
+                             self.cfg.batch.prompts_per_request, self.cfg.server.api_key)
+        return runner.run(records, Path(self.cfg.batch.output))
+
+    def _wait_until_healthy(self) -> list[str] | None:
+        """Every replica's URL once all answer /health 200; None if asked to drain first."""
+        deadline = time.monotonic() + self.cfg.server.health_timeout_s
+        with httpx.Client(timeout=5) as client:
+            while not self.drain.is_set():
+                if self.rank0.poll() is not None:
+                    raise RuntimeError(f"rank 0 exited with code {self.rank0.returncode} before the servers were "
+                                       "healthy; see its log (launch logs JOB --rank 0)")
+                urls = self._server_urls()
+                health = [_health(client, url) for url in urls]
+                failed = [f"{url}: {body.get('error')}" for url, (_, body) in zip(urls, health)
+                          if body.get("status") == "failed"]
+                if failed:
+                    raise RuntimeError(f"a replica failed while loading: {'; '.join(failed)}")
+                if len(urls) == self.cfg.parallel.replicas and all(code == 200 for code, _ in health):
+                    return urls
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the servers were not healthy after {self.cfg.server.health_timeout_s:g} s "
+                                       f"(server.health_timeout_s); found {len(urls)} of "
+                                       f"{self.cfg.parallel.replicas}: {health}")
+                self.drain.wait(POLL_S)
+        return None
+
+    def _server_urls(self) -> list[str]:
+        urls = []
+        for replica in range(self.cfg.parallel.replicas):
+            path = self.job_folder / f"server-{replica}.json"
+            if path.exists():
+                urls.append(json.loads(path.read_text())["url"])
+        return urls
+
+    def _shut_down(self, urls: list[str]) -> None:
+        headers = {"Authorization": f"Bearer {self.cfg.server.api_key}"} if self.cfg.server.api_key else {}
+        for url in urls:
+            try:
+                httpx.post(f"{url}/shutdown", timeout=5, headers=headers)
+            except httpx.HTTPError:
+                pass  # a replica already lost: its ranks have ended
+
+
+def _health(client: httpx.Client, url: str) -> tuple[int, dict]:
+    try:
+        response = client.get(f"{url}/health")
+        return response.status_code, response.json()
+    except (httpx.HTTPError, ValueError):
+        return 0, {}
