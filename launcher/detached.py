@@ -1,15 +1,17 @@
 """Detached batch jobs: one job runs the whole pipeline inside its allocation and outlives the login session.
 
-Every task of the job runs DetachedRun. Global rank 0's task is the batch driver's process: it starts the
-model's rank 0 as a child process (same node, same environment), runs the driver (driver.py) on a thread, and
-decides the job's outcome. Keeping the driver out of the model's processes makes a crashed or hung rank 0 a lost
-replica, not a lost job. The other tasks are plain ranks; a rank whose replica fails ends quietly, and the
-driver reports the lost replica.
+Every task of the job runs DetachedRun, which starts the task's model rank as a child process (same node, same
+environment) and waits for it. Global rank 0's task also runs the batch driver (driver.py) on a thread and
+decides the job's outcome: the job ends COMPLETED when every item is done, FAILED when the batch stops or
+items failed. Keeping the driver, and each task's exit status, out of the model's processes makes a crashed,
+hung or killed rank a lost replica (the batch carries on with the others), not a lost job.
+The driver's output goes to driver.log in the job folder; the ranks' to submitit's per-task logs.
 
-Time limits and preemption use submitit's checkpoint mechanism: Slurm sends USR2 job.grace_period_s before the
-end; submitit's handler on rank 0's task calls checkpoint(), which drains the driver (no new items, in-flight
-ones finish, the ledger is flushed), then submitit requeues the job under the same id and the next start
-resumes from the ledger. `launch cancel` asks the driver, through the job folder, to drain and cancel its job.
+Time limits and preemption use submitit's checkpoint mechanism: Slurm sends USR2 batch.drain_timeout_s +
+job.grace_period_s before the end; submitit's handler on rank 0's task calls checkpoint(), which drains the
+driver (no new items, in-flight ones get batch.drain_timeout_s, the ledger is flushed), then submitit requeues
+the job under the same id and the next start resumes from the ledger. `launch cancel` asks the driver, through
+the job folder, to drain and then cancel its own job.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -93,28 +94,20 @@ class DetachedRun(submitit.helpers.Checkpointable):
 
     def __call__(self, cfg: LaunchConfig, folder: str) -> None:
         env = RankEnvironment.detect()
-        if env.global_rank != 0:
-            _serve(cfg, folder)
+        if env.global_rank == 0:
+            self._running = _RunningDriver(cfg, Path(folder) / env.job_id, folder, env)
+            self._running.run()
             return
-        self._running = _RunningDriver(cfg, Path(folder) / env.job_id, folder, env)
-        self._running.run()
+        rank = _start_rank(cfg, folder)
+        code = rank.wait()
+        if code:  # its replica is lost: the driver reports it and carries on with the others
+            print(f"rank {env.global_rank} exited with code {code}", file=sys.stderr, flush=True)
 
     def checkpoint(self, cfg: LaunchConfig, folder: str) -> submitit.helpers.DelayedSubmission:
         """submitit calls this on rank 0's task on USR2, then requeues the job."""
         if self._running is not None:
             self._running.drain_for_requeue()
         return super().checkpoint(cfg, folder)
-
-
-def _serve(cfg: LaunchConfig, folder: str) -> None:
-    """A rank other than 0: its replica's failure is the driver's to report, not this task's to fail the job."""
-    from fleetgen.model.serve.worker import run_rank  # torch only inside the job
-
-    try:
-        run_rank(cfg, folder)
-    except Exception:
-        traceback.print_exc()
-        print("this rank's replica is lost; the driver carries on with the others", file=sys.stderr, flush=True)
 
 
 class _RunningDriver:
@@ -130,7 +123,7 @@ class _RunningDriver:
         self.job_folder.mkdir(parents=True, exist_ok=True)
         for stale in self.job_folder.glob("server-*.json"):  # an earlier attempt's addresses
             stale.unlink()
-        rank0 = _start_rank0(self.cfg, self.folder)  # from the main thread: PDEATHSIG follows this thread
+        rank0 = _start_rank(self.cfg, self.folder)  # from the main thread: PDEATHSIG follows this thread
         _redirect_output(self.job_folder / DRIVER_LOG)
         append_event(self.job_folder, "started", attempt=self.env.restart_count, node=self.env.first_host)
         self.driver = Driver(self.cfg, self.job_folder, rank0)
@@ -166,7 +159,7 @@ class _RunningDriver:
         print(f"driver: USR2 after {elapsed:.0f} s ({reason}): draining, then requeueing", flush=True)
         if self.driver is not None:
             self.driver.drain.set()
-            self.thread.join(self.cfg.job.grace_period_s)
+            self.thread.join(0.8 * self.cfg.job.grace_period_s)  # the rest of the grace is the requeue's
         summary = self.driver.summary if self.driver is not None else None
         append_event(self.job_folder, "requeued", reason=reason, attempt=self.env.restart_count,
                      elapsed_s=round(elapsed, 1), **_counts(summary))
@@ -184,8 +177,8 @@ def _counts(summary) -> dict:
     return {key: getattr(summary, key) for key in ("done", "total", "failed", "prompts") if hasattr(summary, key)}
 
 
-def _start_rank0(cfg: LaunchConfig, folder: str) -> subprocess.Popen:
-    """The model's rank 0, with this task's environment (so it knows itself as global rank 0) and output."""
+def _start_rank(cfg: LaunchConfig, folder: str) -> subprocess.Popen:
+    """This task's model rank, with the task's environment (so it knows its rank) and output (submitit's log)."""
     child = subprocess.Popen([sys.executable, "-m", "fleetgen.launcher.detached", folder], stdin=subprocess.PIPE,
                              text=True)
     child.stdin.write(cfg.model_dump_json())
@@ -224,15 +217,15 @@ def _cancel_own_job(env: RankEnvironment) -> None:
     time.sleep(3600)  # until the cancellation ends this process
 
 
-def _rank0_main(folder: str) -> None:
+def _rank_main(folder: str) -> None:
     from fleetgen.model.serve.worker import run_rank
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the driver's process gone (killed): this rank goes too
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # its task gone (killed): the rank goes too
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # Slurm signals every process of the step; the driver drains
     cfg = LaunchConfig.model_validate_json(sys.stdin.read())
     run_rank(cfg, folder)
 
 
 if __name__ == "__main__":
-    _rank0_main(sys.argv[1])
+    _rank_main(sys.argv[1])
