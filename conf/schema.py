@@ -87,6 +87,15 @@ class Batch(_Strict):
     output: str = "results.jsonl"
     concurrency: int = Field(8, ge=1)
     prompts_per_request: int = Field(4, ge=1, le=128)
+    samples: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+    restart: bool = False
+    max_error_fraction: float = Field(0.1, ge=0, le=1)
+    max_retries: int = Field(5, ge=0)
+    request_timeout_s: float = Field(120, gt=0)
+    timeout_per_token_s: float = Field(0.1, ge=0)
+    replica_wait_s: float = Field(300, ge=0)
+    drain_timeout_s: float = Field(60, ge=0)
 
 
 class Job(_Strict):

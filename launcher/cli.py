@@ -8,8 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fleetgen.launcher import control, detached
-from fleetgen.launcher.batch import BatchRunner, read_records
+from fleetgen.launcher import batch, control, detached
 from fleetgen.launcher.config import compose_recipe, recipes
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
@@ -52,14 +51,10 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
         return _print_dry_run(cfg)
     source = open_model(cfg)
     check_model(cfg, source.config)
-    records = None
-    if cfg.mode == "batch":
-        if not cfg.batch.input:
-            raise LaunchError("batch.input is not set: give batch.input=PATH (a JSONL file), or mode=serve")
-        records = read_records(Path(cfg.batch.input), cfg.generation)
+    plan = batch.prepare(cfg) if cfg.mode == "batch" else None
 
     if cfg.detach:
-        return _submit_detached(cfg)
+        return _submit_detached(cfg, plan)
     raise_on_sigterm()
     job = submit(cfg)
     try:
@@ -68,26 +63,16 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
             print(f"serving {recipe} at {' '.join(urls)} (PUT /generate, POST /v1/completions); "
                   "Ctrl-C stops it", flush=True)
             job.wait_for_end()  # leaves only by Ctrl-C / SIGTERM, or by raising when the job ends by itself
-        tokenizer = source.tokenizer()
-        runner = BatchRunner(urls, lambda text, bos: len(tokenizer.encode(text)) + bos,
-                             cfg.batch.concurrency, cfg.batch.prompts_per_request, cfg.server.api_key)
-        try:
-            summary = runner.run(records, Path(cfg.batch.output))
-        except LaunchError as e:
-            if job.job.done(force_check=True):
-                raise LaunchError(f"{e}\n{job.end_report()}") from None
-            raise
+        summary = batch.run(plan, urls, cfg.server.api_key)
+        if not summary.complete and job.job.done(force_check=True):
+            raise LaunchError(f"the batch stopped: {summary.stop_reason}\n{job.end_report()}")
     finally:
         job.shut_down()
-    rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
-    print(f"results: {cfg.batch.output} — {summary.prompts} prompts ({summary.failed} failed), "
-          f"{summary.generated_tokens} generated tokens, {rate:.1f} tokens/s, "
-          f"wall time {time.monotonic() - started:.1f} s")
-    return 1 if summary.failed else 0
+    return batch.report(summary, time.monotonic() - started)
 
 
-def _submit_detached(cfg: LaunchConfig) -> int:
-    job_id = detached.submit(cfg)
+def _submit_detached(cfg: LaunchConfig, plan: batch.BatchPlan) -> int:
+    job_id = detached.submit(cfg, plan)
     folder = Path(cfg.job.folder) / job_id
     print(f"submitted detached job {job_id} ({cfg.cluster.kind}); job folder {folder}\n"
           f"  launch status {folder} [--json] | launch logs {folder} [--rank N] [-f] | launch cancel {folder}")

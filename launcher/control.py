@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 
 from fleetgen.conf.schema import Job
+from fleetgen.launcher.batch.plan import summary_path
+from fleetgen.launcher.batch.progress import progress_path
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, find_job, read_history, read_record,
                                          write_atomically)
@@ -82,8 +84,8 @@ def _active(state: str) -> bool:
 def status(job_folder: Path) -> dict:
     record, history = read_record(job_folder), read_history(job_folder)
     output = Path(record["output"])
-    progress = _read_json(output.with_name(output.name + ".progress.json"))
-    summary = _read_json(output.with_name(output.name + ".summary.json"))
+    progress = _read_json(progress_path(output))
+    summary = _read_json(summary_path(output))
     counts = progress or summary or {}
     replicas = progress.get("replicas", []) if progress else []
     requeues = [event for event in history if event["event"] == "requeued"]
@@ -92,14 +94,14 @@ def status(job_folder: Path) -> dict:
         "job_id": record["job_id"], "kind": record["kind"], "recipe": record["recipe"],
         "job_folder": str(job_folder), "state": job_state(record, history),
         **{key: counts.get(key) for key in ("total", "done", "failed", "retried", "tokens_per_s", "eta_s")},
-        "complete": bool(counts.get("complete")),
+        "complete": bool(summary and summary["complete"]),  # the output written and audited
         "replicas": replicas,
         "healthy_replicas": sum(r.get("state") == "healthy" for r in replicas),
         "lost_replicas": [r for r in replicas if r.get("state") == "failed"],
         "requeues": max(len(requeues), len(starts) - 1),
         "history": history,
         "output": str(output),
-        "summary": str(output.with_name(output.name + ".summary.json")) if summary else None,
+        "summary": str(summary_path(output)) if summary else None,
     }
 
 

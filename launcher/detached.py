@@ -29,6 +29,7 @@ from pathlib import Path
 import submitit
 
 from fleetgen.conf.schema import LaunchConfig
+from fleetgen.launcher import batch
 from fleetgen.launcher.driver import Driver
 from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, append_event, write_record)
 from fleetgen.slurm.environment import RankEnvironment
@@ -38,13 +39,13 @@ POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
 
 
-def submit(cfg: LaunchConfig) -> str:
-    """Submit the detached job and return its id; the caller has validated everything."""
+def submit(cfg: LaunchConfig, plan: batch.BatchPlan) -> str:
+    """Submit the detached job and return its id; the caller has validated everything (`plan`)."""
     folder = Path(cfg.job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(cfg, folder / "%j")
     with _outliving_this_terminal(cfg, folder):
-        job = executor.submit(DetachedRun(), cfg, str(folder))
+        job = executor.submit(DetachedRun(), plan, str(folder))
     placeholder = folder / "%j"  # submitit creates the folder pattern itself, unformatted
     if placeholder.is_dir() and not any(placeholder.iterdir()):
         placeholder.rmdir()
@@ -92,29 +93,29 @@ class DetachedRun(submitit.helpers.Checkpointable):
     def __setstate__(self, state: dict) -> None:
         self._running = None
 
-    def __call__(self, cfg: LaunchConfig, folder: str) -> None:
+    def __call__(self, plan: batch.BatchPlan, folder: str) -> None:
         env = RankEnvironment.detect()
         if env.global_rank == 0:
-            self._running = _RunningDriver(cfg, Path(folder) / env.job_id, folder, env)
+            self._running = _RunningDriver(plan, Path(folder) / env.job_id, folder, env)
             self._running.run()
             return
-        rank = _start_rank(cfg, folder)
+        rank = _start_rank(plan.cfg, folder)
         code = rank.wait()
         if code:  # its replica is lost: the driver reports it and carries on with the others
             print(f"rank {env.global_rank} exited with code {code}", file=sys.stderr, flush=True)
 
-    def checkpoint(self, cfg: LaunchConfig, folder: str) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(self, plan: batch.BatchPlan, folder: str) -> submitit.helpers.DelayedSubmission:
         """submitit calls this on rank 0's task on USR2, then requeues the job."""
         if self._running is not None:
             self._running.drain_for_requeue()
-        return super().checkpoint(cfg, folder)
+        return super().checkpoint(plan, folder)
 
 
 class _RunningDriver:
     """Global rank 0's task: the model's rank 0 as a child process, the driver on a thread."""
 
-    def __init__(self, cfg: LaunchConfig, job_folder: Path, folder: str, env: RankEnvironment):
-        self.cfg, self.job_folder, self.folder, self.env = cfg, job_folder, folder, env
+    def __init__(self, plan: batch.BatchPlan, job_folder: Path, folder: str, env: RankEnvironment):
+        self.plan, self.cfg, self.job_folder, self.folder, self.env = plan, plan.cfg, job_folder, folder, env
         self.started = time.monotonic()
         self.driver: Driver | None = None
         self.thread: threading.Thread | None = None
@@ -126,7 +127,7 @@ class _RunningDriver:
         rank0 = _start_rank(self.cfg, self.folder)  # from the main thread: PDEATHSIG follows this thread
         _redirect_output(self.job_folder / DRIVER_LOG)
         append_event(self.job_folder, "started", attempt=self.env.restart_count, node=self.env.first_host)
-        self.driver = Driver(self.cfg, self.job_folder, rank0)
+        self.driver = Driver(self.plan, self.job_folder, rank0)
         self.thread = threading.Thread(target=self.driver.run, name="fleetgen-driver", daemon=True)
         self.thread.start()
         try:
@@ -139,18 +140,22 @@ class _RunningDriver:
         self._finish()
 
     def _finish(self) -> None:
-        driver = self.driver
+        driver, summary = self.driver, self.driver.summary
         if driver.error is not None:
             append_event(self.job_folder, "failed", error=str(driver.error))
             raise RuntimeError(f"the batch driver failed: {driver.error}") from driver.error
         if (self.job_folder / CANCEL_REQUEST).exists():
-            append_event(self.job_folder, "cancelled", **_counts(driver.summary))
+            append_event(self.job_folder, "cancelled", **_counts(summary))
             _cancel_own_job(self.env)
             return
-        append_event(self.job_folder, "finished", **_counts(driver.summary))
-        failed = getattr(driver.summary, "failed", 0)
-        if failed:
-            raise RuntimeError(f"{failed} item(s) failed; see the errors file beside {self.cfg.batch.output}")
+        code = batch.report(summary, time.monotonic() - self.started)  # into driver.log
+        outcome = {"stop_reason": summary.stop_reason} if not summary.complete else {}
+        if summary.lost_replicas:
+            outcome["lost_replicas"] = summary.lost_replicas
+        append_event(self.job_folder, "finished" if summary.complete else "stopped", **_counts(summary), **outcome)
+        if code:  # the batch path's exit code 1: the job fails, and says why
+            raise RuntimeError(f"the batch {'stopped: ' + summary.stop_reason if not summary.complete else 'ended'}"
+                               f" with {summary.failed} failed item(s) of {summary.items}; see {DRIVER_LOG}")
 
     def drain_for_requeue(self) -> None:
         """On submitit's signal (main thread): stop the driver within the grace period, record why."""
@@ -159,7 +164,8 @@ class _RunningDriver:
         print(f"driver: USR2 after {elapsed:.0f} s ({reason}): draining, then requeueing", flush=True)
         if self.driver is not None:
             self.driver.drain.set()
-            self.thread.join(0.8 * self.cfg.job.grace_period_s)  # the rest of the grace is the requeue's
+            # batch.run bounds the in-flight items by drain_timeout_s; then the ledger is flushed
+            self.thread.join(self.cfg.batch.drain_timeout_s + self.cfg.job.grace_period_s / 2)
         summary = self.driver.summary if self.driver is not None else None
         append_event(self.job_folder, "requeued", reason=reason, attempt=self.env.restart_count,
                      elapsed_s=round(elapsed, 1), **_counts(summary))
@@ -171,10 +177,8 @@ def _timed_out(elapsed_s: float, time_min: int) -> bool:
     return elapsed_s >= min(0.8 * limit_s, limit_s - 600)
 
 
-def _counts(summary) -> dict:
-    if summary is None:
-        return {}
-    return {key: getattr(summary, key) for key in ("done", "total", "failed", "prompts") if hasattr(summary, key)}
+def _counts(summary: batch.Summary | None) -> dict:
+    return {} if summary is None else {"done": summary.done, "failed": summary.failed, "items": summary.items}
 
 
 def _start_rank(cfg: LaunchConfig, folder: str) -> subprocess.Popen:

@@ -14,16 +14,16 @@ from pathlib import Path
 import httpx
 
 from fleetgen.conf.schema import LaunchConfig
-from fleetgen.launcher.batch import BatchRunner, read_records
+from fleetgen.launcher import batch
 
 POLL_S = 0.5
 
 
 class Driver:
-    def __init__(self, cfg: LaunchConfig, job_folder: Path, rank0: subprocess.Popen):
-        self.cfg, self.job_folder, self.rank0 = cfg, job_folder, rank0
+    def __init__(self, plan: batch.BatchPlan, job_folder: Path, rank0: subprocess.Popen):
+        self.plan, self.cfg, self.job_folder, self.rank0 = plan, plan.cfg, job_folder, rank0
         self.drain = threading.Event()
-        self.summary = None
+        self.summary: batch.Summary | None = None
         self.servers_stopped = False
         self.error: BaseException | None = None
 
@@ -34,18 +34,12 @@ class Driver:
             if urls is None:
                 return
             print(f"driver: {len(urls)} replica(s) healthy: {' '.join(urls)}", flush=True)
-            self.summary = self._run_batch(urls)
-            if not self.drain.is_set():
+            self.summary = batch.run(self.plan, urls, self.cfg.server.api_key, self.drain)
+            if self.summary.complete:
                 self._shut_down(urls)
                 self.servers_stopped = True
         except Exception as e:  # reported by the task's main thread, which fails the job with it
             self.error = e
-
-    def _run_batch(self, urls: list[str]):
-        records = read_records(Path(self.cfg.batch.input), self.cfg.generation)
-        runner = BatchRunner(urls, lambda text, bos: 0, self.cfg.batch.concurrency,
-                             self.cfg.batch.prompts_per_request, self.cfg.server.api_key)
-        return runner.run(records, Path(self.cfg.batch.output))
 
     def _wait_until_healthy(self) -> list[str] | None:
         """Every replica's URL once all answer /health 200; None if asked to drain first."""

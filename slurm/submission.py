@@ -80,11 +80,16 @@ def executor_parameters(cfg: LaunchConfig, job_folder: Path | str) -> dict:
         "slurm_setup": _setup_lines(cluster) or None,
         "slurm_additional_parameters": dict(cluster.sbatch_args) or None,
         "slurm_srun_args": [*cluster.srun_args, *container_args] or None,
-        # USR2 this long before the time limit: rank 0 unwinds as after a shutdown request, with the same grace;
-        # a detached job drains its batch in that time and requeues.
-        "slurm_signal_delay_s": max(1, math.ceil(cfg.job.grace_period_s)),
+        "slurm_signal_delay_s": signal_delay_s(cfg),
     }
     return {key: value for key, value in params.items() if value is not None}
+
+
+def signal_delay_s(cfg: LaunchConfig) -> int:
+    """How long before the time limit Slurm sends USR2. Rank 0 unwinds as after a shutdown request, with the
+    same grace; a detached job first drains its batch (in-flight items get batch.drain_timeout_s), then requeues."""
+    drain = cfg.batch.drain_timeout_s if cfg.detach else 0
+    return max(1, math.ceil(cfg.job.grace_period_s + drain))
 
 
 def _python(cfg: LaunchConfig) -> str | None:

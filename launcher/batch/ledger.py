@@ -1,0 +1,171 @@
+"""The ledger beside the output: one JSON line per finished item, appended and flushed, fsynced every few
+seconds and on close. Its first line ties it to the input file and the generation settings.
+
+A rerun replays it: finished items are skipped, a torn last line (a kill or a crash mid-write) is cut off
+and its item redone. Entries: {"i": record index, "s": sample, "k": key, "ok": bool, "tokens": [p, c],
+"record": the output or errors-file record}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from fleetgen.launcher.errors import LaunchError
+
+VERSION = 1
+FSYNC_EVERY_S = 2.0
+
+
+def ledger_path(output: Path) -> Path:
+    return output.with_name(output.name + ".ledger.jsonl")
+
+
+def make_header(input_fingerprint: str, settings: dict, items: int) -> dict:
+    return {"fleetgen_ledger": VERSION, "input": input_fingerprint, "settings": settings, "items": items}
+
+
+def check_header(path: Path, header: dict, restart_hint: str) -> None:
+    """Refuse a ledger written for another input or other settings: mixing them would be silent and wrong."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        found = json.loads(first)
+        version = found.get("fleetgen_ledger")
+    except (json.JSONDecodeError, AttributeError):
+        raise LaunchError(f"{path}: not a fleetgen ledger (its first line is not a ledger header); "
+                          f"{restart_hint}") from None
+    if version != VERSION:
+        raise LaunchError(f"{path}: ledger version {version!r}, this fleetgen writes {VERSION}; {restart_hint}")
+    if found["input"] != header["input"]:
+        raise LaunchError(f"{path} was written for a different input: batch.input changed since that run "
+                          f"started; {restart_hint}")
+    changed = sorted(k for k in set(found["settings"]) | set(header["settings"])
+                     if found["settings"].get(k) != header["settings"].get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {found['settings'].get(k)!r} then, {header['settings'].get(k)!r} now"
+                          for k in changed)
+        raise LaunchError(f"{path} was written with other settings ({shown}); {restart_hint}")
+
+
+def entries(path: Path) -> Iterator[tuple[int, dict]]:
+    """(byte offset, entry) of every whole entry; a torn tail is not yielded."""
+    with open(path, "rb") as f:
+        f.readline()
+        offset = f.tell()
+        for raw in f:
+            entry = _entry(raw)
+            if entry is None:
+                return
+            yield offset, entry
+            offset += len(raw)
+
+
+def _entry(raw: bytes) -> dict | None:
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        entry = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return entry if isinstance(entry, dict) and "i" in entry and "s" in entry else None
+
+
+def repair(path: Path) -> int:
+    """Cut a torn tail off (returns the bytes cut); refuse a ledger damaged anywhere else."""
+    with open(path, "rb") as f:
+        f.readline()
+        good_end, bad_line, number = f.tell(), None, 1
+        for raw in f:
+            number += 1
+            if _entry(raw) is None:
+                bad_line = bad_line or number
+            elif bad_line is not None:
+                raise LaunchError(f"{path}, line {bad_line}: damaged entry before whole ones (not a torn last "
+                                  "line); move the ledger away or use batch.restart=true")
+            else:
+                good_end = f.tell()
+        size = f.tell()
+    if size > good_end:
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            os.fsync(f.fileno())
+    return size - good_end
+
+
+class Ledger:
+    """Append-only, one writer (calls are serialised by a lock); `done` marks finished items by position."""
+
+    def __init__(self, path: Path, header: dict, samples: int):
+        self.path, self.samples = path, samples
+        self.done = np.zeros(header["items"], dtype=bool)
+        self.finished = self.failed = self.prompt_tokens = self.completion_tokens = 0
+        self.cut_bytes = 0
+        if not path.exists():
+            _create(path, header)
+        else:
+            self.cut_bytes = repair(path)
+            for _, entry in entries(path):
+                self._count(entry)
+        self._file = open(path, "ab")
+        self._lock, self._synced, self._closed = threading.Lock(), time.monotonic(), False
+
+    def _count(self, entry: dict) -> bool:
+        position = entry["i"] * self.samples + entry["s"]
+        if self.done[position]:
+            return False
+        self.done[position] = True
+        self.finished += 1
+        self.failed += not entry["ok"]
+        self.prompt_tokens += entry["tokens"][0]
+        self.completion_tokens += entry["tokens"][1]
+        return True
+
+    def add(self, index: int, sample: int, key, ok: bool, record: dict, tokens: tuple[int, int] = (0, 0)) -> bool:
+        """Record a finished item once: False if it was already recorded (or the ledger is closed)."""
+        entry = {"i": index, "s": sample, "k": key, "ok": ok, "tokens": list(tokens), "record": record}
+        line = (json.dumps(entry) + "\n").encode()
+        with self._lock:
+            if self._closed or self.done[index * self.samples + sample]:
+                return False
+            self._file.write(line)
+            self._file.flush()
+            self._count(entry)
+            if time.monotonic() - self._synced > FSYNC_EVERY_S:
+                self._sync()
+        return True
+
+    def sync(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._sync()
+
+    def _sync(self) -> None:
+        os.fsync(self._file.fileno())
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and fsync; later add() calls (a straggling request) are ignored."""
+        with self._lock:
+            if not self._closed:
+                self._file.flush()
+                self._sync()
+                self._file.close()
+                self._closed = True
+
+
+def _create(path: Path, header: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(header) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

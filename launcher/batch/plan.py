@@ -1,0 +1,86 @@
+"""prepare(): everything about a batch that can be checked before a job is submitted."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetgen.conf.schema import LaunchConfig
+from fleetgen.launcher.batch.formats import FleetgenFormat, OpenAIFormat
+from fleetgen.launcher.batch.inputs import detect_format, scan
+from fleetgen.launcher.batch.ledger import check_header, ledger_path, make_header
+from fleetgen.launcher.batch.progress import progress_path
+from fleetgen.launcher.errors import LaunchError
+
+RESTART_HINT = "batch.restart=true starts over (the ledger's results are dropped), or give another batch.output"
+
+
+@dataclass
+class BatchPlan:
+    """A checked batch: the config, the input's format ("fleetgen" | "openai"), its record and item counts
+    (items = records × batch.samples) and the ledger header that ties OUTPUT.ledger.jsonl to this input and
+    these settings. Plain data (picklable): a driver may prepare on the login node and run elsewhere."""
+    cfg: LaunchConfig
+    format: str
+    records: int
+    items: int
+    keyed_by_id: bool
+    header: dict
+
+    @property
+    def input(self) -> Path:
+        return Path(self.cfg.batch.input)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.cfg.batch.output)
+
+    def make_format(self) -> FleetgenFormat | OpenAIFormat:
+        return make_format(self.format, self.cfg)
+
+
+def make_format(name: str, cfg: LaunchConfig) -> FleetgenFormat | OpenAIFormat:
+    if name == "openai":
+        return OpenAIFormat(cfg.batch.seed)
+    return FleetgenFormat(cfg.generation, cfg.batch.seed)
+
+
+def run_files(output: Path) -> list[Path]:
+    """Every file a run writes beside OUTPUT, OUTPUT included."""
+    return [output, ledger_path(output), errors_path(output), summary_path(output), progress_path(output)]
+
+
+def errors_path(output: Path) -> Path:
+    return output.with_name(output.name + ".errors.jsonl")
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(output.name + ".summary.json")
+
+
+def prepare(cfg: LaunchConfig) -> BatchPlan:
+    """Check a batch before submission: one streaming pass over batch.input (JSON, the format's fields, the
+    id rules: ids on every record or none, none repeated), then the ledger against this input and these
+    settings. Raises LaunchError naming the file and line. batch.restart=true removes the previous run's
+    files here, so a driver that prepares again after a requeue must not pass it again."""
+    if not cfg.batch.input:
+        raise LaunchError("batch.input is not set: give batch.input=PATH (a JSONL file), or mode=serve")
+    source, output = Path(cfg.batch.input), Path(cfg.batch.output)
+    name = detect_format(source)
+    if name == "openai" and cfg.batch.samples > 1:
+        raise LaunchError(f"batch.samples={cfg.batch.samples}: {source} is in OpenAI's batch format, where a "
+                          "request's completions are its own (one output line per custom_id); use batch.samples=1")
+    scanned = scan(source, make_format(name, cfg))
+    items = scanned.records * cfg.batch.samples
+    settings = {"format": name, "generation": cfg.generation.model_dump(), "samples": cfg.batch.samples,
+                "seed": cfg.batch.seed, "checkpoint": cfg.model.checkpoint}
+    header = make_header(scanned.fingerprint, settings, items)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LaunchError(f"batch.output={output}: cannot create its folder ({e.strerror})") from None
+    if cfg.batch.restart:
+        for path in run_files(output):
+            path.unlink(missing_ok=True)
+    else:
+        check_header(ledger_path(output), header, RESTART_HINT)
+    return BatchPlan(cfg, name, scanned.records, items, scanned.keyed_by_id, header)

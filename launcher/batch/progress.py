@@ -1,0 +1,104 @@
+"""What a running batch shows: OUTPUT.progress.json rewritten atomically every ~2 s (for `launch status` and
+scripts), a live bar in a terminal or a plain line every ~30 s elsewhere (Slurm logs, CI); and the ledger's
+periodic fsync, on the same clock."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+SNAPSHOT_EVERY_S = 2.0
+PLAIN_LINE_EVERY_S = 30.0
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def progress_path(output: Path) -> Path:
+    return output.with_name(output.name + ".progress.json")
+
+
+class Reporter:
+    def __init__(self, path: Path, snapshot: Callable[[], dict], sync: Callable[[], None]):
+        self._path, self._snapshot, self._sync = path, snapshot, sync
+        self._stop = threading.Event()
+        self._bar = None
+        self._thread = threading.Thread(target=self._loop, name="fleetgen-batch-progress", daemon=True)
+
+    def start(self) -> None:
+        first = self._snapshot()
+        if sys.stdout.isatty():
+            self._bar = tqdm(total=first["total"], initial=first["done"] + first["failed"], unit="item",
+                             dynamic_ncols=True, leave=False)
+        write_json_atomically(self._path, first)
+        self._thread.start()
+
+    def stop(self) -> dict:
+        """The last snapshot, written once more."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        last = self._snapshot()
+        write_json_atomically(self._path, last)
+        if self._bar is not None:
+            self._bar.close()
+        return last
+
+    def _loop(self) -> None:
+        last_line = time.monotonic()
+        while not self._stop.wait(SNAPSHOT_EVERY_S):
+            self._sync()
+            snapshot = self._snapshot()
+            write_json_atomically(self._path, snapshot)
+            if self._bar is not None:
+                self._bar.n = snapshot["done"] + snapshot["failed"]
+                self._bar.set_postfix_str(f"{snapshot['tokens_per_s']:.0f} tok/s, {snapshot['failed']} failed, "
+                                          f"ETA {_duration(snapshot['eta_s'])}")
+            elif time.monotonic() - last_line >= PLAIN_LINE_EVERY_S:
+                print(plain_line(snapshot), flush=True)
+                last_line = time.monotonic()
+
+
+def plain_line(s: dict) -> str:
+    finished = s["done"] + s["failed"]
+    healthy = sum(r["state"] == "healthy" for r in s["replicas"])
+    return (f"batch: {finished}/{s['total']} items ({100 * finished / max(s['total'], 1):.0f}%), {s['failed']} "
+            f"failed, {s['retried']} retried, {s['tokens_per_s']:.0f} tokens/s, ETA {_duration(s['eta_s'])}, "
+            f"{healthy}/{len(s['replicas'])} servers healthy")
+
+
+def report(summary, wall_s: float) -> int:
+    """What `launch` prints at the end, and its exit code: 0 when every item was generated; 1 when some
+    failed (OUTPUT.errors.jsonl) or the run stopped (a rerun resumes)."""
+    for error in summary.first_errors:
+        print(f"launch: failed: {error}", file=sys.stderr)
+    if not summary.complete:
+        print(f"launch: the batch stopped ({summary.stop_reason}) after {summary.done + summary.failed} of "
+              f"{summary.items} items; rerun the same command to resume", file=sys.stderr)
+        return 1
+    print(f"results: {summary.output} — {summary.items} items of {summary.records} records, {summary.done} "
+          f"done, {summary.failed} failed (in {summary.errors}), {summary.completion_tokens} generated tokens, "
+          f"{summary.tokens_per_s:.1f} tokens/s, audit {'ok' if summary.audit['ok'] else 'FAILED'}, "
+          f"wall time {wall_s:.1f} s")
+    for lost in summary.lost_replicas:
+        print(f"launch: server {lost['url']} was lost during the run: {lost['reason']}", file=sys.stderr)
+    return 1 if summary.failed or not summary.audit["ok"] else 0
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -1,0 +1,122 @@
+"""run(): the batch through the servers into the ledger, then the final output, its audit and the summary."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Optional
+
+from fleetgen.launcher.batch.dispatch import Dispatcher
+from fleetgen.launcher.batch.finalise import finalise
+from fleetgen.launcher.batch.inputs import records
+from fleetgen.launcher.batch.ledger import Ledger, ledger_path
+from fleetgen.launcher.batch.plan import BatchPlan, errors_path, summary_path
+from fleetgen.launcher.batch.progress import Reporter, progress_path, write_json_atomically
+from fleetgen.launcher.batch.source import WorkSource
+
+
+@dataclass
+class Summary:
+    """What a run did. complete: every item is finished and OUTPUT is written and audited (audit["ok"]);
+    otherwise stop_reason says why it stopped (drained, aborted, every server lost, a refused token) and a
+    rerun of the same command resumes from the ledger. Counts are over the whole batch (earlier runs
+    included): done = items generated, failed = items in the errors file; tokens_per_s and retried are this
+    run's. Also written to OUTPUT.summary.json with fleetgen's version and the resolved config."""
+    complete: bool
+    stop_reason: Optional[str]
+    records: int
+    samples: int
+    items: int
+    done: int
+    failed: int
+    retried: int
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_per_s: float
+    wall_s: float
+    first_request_s: Optional[float]
+    servers: list[dict] = field(default_factory=list)
+    lost_replicas: list[dict] = field(default_factory=list)
+    first_errors: list[str] = field(default_factory=list)
+    audit: Optional[dict] = None
+    output: str = ""
+    errors: str = ""
+
+
+def run(plan: BatchPlan, servers: list[str], token: Optional[str],
+        drain: Optional[threading.Event] = None) -> Summary:
+    """Drive the batch through `servers` (base URLs, one per replica), sending `Authorization: Bearer
+    <token>` when a token is given. Finished items go to OUTPUT.ledger.jsonl as they arrive; items already
+    there are skipped. OUTPUT.progress.json is rewritten every ~2 s and at the end: {"total", "done",
+    "failed", "retried", "prompt_tokens", "completion_tokens", "tokens_per_s", "eta_s", "replicas": [{"url",
+    "state": "healthy"|"failed", "outstanding", "done", "reason"}], "complete", "updated"}. When `drain` is
+    set, no item is admitted any more, those in flight get batch.drain_timeout_s to finish, the ledger is
+    flushed and fsynced and the Summary says complete=False (a rerun finishes). When every item is
+    finished, OUTPUT and OUTPUT.errors.jsonl are written in input order, audited, and OUTPUT.summary.json
+    is written."""
+    cfg, started = plan.cfg, time.monotonic()
+    fmt, output = plan.make_format(), plan.output
+    ledger = Ledger(ledger_path(output), plan.header, cfg.batch.samples)
+    source = WorkSource(records(plan.input, fmt), fmt, cfg.batch.samples, ledger.done, cfg.batch.prompts_per_request)
+    dispatcher = Dispatcher(source, fmt, ledger, servers, token, cfg.batch, cfg.recipe, plan.items)
+    reporter = Reporter(progress_path(output), lambda: _snapshot(plan, ledger, dispatcher, started), ledger.sync)
+    reporter.start()
+    try:
+        dispatcher.run(drain)
+    finally:
+        ledger.close()
+    complete = ledger.finished == plan.items
+    audit = finalise(ledger.path, output, errors_path(output), plan.items, cfg.batch.samples) if complete else None
+    reporter.stop()
+    summary = _summary(plan, ledger, dispatcher, started, complete, audit)
+    write_json_atomically(summary_path(output), {**asdict(summary), "fleetgen_version": _version(),
+                                                 "config": _shown_config(plan)})
+    return summary
+
+
+def _snapshot(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: float) -> dict:
+    elapsed = time.monotonic() - started
+    remaining = plan.items - ledger.finished
+    rate = dispatcher.done_now / elapsed if elapsed > 0 else 0.0
+    return {"total": plan.items, "done": ledger.finished - ledger.failed, "failed": ledger.failed,
+            "retried": dispatcher.retried, "prompt_tokens": ledger.prompt_tokens,
+            "completion_tokens": ledger.completion_tokens,
+            "tokens_per_s": round(dispatcher.completion_tokens_now / elapsed, 1) if elapsed > 0 else 0.0,
+            "eta_s": round(remaining / rate, 1) if rate > 0 else (0.0 if not remaining else None),
+            "replicas": [{"url": r.url, "state": r.state, "outstanding": r.outstanding, "done": r.done,
+                          "reason": r.reason} for r in dispatcher.replicas],
+            "complete": remaining == 0, "updated": time.time()}
+
+
+def _summary(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: float, complete: bool,
+             audit) -> Summary:
+    wall = time.monotonic() - started
+    servers = [{"url": r.url, "state": r.state, "done": r.done, "completion_tokens": r.completion_tokens,
+                "tokens_per_s": round(r.completion_tokens / wall, 1) if wall > 0 else 0.0, "failures": r.failures,
+                "reason": r.reason} for r in dispatcher.replicas]
+    first = dispatcher.first_request_at
+    return Summary(
+        complete=complete, stop_reason=None if complete else dispatcher.stop_reason or "interrupted",
+        records=plan.records, samples=plan.cfg.batch.samples, items=plan.items,
+        done=ledger.finished - ledger.failed, failed=ledger.failed, retried=dispatcher.retried,
+        prompt_tokens=ledger.prompt_tokens, completion_tokens=ledger.completion_tokens,
+        tokens_per_s=round(dispatcher.completion_tokens_now / wall, 1) if wall > 0 else 0.0, wall_s=round(wall, 2),
+        first_request_s=None if first is None else round(first - started, 3), servers=servers,
+        lost_replicas=[{"url": s["url"], "reason": s["reason"]} for s in servers if s["failures"]],
+        first_errors=dispatcher.first_errors, audit=audit.as_dict() if audit else None,
+        output=str(plan.output), errors=str(errors_path(plan.output)))
+
+
+def _shown_config(plan: BatchPlan) -> dict:
+    config = plan.cfg.model_dump()
+    if config["server"].get("api_key"):
+        config["server"]["api_key"] = "(set)"
+    return config
+
+
+def _version() -> str:
+    try:
+        return version("fleetgen")
+    except PackageNotFoundError:
+        return "unknown"
