@@ -93,17 +93,15 @@ def _final_state(job_id):
 
 
 def rank_process(job_id, rank):
-    """The process of a job's global rank: the task itself, or, for rank 0, the model's rank 0 child."""
+    """The model process of a job's global rank (a child of its Slurm task)."""
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "submitit" not in cmdline and "fleetgen.launcher.detached" not in cmdline:
+        if "fleetgen.launcher.detached" not in " ".join(proc.info["cmdline"] or []):
             continue
         try:
             env = proc.environ()
         except psutil.Error:
             continue
-        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and \
-                (rank != 0 or "fleetgen.launcher.detached" in cmdline):
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank):
             return proc
     raise AssertionError(f"no process of rank {rank} in job {job_id}")
 
