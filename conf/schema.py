@@ -65,6 +65,8 @@ class Server(_Strict):
     max_body_bytes: int = Field(4 << 20, ge=1024)
     health_timeout_s: float = Field(900, gt=0)
     dist_timeout_s: float = Field(18000, gt=0)
+    step_timeout_s: float = Field(120, gt=0)
+    heartbeat_timeout_s: float = Field(30, gt=0)
 
 
 class Generation(_Strict):
@@ -152,6 +154,14 @@ class LaunchConfig(_Strict):
                              f"{par.pipeline} × {par.replicas} = {par.world_size} ranks, but parallel.nodes × "
                              f"{what} = {par.nodes} × {per_node} = {par.nodes * per_node}: they must be equal "
                              "(one rank per GPU)")
+        return self
+
+    @model_validator(mode="after")
+    def _replica_ports_exist(self):
+        last = self.server.port + self.parallel.replicas - 1
+        if self.server.port and last > 65535:
+            raise ValueError(f"server.port={self.server.port} + parallel.replicas={self.parallel.replicas} - 1 = "
+                             f"{last}: replica r serves on server.port + r, which must stay within 65535")
         return self
 
     @property

@@ -63,9 +63,13 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
             print(f"serving {recipe} at {' '.join(urls)} (PUT /generate, POST /v1/completions); "
                   "Ctrl-C stops it", flush=True)
             job.wait_for_end()  # leaves only by Ctrl-C / SIGTERM, or by raising when the job ends by itself
-        summary = batch.run(plan, urls, cfg.server.api_key)
-        if not summary.complete and job.job.done(force_check=True):
-            raise LaunchError(f"the batch stopped: {summary.stop_reason}\n{job.end_report()}")
+        summary = batch.run(plan, urls, job.token)
+        if not summary.complete:
+            if job.control.ended():
+                raise LaunchError(f"the batch stopped: {summary.stop_reason}\n{job.end_report()}")
+            failures = job.failure_report()
+            if failures:
+                print(f"launch: ranks that exited: {failures}", file=sys.stderr)
     finally:
         job.shut_down()
     return batch.report(summary, time.monotonic() - started)

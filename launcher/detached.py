@@ -32,6 +32,7 @@ from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher import batch
 from fleetgen.launcher.driver import Driver
 from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, append_event, write_record)
+from fleetgen.slurm.control_token import write_token
 from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.submission import make_executor
 
@@ -43,6 +44,7 @@ def submit(cfg: LaunchConfig, plan: batch.BatchPlan) -> str:
     """Submit the detached job and return its id; the caller has validated everything (`plan`)."""
     folder = Path(cfg.job.folder)
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # job folders hold control tokens, and submitit's pickles pass through here
     executor = make_executor(cfg, folder / "%j")
     with _outliving_this_terminal(cfg, folder):
         job = executor.submit(DetachedRun(), plan, str(folder))
@@ -50,6 +52,7 @@ def submit(cfg: LaunchConfig, plan: batch.BatchPlan) -> str:
     if placeholder.is_dir() and not any(placeholder.iterdir()):
         placeholder.rmdir()
     job_folder = folder / job.job_id
+    write_token(job_folder)  # the ranks wait for it; the driver sends it
     write_record(folder, job_folder, {
         "job_id": job.job_id, "kind": cfg.cluster.kind, "recipe": cfg.recipe, "output": cfg.batch.output,
         "replicas": cfg.parallel.replicas, "grace_period_s": cfg.job.grace_period_s,
@@ -122,8 +125,8 @@ class _RunningDriver:
 
     def run(self) -> None:
         self.job_folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.job_folder.glob("server-*.json"):  # an earlier attempt's addresses
-            stale.unlink()
+        for stale in [*self.job_folder.glob("server-*.json"), *self.job_folder.glob("rank-*.exit.json")]:
+            stale.unlink()  # an earlier attempt's addresses and last words
         rank0 = _start_rank(self.cfg, self.folder)  # from the main thread: PDEATHSIG follows this thread
         _redirect_output(self.job_folder / DRIVER_LOG)
         append_event(self.job_folder, "started", attempt=self.env.restart_count, node=self.env.first_host)

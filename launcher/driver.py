@@ -15,6 +15,8 @@ import httpx
 
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher import batch
+from fleetgen.slurm.control_token import read_token
+from fleetgen.slurm.rank_exit import read_exits
 
 POLL_S = 0.5
 
@@ -30,13 +32,14 @@ class Driver:
     def run(self) -> None:
         """The thread's body: its outcome is left in .summary (None if drained before the start) or .error."""
         try:
+            token = read_token(self.job_folder, self.cfg.server.health_timeout_s)
             urls = self._wait_until_healthy()
             if urls is None:
                 return
             print(f"driver: {len(urls)} replica(s) healthy: {' '.join(urls)}", flush=True)
-            self.summary = batch.run(self.plan, urls, self.cfg.server.api_key, self.drain)
+            self.summary = batch.run(self.plan, urls, token, self.drain)
             if self.summary.complete:
-                self._shut_down(urls)
+                self._shut_down(urls, token)
                 self.servers_stopped = True
         except Exception as e:  # reported by the task's main thread, which fails the job with it
             self.error = e
@@ -46,16 +49,19 @@ class Driver:
         deadline = time.monotonic() + self.cfg.server.health_timeout_s
         with httpx.Client(timeout=5) as client:
             while not self.drain.is_set():
+                exits = read_exits(self.job_folder)
                 if self.rank0.poll() is not None:
-                    raise RuntimeError(f"rank 0 exited with code {self.rank0.returncode} before the servers were "
-                                       "healthy; see its log (launch logs JOB --rank 0)")
+                    exits.setdefault(0, f"exited with code {self.rank0.returncode}")
+                if exits:
+                    raise RuntimeError("a rank exited before the servers were healthy: " + "; ".join(
+                        f"rank {rank} {why}" for rank, why in sorted(exits.items())) + " (launch logs JOB --rank N)")
                 urls = self._server_urls()
                 health = [_health(client, url) for url in urls]
-                failed = [f"{url}: {body.get('error')}" for url, (_, body) in zip(urls, health)
+                failed = [f"{url}: {body.get('error')}" for url, body in zip(urls, health)
                           if body.get("status") == "failed"]
                 if failed:
                     raise RuntimeError(f"a replica failed while loading: {'; '.join(failed)}")
-                if len(urls) == self.cfg.parallel.replicas and all(code == 200 for code, _ in health):
+                if len(urls) == self.cfg.parallel.replicas and all(b.get("status") == "ready" for b in health):
                     return urls
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the servers were not healthy after {self.cfg.server.health_timeout_s:g} s "
@@ -72,8 +78,8 @@ class Driver:
                 urls.append(json.loads(path.read_text())["url"])
         return urls
 
-    def _shut_down(self, urls: list[str]) -> None:
-        headers = {"Authorization": f"Bearer {self.cfg.server.api_key}"} if self.cfg.server.api_key else {}
+    def _shut_down(self, urls: list[str], token: str) -> None:
+        headers = {"Authorization": f"Bearer {token}"}
         for url in urls:
             try:
                 httpx.post(f"{url}/shutdown", timeout=5, headers=headers)
@@ -81,9 +87,8 @@ class Driver:
                 pass  # a replica already lost: its ranks have ended
 
 
-def _health(client: httpx.Client, url: str) -> tuple[int, dict]:
+def _health(client: httpx.Client, url: str) -> dict:
     try:
-        response = client.get(f"{url}/health")
-        return response.status_code, response.json()
+        return client.get(f"{url}/health").json()
     except (httpx.HTTPError, ValueError):
-        return 0, {}
+        return {}

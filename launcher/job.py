@@ -3,36 +3,36 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import time
 import typing
 from pathlib import Path
 
 import httpx
-import psutil
-import submitit
 
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.conf.schema import LaunchConfig
-from fleetgen.slurm.submission import make_executor
+from fleetgen.slurm.control_token import write_token
+from fleetgen.slurm.job_control import JobControl, control_class
 
 ACTIVE_FILE = "active.json"  # the job this folder's launcher is running; left behind only by a crash
+CANCEL_WAIT_S = 60
 
 
 def submit(cfg: LaunchConfig) -> "RunningJob":
     folder = Path(cfg.job.folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # job folders hold control tokens, and submitit's pickles pass through here
     reap_stale_job(folder)
-    executor = make_executor(cfg, folder / "%j")
     from fleetgen.model.serve.worker import run_rank  # imported here: the launcher itself needs no model code
 
-    job = executor.submit(run_rank, cfg, str(folder))
+    control = JobControl.submit(cfg, folder, run_rank, cfg, str(folder))
     _remove_if_empty(folder / "%j")  # submitit creates the folder pattern itself, unformatted
-    (folder / ACTIVE_FILE).write_text(json.dumps({"kind": cfg.cluster.kind, "job_id": job.job_id}))
-    print(f"submitted job {job.job_id} ({cfg.cluster.kind}, {cfg.parallel.world_size} ranks); "
-          f"logs in {folder / job.job_id}", file=sys.stderr)
-    return RunningJob(job, cfg, folder)
+    token = write_token(control.folder)
+    (folder / ACTIVE_FILE).write_text(json.dumps({"kind": cfg.cluster.kind, "job_id": control.job_id}))
+    print(f"submitted job {control.job_id} ({cfg.cluster.kind}, {cfg.parallel.world_size} ranks); "
+          f"logs in {control.folder}", file=sys.stderr)
+    return RunningJob(control, cfg, folder, token)
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -46,56 +46,61 @@ def reap_stale_job(folder: Path) -> None:
     if not active.exists():
         return
     stale = json.loads(active.read_text())
-    if stale["kind"] == "slurm":
-        if subprocess.run(["squeue", "-h", "-j", stale["job_id"]], capture_output=True, text=True).stdout.strip():
-            subprocess.run(["scancel", stale["job_id"]], check=False)
-            print(f"cancelled job {stale['job_id']}, left running by a launcher that crashed", file=sys.stderr)
-    else:
-        _kill_local_job(int(stale["job_id"]))
+    control_class(stale["kind"]).reap(stale["job_id"])
     active.unlink()
 
 
-def _kill_local_job(pid: int) -> None:
-    try:
-        controller = psutil.Process(pid)
-        if "submitit" not in " ".join(controller.cmdline()):
-            return  # the pid was reused by an unrelated process
-        processes = [controller, *controller.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in processes:
-        proc.kill()
-    psutil.wait_procs(processes, timeout=10)
-    print(f"killed local job {pid}, left running by a launcher that crashed", file=sys.stderr)
-
-
 class RunningJob:
-    def __init__(self, job: submitit.Job, cfg: LaunchConfig, folder: Path):
-        self.job, self.cfg, self.folder = job, cfg, folder
-        self.job_folder = folder / job.job_id
+    def __init__(self, control: JobControl, cfg: LaunchConfig, folder: Path, token: str):
+        self.control, self.cfg, self.folder = control, cfg, folder
+        self.token = token  # the job's control token: POST /shutdown, and in batch mode every request
+        self.job_folder = control.folder
         self.urls: list[str] = []
 
+    @property
+    def job_id(self) -> str:
+        return self.control.job_id
+
     def wait_until_healthy(self) -> list[str]:
-        """The servers' URLs once every replica answers /health with 200; fails fast if the job ends."""
+        """The servers' URLs once every replica answers /health with 200. Fails at once if the job ends, a
+        rank exits or a replica reports that it failed."""
         deadline = time.monotonic() + self.cfg.server.health_timeout_s
         shown = ""
         with httpx.Client(timeout=5) as client:
             while time.monotonic() < deadline:
-                if self.job.done(force_check=True):
-                    raise LaunchError(f"job {self.job.job_id} ended before its server was healthy. "
-                                      f"{self.end_report()}")
-                status = self._queue_status()
+                if self.control.ended():
+                    raise LaunchError(f"job {self.job_id} ended before its server was healthy. {self.end_report()}")
+                self._fail_on_rank_exits()
+                status = self.control.queue_state()
                 if status != shown:
-                    print(f"job {self.job.job_id}: {status}", file=sys.stderr)
+                    print(f"job {self.job_id}: {status}", file=sys.stderr)
                     shown = status
                 urls = self._server_urls()
-                if len(urls) == self.cfg.parallel.replicas and all(_healthy(client, url) for url in urls):
+                health = [_health(client, url) for url in urls]
+                failed = [f"{url}: {body['error']}" for url, body in zip(urls, health)
+                          if body.get("status") == "failed"]
+                if failed:
+                    raise LaunchError(f"job {self.job_id}: a replica failed before it was healthy: "
+                                      f"{'; '.join(failed)}\n{self.error_tail()}")
+                if len(urls) == self.cfg.parallel.replicas and all(b.get("status") == "ready" for b in health):
                     self.urls = urls
                     return urls
                 time.sleep(0.5)
-        raise LaunchError(f"job {self.job.job_id} was not healthy after {self.cfg.server.health_timeout_s:.0f} s "
+        raise LaunchError(f"job {self.job_id} was not healthy after {self.cfg.server.health_timeout_s:.0f} s "
                           f"(server.health_timeout_s); last state: {shown}. It will be cancelled.\n"
                           f"{self.error_tail()}")
+
+    def _fail_on_rank_exits(self) -> None:
+        exits = self.control.rank_exits()
+        if exits:
+            reasons = "; ".join(f"rank {rank} {why}" for rank, why in sorted(exits.items()))
+            raise LaunchError(f"job {self.job_id}: a rank exited before the job was healthy: {reasons}\n"
+                              f"{self.error_tail()}")
+
+    def failure_report(self) -> str:
+        """Why ranks exited, as they told it (empty when none did)."""
+        exits = self.control.rank_exits()
+        return "; ".join(f"rank {rank} {why}" for rank, why in sorted(exits.items()))
 
     def _server_urls(self) -> list[str]:
         urls = []
@@ -104,16 +109,6 @@ class RunningJob:
             if path.exists():
                 urls.append(json.loads(path.read_text())["url"])
         return urls
-
-    def _queue_status(self) -> str:
-        if self.cfg.cluster.kind != "slurm":
-            return "running"
-        out = subprocess.run(["squeue", "-h", "-j", self.job.job_id, "-o", "%T %r"],
-                             capture_output=True, text=True).stdout.split()
-        if not out:
-            return "left the queue"
-        state, reason = out[0], " ".join(out[1:])
-        return f"{state} (reason: {reason})" if state == "PENDING" else state.lower()
 
     def error_tail(self, lines: int = 25) -> str:
         """The last lines of every rank's stderr that has something to say."""
@@ -125,65 +120,53 @@ class RunningJob:
         return "\n".join(tails) or f"(no error output in {self.job_folder})"
 
     def wait_for_end(self) -> typing.NoReturn:
-        """Serve mode: block until Ctrl-C; a job that ends by itself (time limit, scancel) is reported."""
-        while not self.job.done(force_check=True):
+        """Serve mode: block until Ctrl-C; a job that ends by itself (time limit, scancel, every replica failed)
+        is reported, and so is each replica that fails while others serve on."""
+        told: set[int] = set()
+        while not self.control.ended():
+            exits = self.control.rank_exits()
+            for rank in sorted(set(exits) - told):
+                print(f"launch: job {self.job_id}: rank {rank} exited {exits[rank]}", file=sys.stderr)
+            told |= set(exits)
             time.sleep(2)
-        raise LaunchError(f"job {self.job.job_id} ended while serving. {self.end_report()}")
+        raise LaunchError(f"job {self.job_id} ended while serving. {self.end_report()}")
 
     def end_report(self) -> str:
-        return f"Its state: {self.final_state()}.\n{self.error_tail()}"
-
-    def final_state(self) -> str:
-        """Slurm's word on the job; its tasks may have written their results before Slurm records the end."""
-        if self.cfg.cluster.kind != "slurm":
-            return self.job.state
-        deadline = time.monotonic() + 30
-        while True:
-            state = self.job.get_info(mode="force").get("State", "UNKNOWN")
-            if state not in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN") or time.monotonic() > deadline:
-                return state
-            time.sleep(1)
+        failures = self.failure_report()
+        return (f"Its state: {self.control.final_state()}.\n" + (f"Ranks that exited: {failures}\n" if failures else "")
+                + self.error_tail())
 
     def shut_down(self) -> None:
         """Ask each server to stop; cancel the job if none listened or it outlives the grace period."""
         asked = 0
         for url in self.urls or self._server_urls():
             try:
-                asked += httpx.post(f"{url}/shutdown", timeout=5, headers=self._auth()).status_code < 300
+                asked += httpx.post(f"{url}/shutdown", timeout=5,
+                                    headers={"Authorization": f"Bearer {self.token}"}).status_code < 300
             except httpx.HTTPError:
                 pass  # a server that does not answer is cancelled below
         if not (asked and self._ended_within(self.cfg.job.grace_period_s)):
-            self.job.cancel(check=False)
-            if not self._ended_within(60):
-                raise LaunchError(f"job {self.job.job_id} did not end after it was cancelled; "
-                                  f"check `squeue -j {self.job.job_id}`")
+            self.control.cancel()
+            if not self._ended_within(CANCEL_WAIT_S):
+                raise LaunchError(f"job {self.job_id} did not end after it was cancelled; "
+                                  f"check `squeue -j {self.job_id}`")
         (self.folder / ACTIVE_FILE).unlink(missing_ok=True)
 
     def _ended_within(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if self._gone():
+            if self.control.gone():
                 return True
             time.sleep(0.5)
-        return self._gone()
-
-    def _gone(self) -> bool:
-        if self.cfg.cluster.kind == "slurm":
-            return not subprocess.run(["squeue", "-h", "-j", self.job.job_id], capture_output=True,
-                                      text=True).stdout.strip()
-        return not psutil.pid_exists(int(self.job.job_id)) or \
-            psutil.Process(int(self.job.job_id)).status() == psutil.STATUS_ZOMBIE
-
-    def _auth(self) -> dict:
-        key = self.cfg.server.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        return self.control.gone()
 
 
-def _healthy(client: httpx.Client, url: str) -> bool:
+def _health(client: httpx.Client, url: str) -> dict:
+    """/health's body; {} while the server cannot be reached."""
     try:
-        return client.get(f"{url}/health").status_code == 200
-    except httpx.HTTPError:
-        return False
+        return client.get(f"{url}/health").json()
+    except (httpx.HTTPError, ValueError):
+        return {}
 
 
 def _interrupt(signum, frame):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -94,13 +95,15 @@ class _Sequence:
 
 class Engine:
     def __init__(self, generator: Generator, tokenizer: Tokenizer, ps: ParallelState, config: ModelConfig,
-                 max_prefill_tokens: int = MAX_PREFILL_TOKENS):
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, idle_signal_s: Optional[float] = None):
         self.generator, self.tokenizer, self.ps, self.config = generator, tokenizer, ps, config
         self.eos_id: Optional[int] = config.eos_id
         self.vocab_size: int = config.vocab_size
         self.max_seq_len: int = generator.max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
         self.error: Optional[str] = None            # why the step loop died, if it did
+        self.step_started: Optional[float] = None   # monotonic time the running step began (a watchdog reads it)
+        self.idle_signal_s = idle_signal_s          # an idle leader tells its followers this often (protocol)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}     # slot -> sequence
@@ -159,7 +162,9 @@ class Engine:
             torch.cuda.set_device(self.ps.device)  # the current device is per thread; NCCL needs this rank's
         try:
             while not self._stopping:
-                self._take_submissions(block=not (self._waiting or self._active))
+                if not self._take_submissions(block=not (self._waiting or self._active)):
+                    protocol.send_idle(self.ps)
+                    continue
                 self._drop_cancelled()
                 step = self._next_step()
                 if step is not None:
@@ -173,15 +178,19 @@ class Engine:
             self._stopping = True
         self._fail_all(EngineUnavailable(reason))
 
-    def _take_submissions(self, block: bool) -> None:
+    def _take_submissions(self, block: bool) -> bool:
+        """False when a blocking wait lasted idle_signal_s without anything arriving."""
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=block, timeout=self.idle_signal_s if block else None)
+        except queue.Empty:
+            return not block
+        try:
             while True:
                 if item is not None:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
-            pass
+            return True
 
     def _drop_cancelled(self) -> None:
         self._waiting = deque(s for s in self._waiting if not s.future.cancelled())
@@ -235,8 +244,10 @@ class Engine:
             full_logprobs=any(s.request.full_logprobs for s in seqs))
 
     def _step(self, plan: StepPlan, seqs: list[_Sequence]) -> None:
+        self.step_started = time.monotonic()
         protocol.send_step(plan, self.ps)
         out = self.generator.step(plan)
+        self.step_started = None
         for row, seq in enumerate(seqs):
             self._record(seq, row, plan.kind, out)
             reason = self._finish_reason(seq)

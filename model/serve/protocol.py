@@ -18,7 +18,7 @@ import torch.distributed as dist
 from fleetgen.model.generate import StepPlan
 from fleetgen.model.parallel import ParallelState
 
-STEP, SHUTDOWN = 1, 2
+STEP, SHUTDOWN, IDLE = 1, 2, 3
 KINDS = ("prefill", "decode")
 HEADER_SIZE = 6  # command, kind, n, width, logprobs, full_logprobs
 INT_COLUMNS = ("slots", "lengths", "top_k", "seed", "greedy", "ban_eos")
@@ -42,10 +42,19 @@ def send_shutdown(ps: ParallelState) -> None:
         _broadcast(torch.tensor([SHUTDOWN, 0, 0, 0, 0, 0]), ps)
 
 
+def send_idle(ps: ParallelState) -> None:
+    """Leader: nothing to run yet. Followers wait for commands in a broadcast, which would fail at the process
+    group's timeout: an idle leader sends this well within it, so that idle waits are unbounded."""
+    if len(ps.replica_ranks) > 1:
+        _broadcast(torch.tensor([IDLE, 0, 0, 0, 0, 0]), ps)
+
+
 def receive(ps: ParallelState) -> Optional[StepPlan]:
     """Follower: block until the leader's next command; the plan to run, or None on shutdown."""
-    header = _broadcast(torch.zeros(HEADER_SIZE, dtype=torch.long), ps).tolist()
-    command, kind, n, width, logprobs, full_logprobs = header
+    command = IDLE
+    while command == IDLE:
+        header = _broadcast(torch.zeros(HEADER_SIZE, dtype=torch.long), ps).tolist()
+        command, kind, n, width, logprobs, full_logprobs = header
     if command == SHUTDOWN:
         return None
     if command != STEP:

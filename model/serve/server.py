@@ -1,9 +1,13 @@
 """The replica leader's HTTP front: a FastAPI app served by uvicorn on a thread of its own.
 
 The server listens from construction on, so a job is visibly alive while its ranks load: /health answers
-503 "loading" until attach(engine), then 200 "ready". Handlers turn requests into sequences for the engine
-and await their futures on the event loop; the model itself runs only on the engine's step thread.
-Errors are JSON: {"error": "..."} on NeMo's routes, OpenAI's error object on /v1/*.
+503 "loading" until attach(engine), then 200 "ready"; once the replica has failed, 503 "failed" with the
+reason. Handlers turn requests into sequences for the engine and await their futures on the event loop; the
+model itself runs only on the engine's step thread. Errors are JSON: {"error": "..."} on NeMo's routes,
+OpenAI's error object on /v1/*.
+
+Two keys: the job's control token (only its owner has it) is needed for POST /shutdown, and, on a private
+server (batch mode), for every route but /health; server.api_key, when set, also opens the generation routes.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import Future, InvalidStateError
 from typing import AsyncIterator, Callable, Optional
 
 import uvicorn
@@ -35,11 +40,14 @@ GRACEFUL_SHUTDOWN_S = 5  # open connections (a streaming client) get this long o
 
 class Server:
     def __init__(self, host: str, port: int, api_key: Optional[str] = None, max_body_bytes: int = 4 << 20,
-                 model_name: str = "fleetgen"):
-        """Bind host:port (0 = any free port, see .port) and start answering at once."""
+                 model_name: str = "fleetgen", control_token: Optional[str] = None, private: bool = False):
+        """Bind host:port (0 = any free port, see .port) and start answering at once. Without a control token
+        (a server embedded in a program) /shutdown is guarded like the generation routes."""
         self.model_name, self.max_body_bytes, self._api_key = model_name, max_body_bytes, api_key
+        self._control_token, self._private = control_token, private
         self._engine: Optional[Engine] = None
         self._failure: Optional[str] = None
+        self._pending: set[Future] = set()  # every sequence a handler waits for, so that fail() can answer it
         self._stop_requested = threading.Event()
         self._created = int(time.time())
         self.app = self._build_app()
@@ -62,19 +70,28 @@ class Server:
         self._engine = engine
 
     def fail(self, message: str) -> None:
-        """Loading failed: /health reports it until the process ends."""
+        """The replica failed (loading, a rank, a step): /health reports it until the process ends, and the
+        requests in flight or queued are answered 503 with the reason, as are new ones."""
         self._failure = message
+        for future in list(self._pending):
+            try:
+                future.set_exception(EngineUnavailable(f"the replica failed: {message}"))
+            except InvalidStateError:  # answered meanwhile
+                pass
 
     def shutdown(self) -> None:
         """Ask wait() to stop everything (what POST /shutdown and SIGTERM do)."""
         self._stop_requested.set()
 
-    def wait(self) -> None:
+    def wait(self, on_engine_failure: Optional[Callable[[str], None]] = None) -> None:
         """Block until shutdown is asked (POST /shutdown, SIGTERM, SIGINT) or the engine fails; then stop the
-        engine (which releases the followers) and the HTTP server. Raises if the engine failed."""
+        engine (which releases the followers) and the HTTP server. Raises if the engine failed, unless
+        on_engine_failure takes it (with the server still answering: it ends the process itself)."""
         restore = self._catch_signals()
         try:
             while not self._stop_requested.wait(0.5):
+                if self._engine is not None and self._engine.error and on_engine_failure is not None:
+                    on_engine_failure(self._engine.error)
                 if not self._thread.is_alive() or (self._engine is not None and self._engine.error):
                     break
         finally:
@@ -124,7 +141,8 @@ class Server:
         app.add_api_route("/generate", self._generate, methods=["PUT"], dependencies=guarded)
         app.add_api_route("/v1/completions", self._completions, methods=["POST"], dependencies=guarded)
         app.add_api_route("/v1/models", self._models, methods=["GET"], dependencies=guarded)
-        app.add_api_route("/shutdown", self._shutdown, methods=["POST"], dependencies=guarded)
+        owner_only = [Depends(self._authorize_control)]
+        app.add_api_route("/shutdown", self._shutdown, methods=["POST"], dependencies=owner_only)
         return app
 
     async def _health(self) -> JSONResponse:
@@ -157,11 +175,17 @@ class Server:
         return JSONResponse({"status": "stopping"})
 
     async def _authorize(self, request: Request) -> None:
-        if self._api_key is None:
+        if self._api_key is None and not self._private:
             return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {self._api_key}".encode()):
-            raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+        _check_bearer(request, [self._api_key, self._control_token],
+                      "send the header 'Authorization: Bearer <key>' (server.api_key, or the job's control token)")
+
+    async def _authorize_control(self, request: Request) -> None:
+        if self._control_token is None:
+            return await self._authorize(request)
+        _check_bearer(request, [self._control_token],
+                      "POST /shutdown needs the job's control token: 'Authorization: Bearer <token>' with the "
+                      "token in the job folder's control-token file")
 
     def _ready_engine(self) -> Engine:
         status, body = self.status()
@@ -184,12 +208,16 @@ class Server:
 
     # ---- running sequences
 
-    @staticmethod
-    def _submit(engine: Engine, sequence: SequenceRequest, on_token=None):
+    def _submit(self, engine: Engine, sequence: SequenceRequest, on_token=None) -> Future:
         try:
-            return engine.submit(sequence, on_token)
+            future = engine.submit(sequence, on_token)
         except EngineUnavailable as e:
             raise RequestError(503, str(e)) from None
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        if self._failure is not None:  # failed between the handler's check and now
+            self.fail(self._failure)
+        return future
 
     async def _run_all(self, engine: Engine, sequences: list[SequenceRequest]) -> list[SequenceResult]:
         futures = [self._submit(engine, s) for s in sequences]
@@ -256,6 +284,12 @@ class Server:
     async def _internal_error(self, request: Request, error: Exception) -> JSONResponse:
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
         return _error(request, 500, f"internal error: {type(error).__name__}: {error}")
+
+
+def _check_bearer(request: Request, keys: list[Optional[str]], how: str) -> None:
+    given = request.headers.get("authorization", "").encode()
+    if not any(key and hmac.compare_digest(given, f"Bearer {key}".encode()) for key in keys):
+        raise RequestError(401, f"missing or wrong key: {how}")
 
 
 def _error(request: Request, status: int, message: str) -> JSONResponse:

@@ -1,8 +1,14 @@
-"""One rank of a job: join the others, load this rank's shard, then serve (the replica's leader) or follow."""
+"""One rank of a job: join the others, load this rank's shard, then serve (the replica's leader) or follow.
+
+Every rank's liveness is watched from start-up on (liveness.py); a rank that fails, for any reason, ends
+its whole replica at once and exits non-zero, leaving its reason in the job folder for the launcher.
+"""
 from __future__ import annotations
 
 import json
 import os
+import socket
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,9 +20,13 @@ from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.serve.engine import Engine
 from fleetgen.model.load import build_generator, startup_report
 from fleetgen.model.parallel import ParallelState
+from fleetgen.model.serve.liveness import Liveness
 from fleetgen.model.serve.server import Server
+from fleetgen.slurm.control_token import read_token
 from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.rendezvous import rendezvous
+
+IDLE_SIGNALS_PER_TIMEOUT = 4  # an idle leader signals its followers this often per server.dist_timeout_s
 
 
 def run_rank(cfg: LaunchConfig, folder: str) -> None:
@@ -29,41 +39,54 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
                             init_method=rendezvous(job_folder, env, timeout_s=cfg.server.health_timeout_s),
                             rank=env.global_rank, world_size=env.world_size,
                             timeout=timedelta(seconds=cfg.server.dist_timeout_s))
+    ps = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+    node = env.hostnames[env.node_rank] if env.cluster == "slurm" else socket.gethostname()
+    _log(ps, f"on node {node} ({env.cluster} job {env.job_id})")
+    liveness = Liveness.start(ps, node, _reachable_host(cfg, env), cfg.server.heartbeat_timeout_s,
+                              cfg.server.step_timeout_s, job_folder)
     try:
-        ps = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
-        _log(ps, f"on node {env.hostnames[env.node_rank]} ({env.cluster} job {env.job_id})")
         if ps.world_rank == ps.first_rank:
-            _lead(cfg, ps, env, job_folder)
+            _lead(cfg, ps, env, job_folder, liveness)
         else:
-            _engine(cfg.model, ps).follow()
-    finally:
-        dist.destroy_process_group()
+            engine = _engine(cfg, ps)
+            engine.follow()
+    except Exception as e:  # the traceback goes to this rank's stderr; the reason to the replica and launcher
+        traceback.print_exc()
+        liveness.fail(f"rank {ps.world_rank} on {node}: {type(e).__name__}: {e}")
+    liveness.close()
+    dist.destroy_process_group()
 
 
-def _engine(model: Model, ps: ParallelState) -> Engine:
+def _engine(cfg: LaunchConfig, ps: ParallelState) -> Engine:
+    model: Model = cfg.model
     source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
     generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len)
     _log(ps, startup_report(generator))
-    engine = Engine(generator, source.tokenizer(), ps, source.config)
+    engine = Engine(generator, source.tokenizer(), ps, source.config,
+                    idle_signal_s=cfg.server.dist_timeout_s / IDLE_SIGNALS_PER_TIMEOUT)
     engine.warm_up()
     return engine
 
 
-def _lead(cfg: LaunchConfig, ps: ParallelState, env: RankEnvironment, job_folder: Path) -> None:
+def _lead(cfg: LaunchConfig, ps: ParallelState, env: RankEnvironment, job_folder: Path,
+          liveness: Liveness) -> None:
     """The leader answers /health (503) while every rank loads, so clients see the job is alive."""
-    server = Server(cfg.server.host, cfg.server.port, api_key=cfg.server.api_key,
-                    max_body_bytes=cfg.server.max_body_bytes, model_name=cfg.recipe)
-    host = "127.0.0.1" if cfg.cluster.kind == "local" else env.hostnames[env.node_rank]
+    port = cfg.server.port + ps.replica if cfg.server.port else 0  # replicas may share a node
+    server = Server(cfg.server.host, port, api_key=cfg.server.api_key, max_body_bytes=cfg.server.max_body_bytes,
+                    model_name=cfg.recipe, control_token=read_token(job_folder, cfg.server.health_timeout_s),
+                    private=cfg.mode == "batch")
+    liveness.on_failure = server.fail
     _write_atomically(job_folder / f"server-{ps.replica}.json",
-                      json.dumps({"url": f"http://{host}:{server.port}", "replica": ps.replica}))
-    try:
-        engine = _engine(cfg.model, ps)
-    except Exception as e:
-        server.fail(f"{type(e).__name__}: {e}")
-        raise
+                      json.dumps({"url": f"http://{_reachable_host(cfg, env)}:{server.port}", "replica": ps.replica}))
+    engine = _engine(cfg, ps)
+    liveness.engine = engine
     server.attach(engine)
     _log(ps, f"serving on port {server.port}")
-    server.wait()
+    server.wait(on_engine_failure=liveness.fail_engine)
+
+
+def _reachable_host(cfg: LaunchConfig, env: RankEnvironment) -> str:
+    return "127.0.0.1" if cfg.cluster.kind == "local" else env.hostnames[env.node_rank]
 
 
 def _log(ps: ParallelState, message: str) -> None:

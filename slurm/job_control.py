@@ -1,0 +1,160 @@
+"""A submitted job as the launcher sees it, one class per cluster kind: its state in the queue, its ranks'
+exits, cancelling it, and knowing when it is gone. Nothing outside this module asks the scheduler."""
+from __future__ import annotations
+
+import abc
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import submitit
+
+from fleetgen.conf.schema import LaunchConfig
+from fleetgen.slurm.rank_exit import read_exits
+from fleetgen.slurm.submission import make_executor
+
+FINAL_STATE_WAIT_S = 30  # Slurm records a job's end a moment after its tasks have ended
+
+
+class JobControl(abc.ABC):
+    def __init__(self, job: submitit.Job):
+        self.submitted = job
+        self.job_id: str = job.job_id
+        self.folder: Path = Path(job.paths.folder)
+
+    @staticmethod
+    def submit(cfg: LaunchConfig, folder: Path, fn: Callable, *args) -> "JobControl":
+        """Submit fn(*args) on every rank; folder/<job id> becomes the job folder."""
+        job = make_executor(cfg, folder / "%j").submit(fn, *args)
+        return control_class(cfg.cluster.kind)(job)
+
+    def ended(self) -> bool:
+        """Every rank has exited (or the job was cancelled, or never started)."""
+        return self.submitted.done(force_check=True)
+
+    def cancel(self) -> None:
+        self.submitted.cancel(check=False)
+
+    def rank_exits(self) -> dict[int, str]:
+        """rank -> why, for the ranks known to have exited while the job runs on."""
+        return read_exits(self.folder)
+
+    @abc.abstractmethod
+    def queue_state(self) -> str:
+        """A few words for the user: running, or pending and why."""
+
+    @abc.abstractmethod
+    def gone(self) -> bool:
+        """No process of the job is left."""
+
+    @abc.abstractmethod
+    def final_state(self) -> str:
+        """The scheduler's word on how the job ended."""
+
+    @classmethod
+    @abc.abstractmethod
+    def reap(cls, job_id: str) -> None:
+        """End a job a crashed launcher left running, if it still runs."""
+
+
+class LocalJobControl(JobControl):
+    """submitit's local executor: a controller process (its pid is the job id) starts one process per rank."""
+
+    def __init__(self, job: submitit.Job):
+        super().__init__(job)
+        self._ranks: dict[int, psutil.Process] = {}  # every rank process seen so far
+
+    def queue_state(self) -> str:
+        return "running"
+
+    def rank_exits(self) -> dict[int, str]:
+        exits = super().rank_exits()
+        for rank, proc in self._rank_processes().items():
+            if not _running(proc):
+                exits.setdefault(rank, "its process ended without a word (killed?)")
+        return exits
+
+    def _rank_processes(self) -> dict[int, psutil.Process]:
+        try:
+            children = psutil.Process(int(self.job_id)).children()
+        except psutil.NoSuchProcess:
+            children = []
+        for child in children:
+            if child.pid not in {p.pid for p in self._ranks.values()}:
+                try:
+                    rank = child.environ().get("SUBMITIT_LOCAL_GLOBALID")
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                if rank is not None:
+                    self._ranks[int(rank)] = child
+        return self._ranks
+
+    def gone(self) -> bool:
+        try:
+            return not _running(psutil.Process(int(self.job_id)))
+        except psutil.NoSuchProcess:
+            return True
+
+    def final_state(self) -> str:
+        return self.submitted.state
+
+    @classmethod
+    def reap(cls, job_id: str) -> None:
+        try:
+            controller = psutil.Process(int(job_id))
+            if "submitit" not in " ".join(controller.cmdline()):
+                return  # the pid was reused by an unrelated process
+            processes = [controller, *controller.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for proc in processes:
+            proc.kill()
+        psutil.wait_procs(processes, timeout=10)
+        print(f"killed local job {job_id}, left running by a launcher that crashed", file=sys.stderr)
+
+
+class SlurmJobControl(JobControl):
+    """Slurm: squeue for the queue, sacct (through submitit) for the end, scancel to cancel. The ranks run on
+    other nodes, so their exits are known from the exit records they leave in the job folder."""
+
+    def queue_state(self) -> str:
+        out = _squeue(self.job_id, "%T %r").split()
+        if not out:
+            return "left the queue"
+        state, reason = out[0], " ".join(out[1:])
+        return f"{state} (reason: {reason})" if state == "PENDING" else state.lower()
+
+    def gone(self) -> bool:
+        return not _squeue(self.job_id)
+
+    def final_state(self) -> str:
+        deadline = time.monotonic() + FINAL_STATE_WAIT_S
+        while True:
+            state = self.submitted.get_info(mode="force").get("State", "UNKNOWN")
+            if state not in ("RUNNING", "PENDING", "COMPLETING", "UNKNOWN") or time.monotonic() > deadline:
+                return state
+            time.sleep(1)
+
+    @classmethod
+    def reap(cls, job_id: str) -> None:
+        if _squeue(job_id):
+            subprocess.run(["scancel", job_id], check=False)
+            print(f"cancelled job {job_id}, left running by a launcher that crashed", file=sys.stderr)
+
+
+def control_class(kind: str) -> type[JobControl]:
+    return {"local": LocalJobControl, "slurm": SlurmJobControl}[kind]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _squeue(job_id: str, fmt: str = "%i") -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", fmt], capture_output=True, text=True).stdout.strip()
