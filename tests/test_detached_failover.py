@@ -6,6 +6,7 @@ import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 
 from tests.detached_jobs import (assert_every_item_once, kill_all, processes_of, progress, rank_process, squeue,
@@ -71,11 +72,14 @@ def test_a_slow_replica_gets_fewer_items(tmp_path):
     stop = threading.Event()
 
     def throttle():
-        while not stop.is_set():
-            slowed.suspend()
-            time.sleep(0.3)
-            slowed.resume()
-            time.sleep(0.1)
+        try:
+            while not stop.is_set():
+                slowed.suspend()
+                time.sleep(0.3)
+                slowed.resume()
+                time.sleep(0.1)
+        except psutil.NoSuchProcess:
+            pass  # the job has ended
 
     thread = threading.Thread(target=throttle, daemon=True)
     thread.start()
