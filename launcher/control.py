@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-import psutil
 
 from fleetgen.conf.schema import Job
 from fleetgen.launcher.batch.plan import summary_path
@@ -18,6 +13,7 @@ from fleetgen.launcher.batch.progress import progress_path
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, find_job, read_history, read_record,
                                          write_atomically)
+from fleetgen.slurm.job_control import control_class
 
 COMMANDS = ("status", "logs", "cancel")
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -50,29 +46,12 @@ def main(argv: list[str]) -> int:
 # ---- the job's state, wherever it runs
 
 def job_state(record: dict, history: list[dict]) -> str:
-    """Slurm's state of the job (squeue while queued, sacct after); for the local executor, from its process."""
-    if record["kind"] == "slurm":
-        queued = subprocess.run(["squeue", "-h", "-j", record["job_id"], "-o", "%T"], capture_output=True,
-                                text=True).stdout.strip()
-        if queued:
-            return queued
-        ended = subprocess.run(["sacct", "-n", "-X", "-P", "-j", record["job_id"], "-o", "State"],
-                               capture_output=True, text=True).stdout.splitlines()
-        return ended[-1].strip() if ended else "UNKNOWN"
-    if _local_controller(record) is not None:
-        return "RUNNING"
+    """The scheduler's state; for a local job that has ended, what its driver last recorded."""
+    state = control_class(record["kind"]).state_of(record["job_id"])
+    if state is not None:
+        return state
     last = history[-1]["event"] if history else ""
     return {"finished": "COMPLETED", "cancelled": "CANCELLED"}.get(last, "FAILED")
-
-
-def _local_controller(record: dict) -> psutil.Process | None:
-    """The local executor's job id is its controller's pid; a reused pid is someone else's process."""
-    try:
-        process = psutil.Process(int(record["job_id"]))
-        alive = process.status() != psutil.STATUS_ZOMBIE and "submitit" in " ".join(process.cmdline())
-    except psutil.NoSuchProcess:
-        return None
-    return process if alive else None
 
 
 def _active(state: str) -> bool:
@@ -191,7 +170,7 @@ def cancel(job_folder: Path) -> int:
     write_atomically(job_folder / CANCEL_REQUEST, str(time.time()))
     drained = state.startswith("RUNNING") and _ended_within(record, job_folder, record["grace_period_s"] + 60)
     if not drained:
-        _cancel(record)
+        control_class(record["kind"]).cancel_id(record["job_id"])
         if not _ended_within(record, job_folder, 60):
             raise LaunchError(f"job {record['job_id']} did not end after it was cancelled; check "
                               f"`squeue -j {record['job_id']}`")
@@ -199,15 +178,6 @@ def cancel(job_folder: Path) -> int:
     how = f"drained ({_event_text(done[-1])})" if done else "cancelled without draining (it was not running)"
     print(f"job {record['job_id']}: {how}; state {job_state(record, read_history(job_folder))}")
     return 0
-
-
-def _cancel(record: dict) -> None:
-    if record["kind"] == "slurm":
-        subprocess.run(["scancel", record["job_id"]], check=False)
-        return
-    controller = _local_controller(record)
-    if controller is not None:
-        os.kill(controller.pid, signal.SIGINT)  # submitit's local controller stops its tasks on SIGINT
 
 
 def _ended_within(record: dict, job_folder: Path, seconds: float) -> bool:

@@ -34,7 +34,7 @@ from fleetgen.launcher.driver import Driver
 from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, append_event, write_record)
 from fleetgen.slurm.control_token import write_token
 from fleetgen.slurm.environment import RankEnvironment
-from fleetgen.slurm.submission import make_executor
+from fleetgen.slurm.job_control import JobControl, control_class
 
 POLL_S = 0.5
 PR_SET_PDEATHSIG = 1
@@ -45,9 +45,8 @@ def submit(cfg: LaunchConfig, plan: batch.BatchPlan) -> str:
     folder = Path(cfg.job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # job folders hold control tokens, and submitit's pickles pass through here
-    executor = make_executor(cfg, folder / "%j")
     with _outliving_this_terminal(cfg, folder):
-        job = executor.submit(DetachedRun(), plan, str(folder))
+        job = JobControl.submit(cfg, folder, DetachedRun(), plan, str(folder))
     placeholder = folder / "%j"  # submitit creates the folder pattern itself, unformatted
     if placeholder.is_dir() and not any(placeholder.iterdir()):
         placeholder.rmdir()
@@ -217,10 +216,7 @@ def _stop(child: subprocess.Popen, grace_s: float) -> None:
 def _cancel_own_job(env: RankEnvironment) -> None:
     """Drained on `launch cancel`: end the job as cancelled, not completed."""
     print("driver: drained; cancelling the job", flush=True)
-    if env.cluster == "slurm":
-        subprocess.run(["scancel", env.job_id], check=False)
-    else:
-        os.kill(os.getppid(), signal.SIGINT)  # submitit's local controller: it stops every task
+    control_class(env.cluster).cancel_id(env.job_id)
     time.sleep(3600)  # until the cancellation ends this process
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 
-from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher import batch
 from fleetgen.slurm.control_token import read_token
 from fleetgen.slurm.rank_exit import read_exits
