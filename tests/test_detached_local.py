@@ -25,11 +25,12 @@ def test_a_local_detached_run_finishes_by_itself(tmp_path):
     write_prompts(tmp_path / "in.jsonl", 24)
     job_id = submit(tmp_path, "tiny", "batch.input=in.jsonl")
     assert status(tmp_path, job_id)["state"] == "RUNNING"  # `launch` has returned; its job has not
-    report = wait_until(lambda: ended(tmp_path, job_id), 120, "the job to end")
+    follow = launch(tmp_path, "logs", job_id, "-f", timeout=120)  # returns once the job has ended
+    assert "healthy" in follow.stdout and "results: " in follow.stdout
+    report = wait_until(lambda: ended(tmp_path, job_id), 30, "the job to end")
     assert report["state"] == "COMPLETED" and report["complete"]
     assert report["done"] == report["total"] == 24
     assert_every_item_once(tmp_path, 24)
-    assert "healthy" in launch(tmp_path, "logs", job_id).stdout
 
 
 def test_launch_cancel_drains_a_local_job(tmp_path):
