@@ -85,7 +85,7 @@ class Dispatcher:
             with self._cv:
                 while not self._finished() and self.stop_reason is None:
                     if drain is not None and drain.is_set():
-                        self.stop_reason = "drained"
+                        self._stop("drained")
                     self._check_servers_left()
                     self._cv.wait(0.5)
                 self._admitting = False
@@ -110,8 +110,8 @@ class Dispatcher:
         self._all_lost_since = self._all_lost_since or now
         if now - self._all_lost_since > self._settings.replica_wait_s:
             reasons = "; ".join(f"{r.url}: {r.reason}" for r in self.replicas)
-            self.stop_reason = (f"every server was lost for more than {self._settings.replica_wait_s:.0f} s "
-                                f"(batch.replica_wait_s): {reasons}")
+            self._stop(f"every server was lost for more than {self._settings.replica_wait_s:.0f} s "
+                       f"(batch.replica_wait_s): {reasons}")
 
     # ---- workers
 
@@ -152,7 +152,7 @@ class Dispatcher:
             response = self._client.request(fmt.method, group.replica.url + fmt.route,
                                             json=fmt.body(items, self._model), timeout=timeout)
         except httpx.TimeoutException:
-            return Answer("replica", message=f"no answer within {timeout:.0f} s (batch.request_timeout_s + "
+            return Answer("replica", message=f"no answer within {timeout:.3g} s (batch.request_timeout_s + "
                                              "batch.timeout_per_token_s × tokens asked)")
         except httpx.TransportError as e:
             return Answer("replica", message=f"{type(e).__name__}: {e}")
@@ -191,7 +191,7 @@ class Dispatcher:
                 self._lose(replica, answer.message)
                 self._retry(items, answer.message)
             elif answer.kind == "fatal":
-                self.stop_reason = answer.message
+                self._stop(answer.message)
             self._cv.notify_all()
 
     def _record(self, replica: Replica, items: list[Item], results: list) -> None:
@@ -212,8 +212,12 @@ class Dispatcher:
         if len(self.first_errors) < FIRST_ERRORS_SHOWN:
             self.first_errors.append(f"key {item.record.key!r} (line {item.record.line}, sample {sample}): {message}")
         if self._ledger.failed > self._settings.max_error_fraction * self.total:
-            self.stop_reason = (f"aborted: {self._ledger.failed} of {self.total} items failed, more than "
-                                f"batch.max_error_fraction={self._settings.max_error_fraction}")
+            self._stop(f"aborted: {self._ledger.failed} of {self.total} items failed, more than "
+                       f"batch.max_error_fraction={self._settings.max_error_fraction}")
+
+    def _stop(self, reason: str) -> None:
+        """The first reason stands: answers still settling after it do not rewrite it."""
+        self.stop_reason = self.stop_reason or reason
 
     def _lose(self, replica: Replica, reason: str) -> None:
         """Take a replica out; its other requests in flight are given back now rather than awaited."""

@@ -120,7 +120,7 @@ class FleetgenFormat:
 
     @staticmethod
     def error(item: Item, message: str, status: Optional[int], body: Any) -> dict:
-        return {"id": item.record.key, "line": item.record.line, "sample": item.sample, "seed": item.seed,
+        return {"id": item.record.key, "sample": item.sample, "seed": item.seed, "line": item.record.line,
                 "status_code": status, "error": message}
 
 

@@ -35,10 +35,14 @@ class DuplicateKeys:
         self._hashes.append(hash64(key_text(key)))
 
     def suspects(self) -> set[int]:
-        hashes = np.frombuffer(self._hashes, dtype=np.uint64).copy()
-        self._hashes = array("Q")
+        if not self._hashes:
+            return set()
+        hashes = np.frombuffer(self._hashes, dtype=np.uint64)  # sorted in place: no second copy
         hashes.sort()
-        return set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+        repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+        del hashes
+        self._hashes = array("Q")
+        return repeated
 
     @staticmethod
     def first_repeat(suspects: set[int], keyed_lines: Iterable[tuple[Any, int]]) -> tuple[Any, int, int] | None:

@@ -3,7 +3,8 @@ seconds and on close. Its first line ties it to the input file and the generatio
 
 A rerun replays it: finished items are skipped, a torn last line (a kill or a crash mid-write) is cut off
 and its item redone. Entries: {"i": record index, "s": sample, "k": key, "ok": bool, "tokens": [p, c],
-"record": the output or errors-file record}.
+"record": the output or errors-file record}, "record" last, so that readers that need only the entry's head
+(replay, the merge's index) and the merge itself (which copies the record's bytes) never parse the record.
 """
 from __future__ import annotations
 
@@ -55,44 +56,63 @@ def check_header(path: Path, header: dict, restart_hint: str) -> None:
         raise LaunchError(f"{path} was written with other settings ({shown}); {restart_hint}")
 
 
-def entries(path: Path) -> Iterator[tuple[int, dict]]:
-    """(byte offset, entry) of every whole entry; a torn tail is not yielded."""
+RECORD = b', "record": '
+
+
+def entries(path: Path) -> Iterator[tuple[int, dict, bytes]]:
+    """(byte offset, head, whole line) of every entry, the head being the entry without its record."""
     with open(path, "rb") as f:
         f.readline()
         offset = f.tell()
         for raw in f:
-            entry = _entry(raw)
-            if entry is None:
+            head = _head(raw)
+            if head is None:
                 return
-            yield offset, entry
+            yield offset, head, raw
             offset += len(raw)
 
 
-def _entry(raw: bytes) -> dict | None:
-    if not raw.endswith(b"\n"):
+def record_bytes(raw: bytes) -> bytes:
+    return raw[raw.index(RECORD) + len(RECORD):-2]
+
+
+def _head(raw: bytes) -> dict | None:
+    """The entry's head, or None for a line that is not a whole entry (torn, zero-filled, foreign)."""
+    cut = raw.find(RECORD)
+    if cut < 0 or not raw.endswith(b"}\n"):
         return None
     try:
-        entry = json.loads(raw)
+        head = json.loads(raw[:cut] + b"}")
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return entry if isinstance(entry, dict) and "i" in entry and "s" in entry else None
+    return head if isinstance(head, dict) and {"i", "s", "ok", "tokens"} <= set(head) else None
+
+
+def _whole(raw: bytes) -> bool:
+    try:
+        return _head(raw) is not None and isinstance(json.loads(raw), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def repair(path: Path) -> int:
-    """Cut a torn tail off (returns the bytes cut); refuse a ledger damaged anywhere else."""
+    """Cut a torn tail off (returns the bytes cut); refuse a ledger damaged anywhere else. Every line's head
+    is checked, and the last line whole (a crash can only tear what was written last)."""
     with open(path, "rb") as f:
         f.readline()
-        good_end, bad_line, number = f.tell(), None, 1
+        good_end, bad_line, number, last = f.tell(), None, 1, b""
         for raw in f:
             number += 1
-            if _entry(raw) is None:
+            if _head(raw) is None:
                 bad_line = bad_line or number
             elif bad_line is not None:
                 raise LaunchError(f"{path}, line {bad_line}: damaged entry before whole ones (not a torn last "
                                   "line); move the ledger away or use batch.restart=true")
             else:
-                good_end = f.tell()
+                good_end, last = f.tell(), raw
         size = f.tell()
+    if last and not _whole(last):
+        good_end -= len(last)
     if size > good_end:
         with open(path, "r+b") as f:
             f.truncate(good_end)
@@ -112,8 +132,8 @@ class Ledger:
             _create(path, header)
         else:
             self.cut_bytes = repair(path)
-            for _, entry in entries(path):
-                self._count(entry)
+            for _, head, _ in entries(path):
+                self._count(head)
         self._file = open(path, "ab")
         self._lock, self._synced, self._closed = threading.Lock(), time.monotonic(), False
 
@@ -130,8 +150,8 @@ class Ledger:
 
     def add(self, index: int, sample: int, key, ok: bool, record: dict, tokens: tuple[int, int] = (0, 0)) -> bool:
         """Record a finished item once: False if it was already recorded (or the ledger is closed)."""
-        entry = {"i": index, "s": sample, "k": key, "ok": ok, "tokens": list(tokens), "record": record}
-        line = (json.dumps(entry) + "\n").encode()
+        entry = {"i": index, "s": sample, "k": key, "ok": ok, "tokens": list(tokens)}
+        line = (json.dumps(entry)[:-1] + RECORD.decode() + json.dumps(record) + "}\n").encode()
         with self._lock:
             if self._closed or self.done[index * self.samples + sample]:
                 return False

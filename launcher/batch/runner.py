@@ -14,6 +14,7 @@ from fleetgen.launcher.batch.ledger import Ledger, ledger_path
 from fleetgen.launcher.batch.plan import BatchPlan, errors_path, summary_path
 from fleetgen.launcher.batch.progress import Reporter, progress_path, write_json_atomically
 from fleetgen.launcher.batch.source import WorkSource
+from fleetgen.launcher.errors import LaunchError
 
 
 @dataclass
@@ -55,6 +56,8 @@ def run(plan: BatchPlan, servers: list[str], token: Optional[str],
     flushed and fsynced and the Summary says complete=False (a rerun finishes). When every item is
     finished, OUTPUT and OUTPUT.errors.jsonl are written in input order, audited, and OUTPUT.summary.json
     is written."""
+    if not servers:
+        raise LaunchError("batch: no server to send the batch to")
     cfg, started = plan.cfg, time.monotonic()
     fmt, output = plan.make_format(), plan.output
     ledger = Ledger(ledger_path(output), plan.header, cfg.batch.samples)

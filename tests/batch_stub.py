@@ -1,0 +1,123 @@
+"""A stand-in for fleetgen's server in batch tests and the memory benchmark: NeMo's PUT /generate and OpenAI's
+POST /v1/completions answered at once with text that depends only on the prompt and the sentence's seed, and
+knobs for what a real server does wrong (a delay, a crash, 503s). No model: a fast, exact oracle."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def stub_completion(prompt: str, seed) -> str:
+    return f" [{prompt[::-1][:6]}|{seed}]"
+
+
+class StubServer:
+    """delay_s: seconds before each answer; refuse: prompts containing it get HTTP 400; down: connections are
+    closed unanswered; unavailable: 503. Counts sentences per server in .sentences."""
+
+    def __init__(self, delay_s: float = 0.0, refuse: str = "REFUSE", token: str | None = None):
+        self.delay_s, self.refuse, self.token = delay_s, refuse, token
+        self.down = self.unavailable = False
+        self.sentences, self.requests, self.bodies = 0, 0, []
+        self.lock, self.keep_bodies = threading.Lock(), False
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.http.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+    def answer(self, method: str, path: str, body: dict, headers) -> tuple[int, dict]:
+        if self.token and headers.get("Authorization") != f"Bearer {self.token}":
+            return 401, {"error": "missing or wrong API key"}
+        if self.unavailable:
+            return 503, {"error": "the model is not ready: failed"}
+        if path == "/health":
+            return 200, {"status": "ready"}
+        with self.lock:
+            self.requests += 1
+            if self.keep_bodies:
+                self.bodies.append(body)
+        if path == "/generate":
+            return self._generate(body)
+        return self._complete(body)
+
+    def _generate(self, body: dict) -> tuple[int, dict]:
+        if any(self.refuse in s for s in body["sentences"]):
+            return 400, {"error": f"sentences: contains {self.refuse}"}
+        if body["tokens_to_generate"] > 1000:
+            return 400, {"error": "tokens_to_generate: more than the context window"}
+        seed = body.get("random_seed")
+        answer = {"sentences": [], "token_ids": [], "offsets": [], "tokens": [], "logprob": None}
+        for i, prompt in enumerate(body["sentences"]):
+            completion = stub_completion(prompt, None if body["greedy"] else seed + i)
+            prompt_tokens = max(1, len(prompt) // 4)
+            new = min(body["tokens_to_generate"], 3)
+            answer["sentences"].append(prompt + completion)
+            answer["token_ids"].append(list(range(prompt_tokens + new)))
+            answer["offsets"].append(list(range(prompt_tokens)) + [len(prompt) + j for j in range(new)])
+        with self.lock:
+            self.sentences += len(body["sentences"])
+        return 200, answer
+
+    def _complete(self, body: dict) -> tuple[int, dict]:
+        if not isinstance(body.get("max_tokens", 16), int) or body.get("max_tokens", 16) < 1:
+            return 400, {"error": {"message": "max_tokens: Input should be greater than or equal to 1",
+                                   "type": "invalid_request_error", "param": None, "code": 400}}
+        prompt = body["prompt"]
+        with self.lock:
+            self.sentences += 1
+        return 200, {"id": "cmpl-stub", "object": "text_completion", "created": 0, "model": body["model"],
+                     "choices": [{"text": stub_completion(prompt, body.get("seed")), "index": 0, "logprobs": None,
+                                  "finish_reason": "length"}],
+                     "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}}
+
+    def _handler(self):
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _serve(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else {}
+                if stub.down:
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if stub.delay_s and self.path != "/health":
+                    threading.Event().wait(stub.delay_s)
+                status, answer = stub.answer(self.command, self.path, body, self.headers)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = _serve
+
+        return Handler
+
+
+def batch_config(input_path, output_path, checkpoint="/unused", recipe="tiny", generation=None, **batch):
+    """A LaunchConfig for driving prepare()/run() directly (the servers are the test's own)."""
+    from fleetgen.conf.schema import parse
+
+    return parse({"recipe": recipe, "cluster": {"kind": "local"}, "model": {"checkpoint": str(checkpoint)},
+                  "generation": {"greedy": True, **(generation or {})},
+                  "batch": {"input": str(input_path), "output": str(output_path), **batch}})
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
