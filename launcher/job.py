@@ -123,11 +123,15 @@ class RunningJob:
         """Serve mode: block until Ctrl-C; a job that ends by itself (time limit, scancel, every replica failed)
         is reported, and so is each replica that fails while others serve on."""
         told: set[int] = set()
+        per_replica = self.cfg.parallel.tensor * self.cfg.parallel.pipeline
         while not self.control.ended():
             exits = self.control.rank_exits()
             for rank in sorted(set(exits) - told):
                 print(f"launch: job {self.job_id}: rank {rank} exited {exits[rank]}", file=sys.stderr)
             told |= set(exits)
+            if len({rank // per_replica for rank in exits}) == self.cfg.parallel.replicas:
+                raise LaunchError(f"job {self.job_id}: every replica failed while serving: {self.failure_report()}"
+                                  f"\n{self.error_tail()}")
             time.sleep(2)
         raise LaunchError(f"job {self.job_id} ended while serving. {self.end_report()}")
 

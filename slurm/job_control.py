@@ -40,8 +40,8 @@ class JobControl(abc.ABC):
         self.submitted.cancel(check=False)
 
     def rank_exits(self) -> dict[int, str]:
-        """rank -> why, for the ranks known to have exited while the job runs on."""
-        return read_exits(self.folder)
+        """rank -> why, for the ranks known to have failed (exited other than normally)."""
+        return {rank: why for rank, why in read_exits(self.folder).items() if why is not None}
 
     @abc.abstractmethod
     def queue_state(self) -> str:
@@ -83,10 +83,12 @@ class LocalJobControl(JobControl):
         return "running"
 
     def rank_exits(self) -> dict[int, str]:
-        exits = super().rank_exits()
+        """Also the ranks whose process ended without writing its exit record (killed, or crashed hard)."""
+        records = read_exits(self.folder)
+        exits = {rank: why for rank, why in records.items() if why is not None}
         for rank, proc in self._rank_processes().items():
-            if not _running(proc):
-                exits.setdefault(rank, "its process ended without a word (killed?)")
+            if rank not in records and not _running(proc):
+                exits[rank] = "ended without a word (killed?)"
         return exits
 
     def _rank_processes(self) -> dict[int, psutil.Process]:

@@ -1,18 +1,19 @@
 """A rank's last word in the job folder: why it is exiting, for the launcher to report.
 
 Under Slurm the launcher cannot see a rank's process (it runs on another node), and the job runs on while any
-rank lives: a rank that fails writes `rank-<N>.exit.json` before it exits, so the launcher learns at once
-that the job cannot become healthy, and why. A rank killed outright writes nothing, but its replica's other
-ranks notice and write theirs.
+rank lives: a rank writes `rank-<N>.exit.json` before it exits (reason null when it ends normally), so the
+launcher learns at once that the job cannot become healthy, and why. A rank killed outright writes nothing,
+but its replica's other ranks notice and write theirs.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 
-def write_exit(job_folder: Path | str, rank: int, node: str, reason: str) -> None:
+def write_exit(job_folder: Path | str, rank: int, node: str, reason: Optional[str]) -> None:
     path = Path(job_folder) / f"rank-{rank}.exit.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -20,10 +21,10 @@ def write_exit(job_folder: Path | str, rank: int, node: str, reason: str) -> Non
     os.replace(tmp, path)
 
 
-def read_exits(job_folder: Path | str) -> dict[int, str]:
-    """rank -> `on NODE: reason`, for every rank that has written its last word."""
+def read_exits(job_folder: Path | str) -> dict[int, Optional[str]]:
+    """rank -> `on NODE: reason` (None for a normal end), for every rank that has written its last word."""
     exits = {}
     for path in Path(job_folder).glob("rank-*.exit.json"):
         record = json.loads(path.read_text())
-        exits[record["rank"]] = f"on {record['node']}: {record['reason']}"
+        exits[record["rank"]] = f"on {record['node']}: {record['reason']}" if record["reason"] else None
     return exits

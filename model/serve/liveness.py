@@ -200,8 +200,11 @@ class Liveness:
                           f"(server.heartbeat_timeout_s={self.heartbeat_timeout_s:g}): hung or unreachable")
         started = self.engine.step_started if self.engine is not None else None
         if started is not None and now - started > self.step_timeout_s:
+            quiet = [f"{self.describe(p.rank)} silent for {now - p.heard:.0f} s" for p in self._peers.values()
+                     if now - p.heard > 1.5 * self.interval_s]
             self.fail(f"a step of replica {self.ps.replica} ran for {now - started:.0f} s without finishing "
-                      f"(server.step_timeout_s={self.step_timeout_s:g}): a rank is hung")
+                      f"(server.step_timeout_s={self.step_timeout_s:g}): "
+                      + (f"hung: {', '.join(quiet)}" if quiet else "a rank is hung"))
 
     # ---- a follower
 

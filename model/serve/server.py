@@ -171,6 +171,8 @@ class Server:
         return JSONResponse(models_response(self.model_name, self._created))
 
     async def _shutdown(self) -> JSONResponse:
+        if self._failure is not None:
+            raise RequestError(503, f"the replica failed and is exiting by itself: {self._failure}")
         self.shutdown()
         return JSONResponse({"status": "stopping"})
 

@@ -24,6 +24,7 @@ from fleetgen.model.serve.liveness import Liveness
 from fleetgen.model.serve.server import Server
 from fleetgen.slurm.control_token import read_token
 from fleetgen.slurm.environment import RankEnvironment
+from fleetgen.slurm.rank_exit import write_exit
 from fleetgen.slurm.rendezvous import rendezvous
 
 IDLE_SIGNALS_PER_TIMEOUT = 4  # an idle leader signals its followers this often per server.dist_timeout_s
@@ -55,6 +56,7 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
         liveness.fail(f"rank {ps.world_rank} on {node}: {type(e).__name__}: {e}")
     liveness.close()
     dist.destroy_process_group()
+    write_exit(job_folder, ps.world_rank, node, None)
 
 
 def _engine(cfg: LaunchConfig, ps: ParallelState) -> Engine:
