@@ -48,7 +48,7 @@ class Driver:
         deadline = time.monotonic() + self.cfg.server.health_timeout_s
         with httpx.Client(timeout=5) as client:
             while not self.drain.is_set():
-                exits = read_exits(self.job_folder)
+                exits = {rank: why or "ended" for rank, why in read_exits(self.job_folder).items()}
                 if self.rank0.poll() is not None:
                     exits.setdefault(0, f"exited with code {self.rank0.returncode}")
                 if exits:
