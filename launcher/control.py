@@ -67,7 +67,6 @@ def status(job_folder: Path) -> dict:
     summary = _read_json(summary_path(output))
     counts = progress or summary or {}
     replicas = progress.get("replicas", []) if progress else []
-    requeues = [event for event in history if event["event"] == "requeued"]
     starts = [event for event in history if event["event"] == "started"]
     return {
         "job_id": record["job_id"], "kind": record["kind"], "recipe": record["recipe"],
@@ -77,7 +76,7 @@ def status(job_folder: Path) -> dict:
         "replicas": replicas,
         "healthy_replicas": sum(r.get("state") == "healthy" for r in replicas),
         "lost_replicas": [r for r in replicas if r.get("state") == "failed"],
-        "requeues": max(len(requeues), len(starts) - 1),
+        "requeues": max(len(starts) - 1, 0),  # each start after the first: drained and requeued, or killed
         "history": history,
         "output": str(output),
         "summary": str(summary_path(output)) if summary else None,

@@ -169,7 +169,8 @@ class _RunningDriver:
             # batch.run bounds the in-flight items by drain_timeout_s; then the ledger is flushed
             self.thread.join(self.cfg.batch.drain_timeout_s + self.cfg.job.grace_period_s / 2)
         summary = self.driver.summary if self.driver is not None else None
-        append_event(self.job_folder, "requeued", reason=reason, attempt=self.env.restart_count,
+        # submitit requeues next, unless time-outs have used up job.max_requeues (then the job ends here)
+        append_event(self.job_folder, "drained", reason=reason, attempt=self.env.restart_count,
                      elapsed_s=round(elapsed, 1), **_counts(summary))
 
 

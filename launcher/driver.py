@@ -30,18 +30,18 @@ class Driver:
 
     def run(self) -> None:
         """The thread's body: its outcome is left in .summary (None if drained before the start) or .error."""
+        token = None
         try:
             token = read_token(self.job_folder, self.cfg.server.health_timeout_s)
             urls = self._wait_until_healthy()
-            if urls is None:
-                return
-            print(f"driver: {len(urls)} replica(s) healthy: {' '.join(urls)}", flush=True)
-            self.summary = batch.run(self.plan, urls, token, self.drain)
-            if self.summary.complete:
-                self._shut_down(urls, token)
-                self.servers_stopped = True
+            if urls is not None:
+                print(f"driver: {len(urls)} replica(s) healthy: {' '.join(urls)}", flush=True)
+                self.summary = batch.run(self.plan, urls, token, self.drain)
         except Exception as e:  # reported by the task's main thread, which fails the job with it
             self.error = e
+        if not self.drain.is_set():  # finished, stopped or failed: no replica has anything left to do
+            self._shut_down(self._server_urls(), token)
+            self.servers_stopped = True
 
     def _wait_until_healthy(self) -> list[str] | None:
         """Every replica's URL once all answer /health 200; None if asked to drain first."""
@@ -77,8 +77,8 @@ class Driver:
                 urls.append(json.loads(path.read_text())["url"])
         return urls
 
-    def _shut_down(self, urls: list[str], token: str) -> None:
-        headers = {"Authorization": f"Bearer {token}"}
+    def _shut_down(self, urls: list[str], token: str | None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         for url in urls:
             try:
                 httpx.post(f"{url}/shutdown", timeout=5, headers=headers)

@@ -79,7 +79,9 @@ def executor_parameters(cfg: LaunchConfig, job_folder: Path | str) -> dict:
         "slurm_constraint": cluster.constraint,
         "slurm_setup": _setup_lines(cluster) or None,
         "slurm_additional_parameters": dict(cluster.sbatch_args) or None,
-        "slurm_srun_args": [*cluster.srun_args, *container_args] or None,
+        # a detached job's tasks exit non-zero only when its driver fails the job: then end every task
+        "slurm_srun_args": [*cluster.srun_args, *container_args, *(["--kill-on-bad-exit=1"] if cfg.detach else [])]
+        or None,
         "slurm_signal_delay_s": signal_delay_s(cfg),
     }
     return {key: value for key, value in params.items() if value is not None}

@@ -56,9 +56,9 @@ def test_a_warned_job_drains_requeues_and_resumes(tmp_path, how):
     report = status(tmp_path, job_id)
     assert report["state"] == "COMPLETED", report
     assert report["requeues"] >= 1
-    requeued = [e for e in report["history"] if e["event"] == "requeued"]
-    assert requeued and requeued[0]["reason"] == ("preempted" if how == "usr2" else "timed-out")
-    assert 0 < requeued[0]["done"] < count  # drained mid-run, then resumed
+    drained = [e for e in report["history"] if e["event"] == "drained"]
+    assert drained and drained[0]["reason"] == ("preempted" if how == "usr2" else "timed-out")
+    assert 0 < drained[0]["done"] < count  # drained mid-run, then resumed
     assert [e["attempt"] for e in report["history"] if e["event"] == "started"][:2] == [0, 1]
     assert_every_item_once(tmp_path, count)
     assert report["done"] == report["total"] == count
