@@ -7,6 +7,7 @@ import time
 import psutil
 
 LAUNCH = [sys.executable, "-m", "fleetgen.launcher"]
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING")
 
 
 def write_prompts(path, count, prefix="Chapter"):
@@ -34,6 +35,12 @@ def status(tmp_path, job_id):
     result = launch(tmp_path, "status", job_id, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def final_status(tmp_path, job_id):
+    """`launch status` once Slurm has recorded the job's end (sacct lags the queue by a moment)."""
+    return wait_until(lambda: (lambda report: report if report["state"] not in ACTIVE else None)(
+        status(tmp_path, job_id)), 60, f"job {job_id}'s final state")
 
 
 def squeue(job_id):

@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
-from tests.detached_jobs import (assert_every_item_once, kill_all, processes_of, progress, rank_process, squeue,
-                                 status, submit, wait_for_progress, wait_for_slurm_end, wait_until, write_prompts)
+from tests.detached_jobs import (assert_every_item_once, final_status, kill_all, processes_of, progress, rank_process,
+                                 squeue, submit, wait_for_progress, wait_for_slurm_end, wait_until, write_prompts)
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_a_lost_replica_fails_over(tmp_path, victim, replica, sig):
                                for r in progress(tmp_path).get("replicas", [])), 120, f"{lost} failed")
         process.resume()
     wait_for_slurm_end(job_id)
-    report = status(tmp_path, job_id)
+    report = final_status(tmp_path, job_id)
     assert report["state"] == "COMPLETED", report
     assert_every_item_once(tmp_path, count)
     summary = json.loads((tmp_path / "results.jsonl.summary.json").read_text())

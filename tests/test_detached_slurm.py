@@ -3,8 +3,9 @@ import subprocess
 
 import pytest
 
-from tests.detached_jobs import (assert_every_item_once, kill_all, launch, processes_of, progress, sacct_state,
-                                 squeue, status, submit, wait_for_progress, wait_for_slurm_end, write_prompts)
+from tests.detached_jobs import (assert_every_item_once, final_status, kill_all, launch, processes_of, progress,
+                                 sacct_state, squeue, status, submit, wait_for_progress, wait_for_slurm_end,
+                                 write_prompts)
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def test_a_detached_run_finishes_by_itself(tmp_path):
     job_id = submit(tmp_path, "tiny_slurm")
     assert squeue(job_id)  # the launcher has exited; the job goes on without it
     wait_for_slurm_end(job_id)
-    report = status(tmp_path, job_id)
+    report = final_status(tmp_path, job_id)
     assert report["state"] == "COMPLETED" and report["complete"]
     assert report["done"] == report["total"] == 8 and report["failed"] == 0
     assert report["requeues"] == 0
@@ -53,7 +54,7 @@ def test_a_warned_job_drains_requeues_and_resumes(tmp_path, how):
         wait_for_progress(tmp_path, 10)
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     wait_for_slurm_end(job_id, timeout=600)
-    report = status(tmp_path, job_id)
+    report = final_status(tmp_path, job_id)
     assert report["state"] == "COMPLETED", report
     assert report["requeues"] >= 1
     drained = [e for e in report["history"] if e["event"] == "drained"]
