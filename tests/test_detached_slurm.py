@@ -44,11 +44,11 @@ def test_a_detached_run_finishes_by_itself(tmp_path):
 
 @pytest.mark.parametrize("how", ["usr2", "time_limit"])
 def test_a_warned_job_drains_requeues_and_resumes(tmp_path, how):
-    count = 120 if how == "usr2" else 900
+    count = 120 if how == "usr2" else 700
     write_prompts(tmp_path / "in.jsonl", count)
     overrides = ["batch.input=in.jsonl", "job.grace_period_s=10", "batch.drain_timeout_s=10"]
     if how == "time_limit":  # USR2 40 s before the 2 min limit, Slurm looking every 30 s: 50-80 s into each start
-        overrides += ["cluster.time_min=2", "batch.drain_timeout_s=30", "job.max_requeues=4"]
+        overrides += ["cluster.time_min=2", "batch.drain_timeout_s=30", "job.max_requeues=6"]
     job_id = submit(tmp_path, "tiny_slurm", *overrides)
     if how == "usr2":
         wait_for_progress(tmp_path, 10)
