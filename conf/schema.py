@@ -31,10 +31,14 @@ class Cluster(_Strict):
 
 
 class Container(_Strict):
+    runtime: Literal["pyxis", "charliecloud"] = "pyxis"
     image: Optional[str] = None
     mounts: list[str] = []
     workdir: Optional[str] = None
     mount_home: bool = False
+    python_version: str = Field("3.10", pattern=r"^3\.\d+$")  # the image's, where it cannot be probed (pyxis)
+    overlay: Optional[str] = "~/.cache/fleetgen/overlays"  # null: the image has fleetgen, nothing is added
+    wheels: Optional[str] = None
 
 
 class Model(_Strict):
@@ -131,7 +135,7 @@ class LaunchConfig(_Strict):
     def _containers_need_slurm(self):
         if self.container.image and self.cluster.kind != "slurm":
             raise ValueError("container.image is set but cluster.kind is 'local': containers run through "
-                             "Slurm's pyxis (use cluster=slurm, or container=none)")
+                             "Slurm (use cluster=slurm, or container=none)")
         return self
 
     @model_validator(mode="after")

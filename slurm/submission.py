@@ -14,38 +14,11 @@ from pathlib import Path
 import submitit
 from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
-from fleetgen.conf.schema import Cluster, Container, LaunchConfig
+from fleetgen.conf.schema import Cluster, LaunchConfig
+from fleetgen.slurm.container import (container_python, container_srun_args, mount_folder,  # noqa: F401 (API)
+                                      planned_overlay, prepare_container, read_only_paths)
 
-CONTAINER_PYTHON = "python3"  # the image's interpreter: the login node's path means nothing inside it
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def mount_folder(job_folder: Path | str) -> Path:
-    """The job folder without its submitit placeholders (folder/%j): what exists before the job starts."""
-    folder = Path(job_folder).expanduser().absolute()
-    while "%" in folder.as_posix():
-        folder = folder.parent
-    return folder
-
-
-def container_srun_args(container: Container, job_folder: Path | str) -> list[str]:
-    """pyxis/enroot flags for srun; [] without an image. The job folder is always mounted (same path inside),
-    so ranks can write the server address, rendezvous file and results where the launcher reads them."""
-    if not container.image:
-        return []
-    folder = str(mount_folder(job_folder))
-    mounts = list(container.mounts)
-    for i, mount in enumerate(mounts):
-        if not mount or "," in mount:
-            raise ValueError(f"container.mounts[{i}]={mount!r}: expected HOST_PATH[:CONTAINER_PATH[:ro]] "
-                             "without commas")
-    if f"{folder}:{folder}" not in mounts:
-        mounts.append(f"{folder}:{folder}")
-    args = [f"--container-image={container.image}", f"--container-mounts={','.join(mounts)}",
-            f"--container-workdir={container.workdir or folder}"]
-    if not container.mount_home:
-        args.append("--no-container-mount-home")
-    return args
 
 
 def _setup_lines(cluster: Cluster) -> list[str]:
@@ -57,15 +30,17 @@ def _setup_lines(cluster: Cluster) -> list[str]:
     return lines
 
 
-def executor_parameters(cfg: LaunchConfig, job_folder: Path | str) -> dict:
-    """The keyword arguments of submitit's `executor.update_parameters(...)`, None values left out."""
+def executor_parameters(cfg: LaunchConfig, job_folder: Path | str, overlay: Path | None = None) -> dict:
+    """The keyword arguments of submitit's `executor.update_parameters(...)`, None values left out.
+
+    overlay: the folder container.overlay prepared for the image (slurm/container_overlay.py), if any."""
     cluster = cfg.cluster
     common = {"tasks_per_node": cfg.ranks_per_node, "timeout_min": cluster.time_min, "name": cfg.job.name}
     if cluster.kind == "local":
         # The local executor hides every GPU (CUDA_VISIBLE_DEVICES="") unless asked for some.
         gpus = {"gpus_per_node": cluster.gpus_per_node} if cluster.gpus_per_node else {}
         return {**common, "nodes": 1, **gpus}
-    container_args = container_srun_args(cfg.container, job_folder)
+    container_args = container_srun_args(cfg.container, job_folder, read_only_paths(cfg, overlay))
     params = {
         "slurm_partition": cluster.partition,
         "slurm_account": cluster.account,
@@ -80,7 +55,7 @@ def executor_parameters(cfg: LaunchConfig, job_folder: Path | str) -> dict:
         "slurm_setup": _setup_lines(cluster) or None,
         "slurm_additional_parameters": dict(cluster.sbatch_args) or None,
         # a detached job's tasks exit non-zero only when its driver fails the job: then end every task
-        "slurm_srun_args": [*cluster.srun_args, *container_args, *(["--kill-on-bad-exit=1"] if cfg.detach else [])]
+        "slurm_srun_args": [*cluster.srun_args, *(["--kill-on-bad-exit=1"] if cfg.detach else []), *container_args]
         or None,
         "slurm_signal_delay_s": signal_delay_s(cfg),
     }
@@ -94,19 +69,19 @@ def signal_delay_s(cfg: LaunchConfig) -> int:
     return max(1, math.ceil(cfg.job.grace_period_s + drain))
 
 
-def _python(cfg: LaunchConfig) -> str | None:
-    return CONTAINER_PYTHON if cfg.cluster.kind == "slurm" and cfg.container.image else None
-
-
 def make_executor(cfg: LaunchConfig, job_folder: Path | str) -> submitit.Executor:
-    """submitit's executor for cluster.kind ("slurm" or "local"), with every parameter set."""
-    python = _python(cfg)
+    """submitit's executor for cluster.kind ("slurm" or "local"), with every parameter set.
+
+    With a container image this is the moment of submission: the image is probed where the runtime allows and
+    the overlay of what it lacks is built or reused (slurm/container.py), so a bad image fails here."""
+    overlay = prepare_container(cfg, job_folder)
+    python = container_python(cfg, job_folder, overlay)
     kind = cfg.cluster.kind
     # Requeues after a time limit, counted by submitit's checkpoint mechanism (a detached job is checkpointable).
     executor = submitit.AutoExecutor(folder=job_folder, cluster=kind,
                                      **{f"{kind}_max_num_timeout": cfg.job.max_requeues},
                                      **({"slurm_python": python} if python else {}))
-    executor.update_parameters(**executor_parameters(cfg, job_folder))
+    executor.update_parameters(**executor_parameters(cfg, job_folder, overlay))
     return executor
 
 
@@ -118,12 +93,13 @@ def render_sbatch(cfg: LaunchConfig, job_folder: Path | str) -> str:
     the result against the script submitit writes.
     """
     folder = Path(job_folder).expanduser().absolute()
+    overlay = planned_overlay(cfg)
     renames = SlurmExecutor._equivalence_dict()
     sbatch = {key.removeprefix("slurm_") if key.startswith("slurm_") else renames[key]: value
-              for key, value in executor_parameters(cfg, folder).items()}
+              for key, value in executor_parameters(cfg, folder, overlay).items()}
     if "mem" in sbatch:
         sbatch["mem"] = _convert_mem(sbatch["mem"])
-    python = _python(cfg) or shlex.quote(sys.executable)
+    python = container_python(cfg, folder, overlay) or shlex.quote(sys.executable)
     # As SlurmExecutor._submitit_command_str: the task runs the function pickled in the job folder.
     command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=folder, **sbatch)
