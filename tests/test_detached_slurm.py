@@ -79,3 +79,17 @@ def test_launch_cancel_drains_and_cancels(tmp_path):
     assert report["history"][-1]["event"] == "cancelled"
     done = progress(tmp_path)["done"]
     assert 0 < done < 200
+
+
+def test_a_job_requeued_without_warning_resumes_from_the_ledger(tmp_path):
+    """`scontrol requeue` kills the job without USR2: no drain, and still every item exactly once."""
+    write_prompts(tmp_path / "in.jsonl", 120)
+    job_id = submit(tmp_path, "tiny_slurm", "batch.input=in.jsonl")
+    wait_for_progress(tmp_path, 10)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_for_slurm_end(job_id)
+    report = final_status(tmp_path, job_id)
+    assert report["state"] == "COMPLETED", report
+    assert report["requeues"] == 1
+    assert [e["event"] for e in report["history"]] == ["started", "started", "finished"]
+    assert_every_item_once(tmp_path, 120)
