@@ -26,7 +26,7 @@ def test_an_item_is_recorded_once_and_replayed(tmp_path):
     assert added == [True, True, False, True]
     again = Ledger(path, HEADER, samples=2)
     assert (again.finished, again.failed, again.completion_tokens) == (3, 0, 9)
-    assert again.done.nonzero()[0].tolist() == [0, 1, 9]
+    assert again.done.positions() == [0, 1, 9]
     assert not again.add(4, 1, "k4", True, {}) and again.add(3, 0, "k3", False, {"id": "k3"})
     again.close()
     assert not again.add(5, 0, "k5", True, {})  # closed: a straggling answer is dropped
@@ -54,7 +54,12 @@ def test_damage_before_whole_entries_is_refused(tmp_path):
         repair(path)
 
 
-def test_finalise_writes_input_order_and_audits(tmp_path):
+@pytest.mark.parametrize("span, buffered", [(1 << 20, 8192), (3, 2)])  # one bucket; many, spilled often
+def test_finalise_writes_input_order_and_audits(tmp_path, monkeypatch, span, buffered):
+    from fleetgen.launcher.batch import finalise as merge
+
+    monkeypatch.setattr(merge, "SPAN", span)
+    monkeypatch.setattr(merge, "BUFFERED", buffered)
     path, output, errors = tmp_path / "l.jsonl", tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
     positions = [(i, s) for i in range(10) for s in range(2)]
     random.Random(3).shuffle(positions)
@@ -70,9 +75,21 @@ def test_finalise_writes_input_order_and_audits(tmp_path):
 def test_finalise_refuses_a_ledger_with_missing_items(tmp_path):
     path = tmp_path / "l.jsonl"
     fill(path, [(0, 0)])
-    with pytest.raises(RuntimeError, match="19 of 20 items have no entry"):
+    with pytest.raises(RuntimeError, match="items have no entry"):
         finalise(path, tmp_path / "o", tmp_path / "e", items=20, samples=2)
     assert not (tmp_path / "o").exists()
+
+
+def test_repeated_keys_are_found_across_spilled_buckets(monkeypatch):
+    from fleetgen.launcher.batch import keys
+
+    monkeypatch.setattr(keys, "BUFFERED", 3)
+    found = keys.DuplicateKeys()
+    for key in [*range(500), "7", 7, *range(1000, 1100)]:
+        found.add(key)
+    suspects = found.suspects()
+    assert keys.DuplicateKeys.first_repeat(suspects, [(k, n) for n, k in enumerate([*range(500), "7", 7])]) == \
+        (7, 7, 501)
 
 
 def test_the_audit_catches_a_repeated_key_and_a_missing_record(tmp_path):

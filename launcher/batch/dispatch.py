@@ -195,7 +195,7 @@ class Dispatcher:
             self._cv.notify_all()
 
     def _record(self, replica: Replica, items: list[Item], results: list) -> None:
-        for item, (record, prompt_tokens, completion_tokens) in zip(items, results):
+        for item, (record, prompt_tokens, completion_tokens) in zip(items, results, strict=True):
             index, sample = item.position
             if self._ledger.add(index, sample, item.record.key, True, record, (prompt_tokens, completion_tokens)):
                 replica.done += 1

@@ -1,10 +1,12 @@
-"""The final output: the ledger's records written in input order (an index of ledger offsets, 9 bytes per
-item, then one pass copying each record's bytes by offset), renamed into place, then audited by reading the
-written files back."""
+"""The final output: the ledger's records written in input order, renamed into place, then audited by
+reading the written files back. The order comes from an external bucket sort of (position, ledger offset)
+pairs, so memory stays flat however many items there are; records are copied as bytes, never parsed."""
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import numpy as np
 from fleetgen.launcher.batch.keys import DuplicateKeys, hash64
 from fleetgen.launcher.batch.ledger import entries, record_bytes
 
-CHUNK = 1 << 16
+SPAN = 1 << 20     # positions per bucket: 16 MB of pairs to sort at a time
+BUFFERED = 8192    # pairs held per bucket before they go to its file
 
 
 @dataclass
@@ -31,24 +34,55 @@ class Audit:
 
 def finalise(ledger: Path, output: Path, errors: Path, items: int, samples: int) -> Audit:
     """Write OUTPUT and OUTPUT.errors.jsonl in input order; every item must be in the ledger."""
-    offsets, ok = np.full(items, -1, dtype=np.int64), np.zeros(items, dtype=bool)
-    repeats = 0
-    for offset, head, _ in entries(ledger):
-        position = head["i"] * samples + head["s"]
-        if offsets[position] >= 0:
-            repeats += 1
-        else:
-            offsets[position], ok[position] = offset, head["ok"]
-    missing = int((offsets < 0).sum())
-    if missing:
-        raise RuntimeError(f"{ledger}: {missing} of {items} items have no entry; the run is not complete")
-    with open(ledger, "rb") as source, _Atomic(output) as out, _Atomic(errors) as err:
-        for start in range(0, items, CHUNK):  # as Python ints a chunk at a time: a list of all would be large
-            for offset, good in zip(offsets[start:start + CHUNK].tolist(), ok[start:start + CHUNK].tolist()):
-                source.seek(offset)
-                (out if good else err).write(record_bytes(source.readline()) + b"\n")
-    del offsets, ok
+    with tempfile.TemporaryDirectory(prefix="fleetgen-merge-", dir=ledger.parent) as folder:
+        buckets, repeats = _index(ledger, Path(folder), samples), 0
+        with open(ledger, "rb") as source, _Atomic(output) as out, _Atomic(errors) as err:
+            for first in range(0, items, SPAN):
+                positions, offsets = buckets.load(first // SPAN)
+                repeats += len(positions) - len(offsets)
+                expected = min(SPAN, items - first)
+                if len(offsets) != expected:
+                    raise RuntimeError(f"{ledger}: {expected - len(offsets)} of {items} items have no entry; "
+                                       "the run is not complete")
+                for start in range(0, len(offsets), BUFFERED):  # Python ints a slice at a time: they are big
+                    for offset in offsets[start:start + BUFFERED].tolist():
+                        source.seek(abs(offset))
+                        (out if offset > 0 else err).write(record_bytes(source.readline()) + b"\n")
     return audit(output, errors, items, repeats)
+
+
+def _index(ledger: Path, folder: Path, samples: int) -> "_Buckets":
+    """(position, offset) of every entry, bucketed by position range; an error's offset is negated."""
+    buckets = _Buckets(folder)
+    for offset, head, _ in entries(ledger):
+        buckets.add(head["i"] * samples + head["s"], offset if head["ok"] else -offset)
+    return buckets
+
+
+class _Buckets:
+    """Pairs spilled to one file per SPAN positions, so that sorting one bucket bounds the merge's memory."""
+
+    def __init__(self, folder: Path):
+        self._folder, self._buffers = folder, {}
+
+    def add(self, position: int, offset: int) -> None:
+        buffer = self._buffers.setdefault(position // SPAN, array("q"))
+        buffer.extend((position, offset))
+        if len(buffer) >= 2 * BUFFERED:
+            self._flush(position // SPAN)
+
+    def _flush(self, bucket: int) -> None:
+        with open(self._folder / str(bucket), "ab") as f:
+            self._buffers.pop(bucket, array("q")).tofile(f)
+
+    def load(self, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bucket's positions as found, and the offsets of the first entry of each position, in order."""
+        self._flush(bucket)
+        pairs = np.fromfile(self._folder / str(bucket), dtype=np.int64).reshape(-1, 2)
+        pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]  # stable: the first entry of a position wins
+        first = np.ones(len(pairs), dtype=bool)
+        first[1:] = pairs[1:, 0] != pairs[:-1, 0]
+        return pairs[:, 0], pairs[first, 1]
 
 
 def audit(output: Path, errors: Path, items: int, ledger_repeats: int = 0) -> Audit:

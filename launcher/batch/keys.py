@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from array import array
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 SEED_BITS = 62  # the server accepts seeds up to 2**63 - 129 and adds the sentence's index to a request's seed
+BUCKET_BITS = 6
+BUCKETS = 1 << BUCKET_BITS
+BUFFERED = 8192  # hashes held per bucket before they go to its file
 
 
 def key_text(key: Any) -> str:
@@ -26,22 +31,33 @@ def base_seed(batch_seed: int, key: Any) -> int:
 
 
 class DuplicateKeys:
-    """Finds keys that repeat in bounded memory: 8 bytes of hash per key, then the few suspects' lines."""
+    """Finds keys that repeat in flat memory: each key's 8-byte hash goes to one of BUCKETS files by its top
+    bits, then each bucket is sorted alone; the few suspects' real keys are compared by first_repeat()."""
 
     def __init__(self):
-        self._hashes = array("Q")
+        self._folder = tempfile.TemporaryDirectory(prefix="fleetgen-keys-")
+        self._buffers = [array("Q") for _ in range(BUCKETS)]
 
     def add(self, key: Any) -> None:
-        self._hashes.append(hash64(key_text(key)))
+        digest = hash64(key_text(key))
+        bucket = digest >> (64 - BUCKET_BITS)
+        self._buffers[bucket].append(digest)
+        if len(self._buffers[bucket]) >= BUFFERED:
+            self._flush(bucket)
+
+    def _flush(self, bucket: int) -> None:
+        with open(Path(self._folder.name) / str(bucket), "ab") as f:
+            self._buffers[bucket].tofile(f)
+        self._buffers[bucket] = array("Q")
 
     def suspects(self) -> set[int]:
-        if not self._hashes:
-            return set()
-        hashes = np.frombuffer(self._hashes, dtype=np.uint64)  # sorted in place: no second copy
-        hashes.sort()
-        repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
-        del hashes
-        self._hashes = array("Q")
+        repeated: set[int] = set()
+        for bucket in range(BUCKETS):
+            self._flush(bucket)
+            hashes = np.fromfile(Path(self._folder.name) / str(bucket), dtype=np.uint64)
+            hashes.sort()
+            repeated.update(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+        self._folder.cleanup()
         return repeated
 
     @staticmethod
@@ -55,7 +71,3 @@ class DuplicateKeys:
                     return key, seen[text], line
                 seen[text] = line
         return None
-
-
-def settings_fingerprint(settings: dict) -> str:
-    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()

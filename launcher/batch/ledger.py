@@ -120,12 +120,28 @@ def repair(path: Path) -> int:
     return size - good_end
 
 
+class Bits:
+    """One bit per item: which are finished (a million items take 125 kB)."""
+
+    def __init__(self, size: int):
+        self._bytes = np.zeros((size + 7) // 8, dtype=np.uint8)
+
+    def __getitem__(self, position: int) -> bool:
+        return bool(self._bytes[position >> 3] & (1 << (position & 7)))
+
+    def set(self, position: int) -> None:
+        self._bytes[position >> 3] |= 1 << (position & 7)
+
+    def positions(self) -> list[int]:
+        return np.flatnonzero(np.unpackbits(self._bytes, bitorder="little")).tolist()
+
+
 class Ledger:
     """Append-only, one writer (calls are serialised by a lock); `done` marks finished items by position."""
 
     def __init__(self, path: Path, header: dict, samples: int):
         self.path, self.samples = path, samples
-        self.done = np.zeros(header["items"], dtype=bool)
+        self.done = Bits(header["items"])
         self.finished = self.failed = self.prompt_tokens = self.completion_tokens = 0
         self.cut_bytes = 0
         if not path.exists():
@@ -141,7 +157,7 @@ class Ledger:
         position = entry["i"] * self.samples + entry["s"]
         if self.done[position]:
             return False
-        self.done[position] = True
+        self.done.set(position)
         self.finished += 1
         self.failed += not entry["ok"]
         self.prompt_tokens += entry["tokens"][0]

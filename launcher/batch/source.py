@@ -7,13 +7,12 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
-
 from fleetgen.launcher.batch.formats import Item, Record
+from fleetgen.launcher.batch.ledger import Bits
 
 
 class WorkSource:
-    def __init__(self, records: Iterable[Record], fmt, samples: int, done: np.ndarray, per_request: int):
+    def __init__(self, records: Iterable[Record], fmt, samples: int, done: Bits, per_request: int):
         self._fmt, self._samples, self._done, self._per_request = fmt, samples, done, per_request
         self._fresh: Iterator[Item] = self._unfinished(records)
         self._ahead: Optional[Item] = None
@@ -27,7 +26,7 @@ class WorkSource:
                     yield item
 
     def _is_done(self, item: Item) -> bool:
-        return bool(self._done[item.record.index * self._samples + item.sample])
+        return self._done[item.record.index * self._samples + item.sample]
 
     def take(self) -> list[Item]:
         """The next request's items: one item given back, else up to prompts_per_request fresh ones that
