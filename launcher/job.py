@@ -17,6 +17,7 @@ from fleetgen.slurm.job_control import JobControl, control_class
 
 ACTIVE_FILE = "active.json"  # the job this folder's launcher is running; left behind only by a crash
 CANCEL_WAIT_S = 60
+FAILED_JOB_END_S = 10  # a failed replica's ranks exit by themselves within this; a stopped one never does
 
 
 def submit(cfg: LaunchConfig) -> "RunningJob":
@@ -91,10 +92,9 @@ class RunningJob:
                           f"{self.error_tail()}")
 
     def _fail_on_rank_exits(self) -> None:
-        exits = self.control.rank_exits()
-        if exits:
-            reasons = "; ".join(f"rank {rank} {why}" for rank, why in sorted(exits.items()))
-            raise LaunchError(f"job {self.job_id}: a rank exited before the job was healthy: {reasons}\n"
+        failures = self.failure_report()
+        if failures:
+            raise LaunchError(f"job {self.job_id}: a rank exited before the job was healthy: {failures}\n"
                               f"{self.error_tail()}")
 
     def failure_report(self) -> str:
@@ -127,9 +127,10 @@ class RunningJob:
         while not self.control.ended():
             exits = self.control.rank_exits()
             for rank in sorted(set(exits) - told):
-                print(f"launch: job {self.job_id}: rank {rank} exited {exits[rank]}", file=sys.stderr)
+                print(f"launch: job {self.job_id}: rank {rank} {exits[rank]}", file=sys.stderr)
             told |= set(exits)
-            if len({rank // per_replica for rank in exits}) == self.cfg.parallel.replicas:
+            if len({rank // per_replica for rank in exits}) == self.cfg.parallel.replicas and \
+                    not self._ended_within(FAILED_JOB_END_S):
                 raise LaunchError(f"job {self.job_id}: every replica failed while serving: {self.failure_report()}"
                                   f"\n{self.error_tail()}")
             time.sleep(2)
@@ -157,6 +158,7 @@ class RunningJob:
         (self.folder / ACTIVE_FILE).unlink(missing_ok=True)
 
     def _ended_within(self, seconds: float) -> bool:
+        """No process of the job is left by then."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.control.gone():

@@ -40,7 +40,7 @@ class JobControl(abc.ABC):
         self.submitted.cancel(check=False)
 
     def rank_exits(self) -> dict[int, str]:
-        """rank -> why, for the ranks known to have failed (exited other than normally)."""
+        """rank -> why (`on NODE: reason`), for the ranks known to have failed (exited other than normally)."""
         return {rank: why for rank, why in read_exits(self.folder).items() if why is not None}
 
     @abc.abstractmethod
@@ -88,7 +88,7 @@ class LocalJobControl(JobControl):
         exits = {rank: why for rank, why in records.items() if why is not None}
         for rank, proc in self._rank_processes().items():
             if rank not in records and not _running(proc):
-                exits[rank] = "ended without a word (killed?)"
+                exits[rank] = "exited without a word (killed?)"
         return exits
 
     def _rank_processes(self) -> dict[int, psutil.Process]:

@@ -36,8 +36,7 @@ def assert_replica_failed(serving: Serving, answer: dict | None, expected: str, 
     new = requests.put(f"{serving.urls[0]}/generate", json={"sentences": ["x"]}, timeout=10)
     assert new.status_code == 503 and expected in new.json()["error"]
     assert serving.exit_code(timeout=120) == 2
-    stderr = serving.stderr()
-    assert "every replica failed" in stderr and expected in stderr, stderr
+    assert expected in serving.stderr()  # "every replica failed: ..." or "ended while serving ... Ranks that exited"
 
 
 @pytest.mark.parametrize("split", [["parallel.tensor=2"], ["parallel.pipeline=2"]], ids=["tensor2", "pipeline2"])

@@ -4,22 +4,23 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
 
-from tests.job_faults import Serving, nothing_left
+from fleetgen.conf.schema import parse
+from fleetgen.launcher.errors import LaunchError
+from tests.job_faults import Serving, nothing_left, wait_for_failed_health
 
-pytestmark = pytest.mark.slow
-
-# Injected into every process of the job through PYTHONPATH: rank 3 (replica 1's follower) cannot load.
+# Injected into every process of the job through PYTHONPATH: rank 1 (replica 1) cannot load.
 FAULTY_RANK = """
 import os
-if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == "3":
+if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == "1":
     import fleetgen.model.load as load
 
     def build_generator(*args, **kwargs):
-        raise RuntimeError("injected fault: rank 3 cannot read its shard")
+        raise RuntimeError("injected fault: rank 1 cannot read its shard")
 
     load.build_generator = build_generator
 """
@@ -37,6 +38,14 @@ def two_free_ports() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
+def test_replica_ports_past_65535_are_refused_before_submission():
+    cfg = {"recipe": "r", "cluster": {"kind": "local"}, "model": {"checkpoint": "c"}, "parallel": {"replicas": 4}}
+    assert parse({**cfg, "server": {"port": 65532}}).server.port == 65532
+    with pytest.raises(LaunchError, match=r"server.port=65533 \+ parallel.replicas=4 - 1 = 65536"):
+        parse({**cfg, "server": {"port": 65533}})
+
+
+@pytest.mark.slow
 def test_two_replicas_with_an_explicit_port_serve_on_port_and_port_plus_one(tmp_path):
     port = two_free_ports()
     serving = Serving(tmp_path, "tiny", "parallel.replicas=2", f"server.port={port}")
@@ -52,15 +61,47 @@ def test_two_replicas_with_an_explicit_port_serve_on_port_and_port_plus_one(tmp_
     assert nothing_left(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_while_loading_fails_a_two_replica_launch_at_once(tmp_path):
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAULTY_RANK)
     env = {"PYTHONPATH": f"{tmp_path / 'inject'}:{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-m", "fleetgen.launcher", "tiny", "parallel.replicas=2",
-                             "parallel.tensor=2", "job.folder=jobs"], cwd=tmp_path, capture_output=True, text=True,
+                             "job.folder=jobs"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=600, env={**os.environ, **env})
     assert result.returncode == 2
     assert "a rank exited before the job was healthy" in result.stderr, result.stderr
-    assert "injected fault: rank 3 cannot read its shard" in result.stderr
+    assert "injected fault: rank 1 cannot read its shard" in result.stderr
     assert "server.health_timeout_s" not in result.stderr  # found by the rank's exit, not after 900 s
+    assert nothing_left(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_a_leader_that_cannot_bind_its_port_fails_the_launch_at_once(tmp_path):
+    with socket.create_server(("", 0)) as taken:
+        result = subprocess.run([sys.executable, "-m", "fleetgen.launcher", "tiny", "job.folder=jobs",
+                                 f"server.port={taken.getsockname()[1]}"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)
+    assert result.returncode == 2
+    assert "a rank exited before the job was healthy" in result.stderr and "Address already in use" in result.stderr
+    assert nothing_left(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_when_one_replica_fails_the_other_serves_on(tmp_path):
+    serving = Serving(tmp_path, "tiny", "parallel.replicas=2", "parallel.tensor=2", "server.heartbeat_timeout_s=6")
+    try:
+        serving.rank_process(3).kill()  # replica 1's follower
+        health = wait_for_failed_health(serving.urls[1], timeout=60)
+        assert f"rank 3 on {socket.gethostname()} exited" in health["error"]
+        reported, deadline = f"rank 2 on {socket.gethostname()}: replica 1 failed", time.monotonic() + 60
+        while reported not in serving.stderr() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert reported in serving.stderr()  # the launcher tells, and serves on
+        answer = requests.put(f"{serving.urls[0]}/generate", json={"sentences": ["Once upon"],
+                                                                    "tokens_to_generate": 3, "greedy": True})
+        assert answer.status_code == 200 and serving.proc.poll() is None
+    finally:
+        serving.stop()
+    assert serving.exit_code(timeout=10) == 130
     assert nothing_left(str(tmp_path)) == []

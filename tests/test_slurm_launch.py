@@ -88,9 +88,8 @@ def test_a_job_that_fails_while_loading_shows_its_error(tmp_path):
     # Validation passes on the login node; every rank then fails to allocate its KV cache.
     result = launch(tmp_path, "model.max_batch=100000000")
     assert result.returncode == 2
-    assert "ended before its server was healthy" in result.stderr
+    assert "a rank exited before the job was healthy" in result.stderr  # at once, from the rank's exit record
     assert "allocate" in result.stderr.lower()  # the rank's own error, from its stderr
-    assert "FAILED" in result.stderr
 
 
 def test_a_job_stuck_pending_is_cancelled_after_the_health_timeout(tmp_path):

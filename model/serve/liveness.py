@@ -34,6 +34,7 @@ POLL_S = 0.5            # how often the liveness threads look at the clock
 FAILED_LINGER_S = 5.0   # a failed leader keeps answering 503 with the reason this long, then exits
 ATTRIBUTION_S = 1.0     # after a failed collective, how long the leader waits to learn which peer died
 HELLO_TIMEOUT_S = 10.0  # an unauthenticated connection to the leader must say hello within this
+MAX_HELLO_BYTES = 256
 
 
 @dataclass(eq=False)
@@ -87,10 +88,6 @@ class Liveness:
         liveness._thread.start()
         return liveness
 
-    @property
-    def leading(self) -> bool:
-        return self.ps.world_rank == self.ps.first_rank
-
     def describe(self, rank: int) -> str:
         return f"rank {rank} on {self.nodes[rank - self.ps.first_rank]}"
 
@@ -99,8 +96,8 @@ class Liveness:
         if not self._failing.acquire(blocking=False):
             threading.Event().wait()  # another thread is already failing the replica; it ends the process
         print(f"rank {self.ps.world_rank}: replica {self.ps.replica} failed: {reason}", file=sys.stderr, flush=True)
-        write_exit(self.job_folder, self.ps.world_rank, self.nodes[self.ps.world_rank - self.ps.first_rank],
-                   f"replica {self.ps.replica} failed: {reason}")
+        node = self.nodes[self.ps.world_rank - self.ps.first_rank]
+        write_exit(self.job_folder, self.ps.world_rank, node, f"replica {self.ps.replica} failed: {reason}")
         for sock in [self._leader, *(p.sock for p in self._peers.values())]:
             self._send(sock, f"failed {reason}")
         if self.on_failure is not None:
@@ -140,9 +137,7 @@ class Liveness:
             readable, _, _ = select.select(waiting, [], [], POLL_S)
             for sock in readable:
                 if sock is listener:
-                    conn, _ = listener.accept()
-                    conn.settimeout(self.interval_s)
-                    strangers[conn] = [b"", time.monotonic() + HELLO_TIMEOUT_S]
+                    self._accept(listener, strangers)
                 elif sock in strangers:
                     self._greet(sock, strangers)
                 else:
@@ -158,10 +153,18 @@ class Liveness:
         if listener is not None:
             listener.close()
 
+    def _accept(self, listener: socket.socket, strangers: dict) -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # the client gave up before we got to it
+            return
+        conn.settimeout(self.interval_s)
+        strangers[conn] = [b"", time.monotonic() + HELLO_TIMEOUT_S]
+
     def _greet(self, sock: socket.socket, strangers: dict) -> None:
         """A connection becomes a follower's once it says `hello RANK SECRET`; anything else is dropped."""
         data = _receive(sock)
-        if data is None:
+        if data is None or len(strangers[sock][0]) > MAX_HELLO_BYTES:
             del strangers[sock]
             sock.close()
             return
@@ -170,11 +173,13 @@ class Liveness:
             return
         line, rest = strangers.pop(sock)[0].split(b"\n", 1)
         words = line.decode(errors="replace").split()
-        peer = self._peers.get(int(words[1])) if len(words) == 3 and words[1].isdigit() else None
-        if words[0] != "hello" or peer is None or not secrets.compare_digest(words[2], self._secret):
+        hello = len(words) == 3 and words[0] == "hello" and words[1].isdigit()
+        peer = self._peers.get(int(words[1])) if hello else None
+        if peer is None or not secrets.compare_digest(words[2], self._secret):
             sock.close()
             return
-        peer.sock, peer.buffer, peer.heard = sock, rest, time.monotonic()
+        peer.sock, peer.heard = sock, time.monotonic()
+        self._handle(peer, rest)
 
     def _hear(self, peer: _Peer) -> None:
         data = _receive(peer.sock)
@@ -184,6 +189,9 @@ class Liveness:
             peer.left = True
             return
         peer.heard = time.monotonic()
+        self._handle(peer, data)
+
+    def _handle(self, peer: _Peer, data: bytes) -> None:
         *lines, peer.buffer = (peer.buffer + data).split(b"\n")
         for word, rest in _messages(lines):
             if word == "bye":

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30
 GRACEFUL_SHUTDOWN_S = 5  # open connections (a streaming client) get this long once shutdown starts
+VERDICT_WAIT_S = 5  # how long a request hit by an engine failure waits for the replica's reason
 
 
 class Server:
@@ -48,6 +49,7 @@ class Server:
         self._engine: Optional[Engine] = None
         self._failure: Optional[str] = None
         self._pending: set[Future] = set()  # every sequence a handler waits for, so that fail() can answer it
+        self._judged = False  # an engine failure is judged by wait()'s on_engine_failure, which calls fail()
         self._stop_requested = threading.Event()
         self._created = int(time.time())
         self.app = self._build_app()
@@ -87,6 +89,7 @@ class Server:
         """Block until shutdown is asked (POST /shutdown, SIGTERM, SIGINT) or the engine fails; then stop the
         engine (which releases the followers) and the HTTP server. Raises if the engine failed, unless
         on_engine_failure takes it (with the server still answering: it ends the process itself)."""
+        self._judged = on_engine_failure is not None
         restore = self._catch_signals()
         try:
             while not self._stop_requested.wait(0.5):
@@ -226,10 +229,19 @@ class Server:
         try:
             return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except EngineUnavailable as e:
-            raise RequestError(503, str(e)) from None
+            raise RequestError(503, await self._unavailable(e)) from None
         finally:
             for future in futures:  # a sibling failed or the handler was cancelled: free their slots
                 future.cancel()
+
+    async def _unavailable(self, error: Exception) -> str:
+        """A failed engine fails the replica. When something judges that (wait's on_engine_failure), answer with
+        its verdict, which names the rank, rather than with the failed collective's own words."""
+        deadline = time.monotonic() + (VERDICT_WAIT_S if self._judged else 0)
+        while self._failure is None and self._engine is not None and self._engine.error and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return f"the replica failed: {self._failure}" if self._failure else str(error)
 
     def _stream(self, body: CompletionRequest, sequences: list[SequenceRequest], engine: Engine) -> StreamingResponse:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -266,7 +278,8 @@ class Server:
                         yield _sse(completion_chunk(cid, created, self.model_name, i, delta, None))
                     i, item = await events.get()
                 if item.exception() is not None:
-                    yield _sse({"error": {"message": str(item.exception()), "type": "server_error", "code": 503}})
+                    message = await self._unavailable(item.exception())
+                    yield _sse({"error": {"message": message, "type": "server_error", "code": 503}})
                     return
                 yield _sse(completion_chunk(cid, created, self.model_name, i, texts[i].finish(),
                                             item.result().finish_reason))
