@@ -116,6 +116,7 @@ class Job(_Strict):
     folder: str = ".fleetgen/jobs"
     name: str = "fleetgen"
     grace_period_s: float = Field(30, ge=0)
+    max_requeues: int = Field(3, ge=0)
 
 
 class LaunchConfig(_Strict):
@@ -130,6 +131,13 @@ class LaunchConfig(_Strict):
     generation: Generation = Generation()
     batch: Batch = Batch()
     job: Job = Job()
+    detach: bool = False
+
+    @model_validator(mode="after")
+    def _detached_jobs_run_batches(self):
+        if self.detach and self.mode != "batch":
+            raise ValueError("detach=true runs a batch inside the job; a server needs its launcher (use mode=batch)")
+        return self
 
     @model_validator(mode="after")
     def _containers_need_slurm(self):

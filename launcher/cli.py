@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fleetgen.launcher import batch
+from fleetgen.launcher import batch, control, detached
 from fleetgen.launcher.config import compose_recipe, parse_config, recipes
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
@@ -17,6 +17,9 @@ from fleetgen.launcher.validate import fit_to_model, open_model
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in control.COMMANDS:  # `launch status|logs|cancel ...`: a detached job, not a recipe
+        return _reporting_errors(lambda: control.main(argv))
     parser = argparse.ArgumentParser(prog="launch", description="Serve a model on Slurm or this machine and "
                                      "run a batch of prompts through it.")
     parser.add_argument("recipe", nargs="?", help="a recipe name (see --list)")
@@ -50,6 +53,8 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
     fit_to_model(cfg, source.config, overrides)
     plan = batch.prepare(cfg) if cfg.mode == "batch" else None
 
+    if cfg.detach:
+        return _submit_detached(cfg, plan)
     raise_on_sigterm()
     job = submit(cfg)
     try:
@@ -68,6 +73,22 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
     finally:
         job.shut_down()
     return batch.report(summary, time.monotonic() - started)
+
+
+def _submit_detached(cfg: LaunchConfig, plan: batch.BatchPlan) -> int:
+    job_id = detached.submit(cfg, plan)
+    folder = Path(cfg.job.folder) / job_id
+    print(f"submitted detached job {job_id} ({cfg.cluster.kind}); job folder {folder}\n"
+          f"  launch status {folder} [--json] | launch logs {folder} [--rank N] [-f] | launch cancel {folder}")
+    return 0
+
+
+def _reporting_errors(command) -> int:
+    try:
+        return command()
+    except LaunchError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:

@@ -3,6 +3,7 @@ exits, cancelling it, and knowing when it is gone. Nothing outside this module a
 from __future__ import annotations
 
 import abc
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +59,17 @@ class JobControl(abc.ABC):
     @abc.abstractmethod
     def reap(cls, job_id: str) -> None:
         """End a job a crashed launcher left running, if it still runs."""
+
+    @classmethod
+    @abc.abstractmethod
+    def state_of(cls, job_id: str) -> str | None:
+        """From the id alone (`launch status` in another shell): the scheduler's state (PENDING, RUNNING, ...,
+        COMPLETED, FAILED, CANCELLED), or None for a job that has ended without the scheduler saying how."""
+
+    @classmethod
+    @abc.abstractmethod
+    def cancel_id(cls, job_id: str) -> None:
+        """Cancel a job known only by its id."""
 
 
 class LocalJobControl(JobControl):
@@ -118,6 +130,17 @@ class LocalJobControl(JobControl):
         print(f"killed local job {job_id}, left running by a launcher that crashed", file=sys.stderr)
 
 
+    @classmethod
+    def state_of(cls, job_id: str) -> str | None:
+        return "RUNNING" if _controller(job_id) is not None else None
+
+    @classmethod
+    def cancel_id(cls, job_id: str) -> None:
+        controller = _controller(job_id)
+        if controller is not None:
+            controller.send_signal(signal.SIGINT)  # submitit's controller stops its tasks, then itself
+
+
 class SlurmJobControl(JobControl):
     """Slurm: squeue for the queue, sacct (through submitit) for the end, scancel to cancel. The ranks run on
     other nodes, so their exits are known from the exit records they leave in the job folder."""
@@ -147,6 +170,20 @@ class SlurmJobControl(JobControl):
             print(f"cancelled job {job_id}, left running by a launcher that crashed", file=sys.stderr)
 
 
+    @classmethod
+    def state_of(cls, job_id: str) -> str | None:
+        queued = _squeue(job_id, "%T")
+        if queued:
+            return queued
+        ended = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                               text=True).stdout.splitlines()
+        return ended[-1].strip() if ended else None  # "CANCELLED by 0" is one word here
+
+    @classmethod
+    def cancel_id(cls, job_id: str) -> None:
+        subprocess.run(["scancel", job_id], check=False)
+
+
 def control_class(kind: str) -> type[JobControl]:
     return {"local": LocalJobControl, "slurm": SlurmJobControl}[kind]
 
@@ -156,6 +193,15 @@ def _running(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _controller(job_id: str) -> psutil.Process | None:
+    """The local job's controller process (its pid is the job id), if it still runs: not a reused pid."""
+    try:
+        controller = psutil.Process(int(job_id))
+        return controller if _running(controller) and "submitit" in " ".join(controller.cmdline()) else None
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _squeue(job_id: str, fmt: str = "%i") -> str:

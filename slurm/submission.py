@@ -59,11 +59,19 @@ def executor_parameters(cfg: LaunchConfig, job_folder: Path | str, overlay: Path
         "slurm_constraint": cluster.constraint,
         "slurm_setup": _setup_lines(cluster) or None,
         "slurm_additional_parameters": dict(cluster.sbatch_args) or None,
-        "slurm_srun_args": [*cluster.srun_args, *container_args] or None,
-        # USR2 this long before the time limit: rank 0 unwinds as after a shutdown request, with the same grace.
-        "slurm_signal_delay_s": max(1, math.ceil(cfg.job.grace_period_s)),
+        # a detached job's tasks exit non-zero only when its driver fails the job: then end every task
+        "slurm_srun_args": [*cluster.srun_args, *(["--kill-on-bad-exit=1"] if cfg.detach else []), *container_args]
+        or None,
+        "slurm_signal_delay_s": signal_delay_s(cfg),
     }
     return {key: value for key, value in params.items() if value is not None}
+
+
+def signal_delay_s(cfg: LaunchConfig) -> int:
+    """How long before the time limit Slurm sends USR2. Rank 0 unwinds as after a shutdown request, with the
+    same grace; a detached job first drains its batch (in-flight items get batch.drain_timeout_s), then requeues."""
+    drain = cfg.batch.drain_timeout_s if cfg.detach else 0
+    return max(1, math.ceil(cfg.job.grace_period_s + drain))
 
 
 def make_executor(cfg: LaunchConfig, job_folder: Path | str) -> submitit.Executor:
@@ -72,12 +80,14 @@ def make_executor(cfg: LaunchConfig, job_folder: Path | str) -> submitit.Executo
     With a container image this is the moment of submission: the image is probed where the runtime allows and
     the overlay of what it lacks is built or reused (slurm/container.py), so a bad image fails here."""
     if cfg.cluster.kind == "local":
-        executor = QuietLocalExecutor(folder=job_folder)
+        executor = QuietLocalExecutor(folder=job_folder, max_num_timeout=cfg.job.max_requeues)
         executor.update_parameters(**executor_parameters(cfg, job_folder))
         return executor
     overlay = prepare_container(cfg, job_folder)
     python = container_python(cfg, job_folder, overlay)
-    executor = submitit.AutoExecutor(folder=job_folder, cluster="slurm", **({"slurm_python": python} if python else {}))
+    # Requeues after a time limit, counted by submitit's checkpoint mechanism (a detached job is checkpointable).
+    executor = submitit.AutoExecutor(folder=job_folder, cluster="slurm", slurm_max_num_timeout=cfg.job.max_requeues,
+                                     **({"slurm_python": python} if python else {}))
     executor.update_parameters(**executor_parameters(cfg, job_folder, overlay))
     return executor
 

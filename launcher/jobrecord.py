@@ -1,0 +1,75 @@
+"""What a detached job leaves in its folder, so that `launch status|logs|cancel` work from any shell, any time.
+
+folder/latest            the id of the last detached job submitted with this job.folder
+folder/ID/detached.json  written at submission: job id, cluster kind, recipe, output, grace period
+folder/ID/history.jsonl  one line per event of the job's life (started, drained, finished, ...), appended
+folder/ID/driver.log     the batch driver's output
+folder/ID/cancel.request written by `launch cancel`: the driver drains, then cancels its own job
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from fleetgen.launcher.errors import LaunchError
+
+LATEST = "latest"
+RECORD = "detached.json"
+HISTORY = "history.jsonl"
+DRIVER_LOG = "driver.log"
+CANCEL_REQUEST = "cancel.request"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_record(folder: Path, job_folder: Path, record: dict) -> None:
+    job_folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(job_folder / RECORD, json.dumps(record, indent=1))
+    write_atomically(folder / LATEST, record["job_id"])
+
+
+def find_job(job: str | None, folder: Path) -> Path:
+    """A job's folder from a job id, a job folder, or nothing (the latest job submitted from `folder`)."""
+    if job is None:
+        latest = folder / LATEST
+        if not latest.exists():
+            raise LaunchError(f"no detached job was submitted with job.folder={folder}; give a job id or folder")
+        job = latest.read_text().strip()
+    candidates = [Path(job), folder / job]
+    for candidate in candidates:
+        if (candidate / RECORD).is_file():
+            return candidate.resolve()
+    raise LaunchError(f"{job}: not a detached job's id or folder (looked for {RECORD} in "
+                      f"{' and '.join(str(c) for c in candidates)}); --folder names job.folder")
+
+
+def read_record(job_folder: Path) -> dict:
+    return json.loads((job_folder / RECORD).read_text())
+
+
+def append_event(job_folder: Path, event: str, **fields) -> None:
+    """One JSON line per event, flushed and synced: a requeue or a kill follows right after."""
+    line = json.dumps({"event": event, "time": time.time(), **fields})
+    with open(job_folder / HISTORY, "a") as out:
+        out.write(line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def read_history(job_folder: Path) -> list[dict]:
+    path = job_folder / HISTORY
+    if not path.exists():
+        return []
+    events = []
+    for text in path.read_text().splitlines():
+        try:
+            events.append(json.loads(text))
+        except json.JSONDecodeError:
+            break  # a line cut short by a kill: the events before it stand
+    return events
