@@ -24,8 +24,10 @@ def test_a_detached_job_is_warned_in_time_to_drain(tmp_path):
 
 
 def test_time_outs_requeue_up_to_max_requeues(tmp_path):
-    executor = make_executor(config("tiny", "detach=true", "job.max_requeues=7"), tmp_path / "%j")
-    assert executor._executor.max_num_timeout == 7
+    local = make_executor(config("tiny", "detach=true", "job.max_requeues=7"), tmp_path / "%j")
+    assert local.max_num_timeout == 7
+    slurm = make_executor(config("tiny_slurm", "detach=true", "job.max_requeues=5"), tmp_path / "%j")
+    assert slurm._executor.max_num_timeout == 5
 
 
 def test_a_detached_server_is_refused_before_submission(tmp_path):
