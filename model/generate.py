@@ -9,7 +9,7 @@ log-probabilities and broadcasts them to the whole replica.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -20,6 +20,24 @@ from fleetgen.model.sampling import ban_tokens, history_mask, sample
 from fleetgen.model.transformer import DecoderStage
 
 MICROBATCH_THRESHOLD = 512  # Megatron's inference_batch_times_seqlen_threshold
+MIN_CONTEXT = 64  # the smallest context bucket of a decode step
+
+
+def bucket(n: int, limit: int, smallest: int = 1) -> int:
+    """The smallest power of two >= n (and >= smallest), at most limit: decode shapes come from few buckets."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+def compile_decode(decode_layers: Callable, device: torch.device) -> Callable:
+    """torch.compile of the decode step: inductor's C++ kernels on CPU, CUDA graphs on GPU. One graph per
+    (rows, context) bucket, compiled on first use."""
+    # powers of two up to max_batch × up to max_seq_len: far fewer than this many (rows, context) pairs
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(decode_layers, mode=mode, dynamic=False)
 
 
 @dataclass
@@ -66,8 +84,9 @@ def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: t
 
 class Generator:
     def __init__(self, stage: DecoderStage, ps: ParallelState, max_batch: int, max_seq_len: int,
-                 microbatch_threshold: int = MICROBATCH_THRESHOLD):
+                 microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False):
         self.stage, self.ps, self.config = stage, ps, stage.config
+        self._decode_layers = compile_decode(stage.decode_layers, ps.device) if compile else stage.decode_layers
         self.max_batch, self.max_seq_len, self.microbatch_threshold = max_batch, max_seq_len, microbatch_threshold
         self.cache = KVCache(len(stage.layers), max_batch, max_seq_len, stage.kv_heads, self.config.head_dim,
                              stage.dtype, ps.device)
@@ -82,17 +101,17 @@ class Generator:
         self._check(plan)
         device = self.ps.device
         slots, tokens, lengths = plan.slots.to(device), plan.tokens.to(device), plan.lengths.to(device)
+        every = self._wants_all(plan)
         if plan.kind == "prefill":
-            positions = torch.arange(tokens.shape[1], device=device).expand(plan.n, -1)  # [n, L]
             self._start(plan, slots, tokens, lengths)
-            select = None if self._wants_all(plan) else lengths - 1
         else:
-            positions = lengths[:, None]  # [n, 1]
             self.history[slots, lengths] = tokens[:, 0]
             self.history_len[slots] = lengths + 1
-            select = None if self._wants_all(plan) else torch.zeros_like(lengths)
         with torch.no_grad():  # not inference_mode: callers may modify the returned tensors in place
-            logits = self._forward(tokens, positions, slots, select)
+            if plan.kind == "prefill":
+                logits = self._prefill(tokens, slots, None if every else lengths - 1)
+            else:
+                logits = self._decode(tokens, slots, lengths, every)
             outputs = self._outputs(plan, logits, slots, tokens, lengths) if self.is_output_rank else {}
             return self._share(plan, outputs)
 
@@ -131,11 +150,11 @@ class Generator:
         """Whether every position's logits are needed, not just each row's last."""
         return (plan.logprobs and plan.kind == "prefill") or plan.full_logprobs or plan.return_logits
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 select: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _prefill(self, tokens: torch.Tensor, slots: torch.Tensor, select: Optional[torch.Tensor]):
         """Last stage: fp32 logits [n, vocab] at positions select, or [n, s, vocab] when select is None."""
         ps, stage = self.ps, self.stage
         n, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device).expand(n, -1)  # [n, s]
         size = max(1, self.microbatch_threshold // s) if n * s >= self.microbatch_threshold and s > 1 else n
         pending, logits = [], []
         for start in range(0, n, size):
@@ -145,7 +164,7 @@ class Generator:
                 h = stage.embed(tokens[rows], positions[rows])  # [m, s, H]
             else:
                 h = recv_from_prev_pipeline_rank((m, s, self.config.hidden_size), stage.dtype, ps)
-            h = stage.run_layers(h, positions[rows], slots[rows], self.cache)
+            h = stage.prefill_layers(h, positions[rows], slots[rows], self.cache)
             if not ps.is_last_stage:
                 pending.append((send_to_next_pipeline_rank(h, ps), h))  # h stays alive until sent
             elif select is None:
@@ -155,6 +174,31 @@ class Generator:
         for work, _ in pending:
             work.wait()
         return torch.cat(logits) if ps.is_last_stage else None
+
+    def _decode(self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, every: bool):
+        """Last stage: fp32 logits [n, 1, vocab] (every) or [n, vocab]. The step runs over the slot rows
+        [0, rows) whatever the plan's slots, at a bucketed context, so that its shapes come from a few
+        buckets (what torch.compile and CUDA graphs need) and attention reads the cache in place; rows
+        without a token of this plan store at the cache's scratch position."""
+        ps, stage, device = self.ps, self.stage, tokens.device
+        rows = bucket(int(slots.max()) + 1, self.max_batch)
+        context = bucket(int(lengths.max()) + 1, self.max_seq_len, MIN_CONTEXT)
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        ids[slots] = tokens
+        positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        positions[slots] = lengths[:, None]
+        writes = torch.full((rows, 1), self.cache.scratch, dtype=torch.long, device=device)
+        writes[slots] = lengths[:, None]
+        mask = (torch.arange(context, device=device) <= positions)[:, None, None, :]  # [rows, 1, 1, context]
+        if ps.is_first_stage:
+            h = stage.embed(ids, positions)  # [rows, 1, H]
+        else:
+            h = recv_from_prev_pipeline_rank((rows, 1, self.config.hidden_size), stage.dtype, ps)
+        h = self._decode_layers(h, positions, writes, mask, self.cache)
+        if not ps.is_last_stage:
+            send_to_next_pipeline_rank(h, ps).wait()
+            return None
+        return stage.logits(h[slots] if every else h[slots, 0])
 
     def _outputs(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
                  lengths: torch.Tensor) -> dict[str, torch.Tensor]:
