@@ -1,7 +1,7 @@
 """The composed config's types: Hydra composes YAML, these models check every value and name the bad one."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -44,6 +44,7 @@ class Model(_Strict):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_batch: int = Field(16, ge=1)
     max_seq_len: int = Field(1024, ge=2)
+    compile: Union[bool, Literal["auto"]] = "auto"
     architecture: dict[str, Any] = {}
 
 

@@ -22,16 +22,33 @@ try:
 except ImportError:
     LAYER_NORM_IMPL = "torch"
 
+ONEDNN = torch.backends.mkldnn.is_available()
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., in] @ weight [out, in]^T (+ bias). On CPU through oneDNN: torch's default fp32 GEMM (MKL) runs
     2-4x slower on AMD CPUs, and decode is nothing but these GEMMs (benchmarks/throughput.py)."""
-    if x.device.type != "cpu" or x.dtype not in ONEDNN_DTYPES or not torch.backends.mkldnn.is_available():
+    if x.device.type != "cpu" or x.dtype not in ONEDNN_DTYPES or not ONEDNN:
         return F.linear(x, weight, bias)
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    flat = x.reshape(-1, x.shape[-1])
+    # compiled: an opaque op (inductor's own lowering of the oneDNN linear wants frozen weights)
+    out = onednn_linear(flat, weight, bias) if torch.compiler.is_compiling() else _onednn(flat, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("fleetgen::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _onednn(x, weight, bias)
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> nn.Parameter:

@@ -7,6 +7,7 @@ torch.distributed. Gloo (CPU) and NCCL (GPU) take the same path; only the device
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -90,6 +91,14 @@ class ParallelState:
     def describe(self) -> str:
         return (f"rank {self.world_rank} replica {self.replica} tp {self.tp_rank}/{self.tp_size} "
                 f"pp {self.pp_rank}/{self.pp_size} on {self.device} ({self.backend})")
+
+
+def cpu_threads(cpus_per_task: Optional[int], ranks_per_node: int) -> int:
+    """Torch threads for one rank: its Slurm CPU allocation, else an even share of this machine's cores, so
+    that the ranks of a node split its cores instead of each taking all of them."""
+    if cpus_per_task:
+        return cpus_per_task
+    return max(1, len(os.sched_getaffinity(0)) // ranks_per_node)
 
 
 def _local_device() -> torch.device:

@@ -13,7 +13,7 @@ from fleetgen.conf.schema import LaunchConfig, Model
 from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.serve.engine import Engine
 from fleetgen.model.load import build_generator, startup_report
-from fleetgen.model.parallel import ParallelState
+from fleetgen.model.parallel import ParallelState, cpu_threads
 from fleetgen.model.serve.server import Server
 from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.rendezvous import rendezvous
@@ -22,6 +22,7 @@ from fleetgen.slurm.rendezvous import rendezvous
 def run_rank(cfg: LaunchConfig, folder: str) -> None:
     """The function submitit runs on every task, with the launcher's validated config."""
     env = RankEnvironment.detect()
+    torch.set_num_threads(cpu_threads(cfg.cluster.cpus_per_task, cfg.ranks_per_node))
     job_folder = Path(folder) / str(env.job_id)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
@@ -42,7 +43,7 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
 
 def _engine(model: Model, ps: ParallelState) -> Engine:
     source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
-    generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len)
+    generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len, model.compile)
     _log(ps, startup_report(generator))
     engine = Engine(generator, source.tokenizer(), ps, source.config)
     engine.warm_up()
