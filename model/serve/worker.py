@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -32,7 +34,9 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
                             timeout=timedelta(seconds=cfg.server.dist_timeout_s))
     try:
         ps = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
-        _log(ps, f"on node {env.hostnames[env.node_rank]} ({env.cluster} job {env.job_id})")
+        _log(ps, f"on node {env.hostnames[env.node_rank]} ({env.cluster} job {env.job_id}), started "
+                 f"{time.time() - psutil.Process().create_time():.1f} s after its process, {torch.get_num_threads()} "
+                 "threads")
         if ps.world_rank == ps.first_rank:
             _lead(cfg, ps, env, job_folder)
         else:
@@ -42,11 +46,14 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
 
 
 def _engine(model: Model, ps: ParallelState) -> Engine:
+    started = time.monotonic()
     source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
     generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len, model.compile)
     _log(ps, startup_report(generator))
     engine = Engine(generator, source.tokenizer(), ps, source.config)
+    loaded = time.monotonic()
     engine.warm_up()
+    _log(ps, f"loaded in {loaded - started:.1f} s, warmed up in {time.monotonic() - loaded:.1f} s")
     return engine
 
 
