@@ -15,7 +15,7 @@ import torch
 
 from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, recv_from_prev_pipeline_rank,
-                                     send_to_next_pipeline_rank)
+                                     send_to_next_pipeline_rank, vocab_parallel_argmax)
 from fleetgen.model.sampling import ban_tokens, history_mask, sample
 from fleetgen.model.transformer import DecoderStage
 
@@ -111,7 +111,10 @@ class Generator:
             if plan.kind == "prefill":
                 logits = self._prefill(tokens, slots, None if every else lengths - 1)
             else:
-                logits = self._decode(tokens, slots, lengths, every)
+                h = self._decode(tokens, slots, lengths)
+                if self.ps.is_last_stage and self._argmax_only(plan):
+                    return self._share(plan, {"tokens": self._greedy(h[:, 0], plan)})
+                logits = self.stage.logits(h if every else h[:, 0]) if self.ps.is_last_stage else None
             outputs = self._outputs(plan, logits, slots, tokens, lengths) if self.is_output_rank else {}
             return self._share(plan, outputs)
 
@@ -175,8 +178,8 @@ class Generator:
             work.wait()
         return torch.cat(logits) if ps.is_last_stage else None
 
-    def _decode(self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, every: bool):
-        """Last stage: fp32 logits [n, 1, vocab] (every) or [n, vocab]. The step runs over the slot rows
+    def _decode(self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+        """Last stage: hidden states [n, 1, H] of the plan's rows. The step runs over the slot rows
         [0, rows) whatever the plan's slots, at a bucketed context, so that its shapes come from a few
         buckets (what torch.compile and CUDA graphs need) and attention reads the cache in place; rows
         without a token of this plan store at the cache's scratch position."""
@@ -198,7 +201,21 @@ class Generator:
         if not ps.is_last_stage:
             send_to_next_pipeline_rank(h, ps).wait()
             return None
-        return stage.logits(h[slots] if every else h[slots, 0])
+        return h[slots]
+
+    @staticmethod
+    def _argmax_only(plan: StepPlan) -> bool:
+        """Whether the step needs nothing but each row's argmax: then no TP rank gathers the logits."""
+        return bool(plan.greedy.all()) and not (plan.logprobs or plan.full_logprobs or plan.return_logits)
+
+    def _greedy(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Argmax tokens [n] of h [n, H] from each TP rank's slice of the vocabulary; eos banned where asked."""
+        logits, start = self.stage.local_logits(h)  # [n, padded_vocab / TP], columns [start, ...)
+        eos = self.config.eos_id
+        if plan.ban_eos.any() and start <= eos < start + logits.shape[-1]:
+            logits[plan.ban_eos.to(logits.device), eos - start] = float("-inf")
+        best, index = logits.max(dim=-1)  # first maximum, like argmax
+        return vocab_parallel_argmax(best, index + start, self.ps)
 
     def _outputs(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
                  lengths: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -129,6 +129,18 @@ def gather_from_tensor_model_parallel_region(x: torch.Tensor, ps: ParallelState)
     return torch.cat(parts, dim=-1)
 
 
+def vocab_parallel_argmax(best: torch.Tensor, index: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """The argmax over the whole vocabulary from each TP rank's row maxima best [n] at global ids index [n]:
+    the largest value wins, ties go to the lower id (as torch.argmax). Gathers 2 numbers a row, not the logits."""
+    if ps.tp_size == 1:
+        return index
+    pairs = torch.stack((best.float(), index.float()))  # ids < 2^24 are exact in fp32
+    parts = [torch.empty_like(pairs) for _ in range(ps.tp_size)]
+    dist.all_gather(parts, pairs, group=ps.tp_group)
+    values, ids = torch.stack(parts).unbind(1)  # [TP, n] each, rank order = vocabulary order
+    return ids.gather(0, values.argmax(dim=0, keepdim=True))[0].long()
+
+
 def send_to_next_pipeline_rank(x: torch.Tensor, ps: ParallelState):
     """Start sending activations to the next stage; returns the pending work to wait on."""
     return dist.isend(x.contiguous(), ps.next_rank)

@@ -13,7 +13,7 @@ from torch import nn
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.layers import (ACTIVATIONS, ColumnParallelLinear, LayerNorm, RowParallelLinear,
-                                   VocabParallelEmbedding, apply_rotary, rotary_tables, swiglu)
+                                   VocabParallelEmbedding, apply_rotary, linear, rotary_tables, swiglu)
 from fleetgen.model.parallel import ParallelState
 
 
@@ -179,6 +179,14 @@ class DecoderStage(nn.Module):
         """fp32 logits over the real vocabulary (padding columns dropped): [..., vocab_size]."""
         out = self.output_layer(self.final_layernorm(h))  # [..., padded_vocab]
         return out[..., :self.config.vocab_size].float()
+
+    def local_logits(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """This TP rank's columns of the fp32 logits, [..., padded_vocab / TP] with padding ids at -inf, and the
+        vocabulary id of its first column."""
+        out = linear(self.final_layernorm(h), self.output_layer.weight, self.output_layer.bias).float()
+        start = self.ps.tp_rank * out.shape[-1]
+        padding = torch.arange(start, start + out.shape[-1], device=out.device) >= self.config.vocab_size
+        return out.masked_fill(padding, float("-inf")), start
 
     def describe(self) -> str:
         first, last = self.layer_ids[0], self.layer_ids[-1]
