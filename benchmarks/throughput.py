@@ -24,9 +24,10 @@ import bench_model
 import references
 import serving
 
-FULL = {"new": 128, "scaling_new": 64, "per_client": 2, "batch_prompts": 256, "rounds": 3}
+FULL = {"new": 128, "scaling_new": 64, "per_client": 2, "batch_prompts": 256, "rounds": 2}
 QUICK = {"new": 32, "scaling_new": 16, "per_client": 1, "batch_prompts": 64, "rounds": 1}
 PROMPT_TOKENS = 32
+SECTIONS = ("in_process", "server", "scaling", "startup")
 CLIENTS = 16
 SCALING = {  # name: launch overrides; one thread a rank unless said
     "1 rank": ["cluster.cpus_per_task=1"],
@@ -108,7 +109,7 @@ def ratios(r: dict, batch_prompts: int) -> dict:
 
 def table(results: dict) -> str:
     lines = ["| measurement | value |", "|---|---|"]
-    for section in ("in_process", "server", "scaling", "startup"):
+    for section in SECTIONS:
         unit = "s" if section == "startup" else "tokens/s"
         for name, value in results[section].items():
             shown = "n/a" if value is None else f"{value:.1f}" if "wall" not in name else f"{value:.1f} s"
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter runs (32 new tokens, 64-prompt batch)")
     parser.add_argument("--workdir", type=Path, default=Path(".fleetgen/bench"), help="model, jobs, results")
     parser.add_argument("--json", type=Path, default=None, help="default: WORKDIR/throughput.json")
+    parser.add_argument("--sections", type=lambda text: text.split(","), default=SECTIONS,
+                        help=f"a comma-separated subset of {','.join(SECTIONS)}")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     workdir = args.workdir.resolve()
@@ -135,10 +138,16 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                            "platform": platform.platform()},
                "sizes": {**sizes, "prompt_tokens": PROMPT_TOKENS, "clients": CLIENTS}}
-    results["in_process"] = in_process(model_dir, ids, sizes)
-    results["server"] = through_server(model_dir, texts, sizes, workdir)
-    results["scaling"] = scaling(model_dir, texts, sizes, workdir)
-    results["startup"] = startup(workdir)
+    for section, measure in (("in_process", lambda: in_process(model_dir, ids, sizes)),
+                             ("server", lambda: through_server(model_dir, texts, sizes, workdir)),
+                             ("scaling", lambda: scaling(model_dir, texts, sizes, workdir)),
+                             ("startup", lambda: startup(workdir))):
+        if section not in args.sections:
+            results[section] = {}
+            continue
+        results[section] = measure()
+        print(section, {name: round(value, 2) for name, value in results[section].items() if value is not None},
+              flush=True)
     results["ratios"] = ratios({**results["in_process"], **results["server"], **results["scaling"]},
                                sizes["batch_prompts"])
     results["seconds"] = time.monotonic() - started
