@@ -3,8 +3,10 @@
 Every rank of a replica calls Generator.step with the same StepPlan. Each stage receives activations from
 the previous one (or embeds the tokens), runs its layers against its own KV cache and passes the result on;
 prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold, micro-batches
-of threshold // seq rows) so the stages overlap. The last stage's TP rank 0 turns the logits into tokens and
-log-probabilities and broadcasts them to the whole replica.
+of threshold // seq rows) so the stages overlap. A decode step has static shapes: slot rows [0, rows) and a
+context length from power-of-two buckets, attention reading the KV cache in place, so that torch.compile
+(and CUDA graphs) can capture it. The last stage's TP rank 0 turns the logits into tokens and
+log-probabilities and broadcasts them to the whole replica; greedy-only steps never gather the logits.
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ class Generator:
             if plan.kind == "prefill":
                 logits = self._prefill(tokens, slots, None if every else lengths - 1)
             else:
-                h = self._decode(tokens, slots, lengths)
+                h = self._decode(plan, tokens, slots, lengths)
                 if self.ps.is_last_stage and self._argmax_only(plan):
                     return self._share(plan, {"tokens": self._greedy(h[:, 0], plan)})
                 logits = self.stage.logits(h if every else h[:, 0]) if self.ps.is_last_stage else None
@@ -178,14 +180,15 @@ class Generator:
             work.wait()
         return torch.cat(logits) if ps.is_last_stage else None
 
-    def _decode(self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+    def _decode(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor,
+                lengths: torch.Tensor) -> Optional[torch.Tensor]:
         """Last stage: hidden states [n, 1, H] of the plan's rows. The step runs over the slot rows
         [0, rows) whatever the plan's slots, at a bucketed context, so that its shapes come from a few
         buckets (what torch.compile and CUDA graphs need) and attention reads the cache in place; rows
         without a token of this plan store at the cache's scratch position."""
         ps, stage, device = self.ps, self.stage, tokens.device
-        rows = bucket(int(slots.max()) + 1, self.max_batch)
-        context = bucket(int(lengths.max()) + 1, self.max_seq_len, MIN_CONTEXT)
+        rows = bucket(int(plan.slots.max()) + 1, self.max_batch)  # from the plan's CPU copies: no device sync
+        context = bucket(int(plan.lengths.max()) + 1, self.max_seq_len, MIN_CONTEXT)
         ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         ids[slots] = tokens
         positions = torch.zeros(rows, 1, dtype=torch.long, device=device)

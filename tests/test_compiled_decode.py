@@ -51,7 +51,8 @@ def _compiled_cases(rank: int, world_size: int, tp: int, pp: int, directories: d
 
 
 def _check(per_rank: list, references: dict) -> None:
-    for name, (_, _, want_tokens) in references.items():
+    for name in per_rank[0]:
+        want_tokens = references[name][2]
         for rank, results in enumerate(per_rank):
             eager, compiled, tokens = results[name]
             diff = (eager - compiled).abs().max().item()
@@ -62,10 +63,15 @@ def _check(per_rank: list, references: dict) -> None:
 @pytest.mark.slow
 def test_compiled_decode_matches_eager_and_hf_on_one_rank(references):
     directories = {name: directory for name, (directory, _, _) in references.items()}
-    _check(run_ranks(_compiled_cases, 1, 1, 1, directories), references)
+    per_rank = run_ranks(_compiled_cases, 1, 1, 1, directories)
+    assert set(per_rank[0]) == set(CASES)
+    _check(per_rank, references)
 
 
 @pytest.mark.slow
 def test_compiled_decode_matches_eager_and_hf_at_tensor_2_by_pipeline_2(references):
-    directories = {name: directory for name, (directory, _, _) in references.items()}
-    _check(run_ranks(_compiled_cases, 4, 2, 2, directories), references)
+    # the rope + grouped-query case only: compiling costs minutes when 4 ranks share 2 cores
+    directories = {"nemotron_gqa": references["nemotron_gqa"][0]}
+    per_rank = run_ranks(_compiled_cases, 4, 2, 2, directories)
+    assert [set(results) for results in per_rank] == [{"nemotron_gqa"}] * 4
+    _check(per_rank, references)
