@@ -136,7 +136,7 @@ def main() -> None:
     ids = bench_model.token_ids(model_dir, texts)
     started = time.monotonic()
     results = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "platform": platform.platform()},
+                           "platform": platform.platform(), "load_average_at_start": os.getloadavg()},
                "sizes": {**sizes, "prompt_tokens": PROMPT_TOKENS, "clients": CLIENTS}}
     for section, measure in (("in_process", lambda: in_process(model_dir, ids, sizes)),
                              ("server", lambda: through_server(model_dir, texts, sizes, workdir)),
@@ -151,12 +151,14 @@ def main() -> None:
     results["ratios"] = ratios({**results["in_process"], **results["server"], **results["scaling"]},
                                sizes["batch_prompts"])
     results["seconds"] = time.monotonic() - started
+    results["machine"]["load_average_at_end"] = os.getloadavg()  # others' work on the same cores skews rows
     print(table(results))
     path = args.json or workdir / "throughput.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, path)
-    print(f"\nwritten {path} ({results['seconds']:.0f} s)")
+    print(f"\nload average {results['machine']['load_average_at_start'][0]:.1f} at the start, "
+          f"{results['machine']['load_average_at_end'][0]:.1f} at the end; written {path} ({results['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
