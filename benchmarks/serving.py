@@ -119,10 +119,11 @@ def launch_batch(workdir: Path, recipe: str, overrides: list[str], prompts: list
 
 
 def startup_breakdown(server: LaunchedServer) -> dict[str, Optional[float]]:
-    """From rank 0's log (model/serve/worker.py): process start to the rank's code, load, warm-up."""
+    """From rank 0's log (model/serve/worker.py): process start to the rank joining the others (imports,
+    rendezvous), loading its shard, the warm-up step."""
     log = server.rank_log(0)
     found = {}
-    for name, pattern in (("imports_s", r"started ([\d.]+) s after its process"),
+    for name, pattern in (("imports_and_rendezvous_s", r"started ([\d.]+) s after its process"),
                           ("load_s", r"loaded in ([\d.]+) s"), ("warm_up_s", r"warmed up in ([\d.]+) s")):
         match = re.search(pattern, log)
         found[name] = float(match.group(1)) if match else None
