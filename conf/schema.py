@@ -1,7 +1,7 @@
 """The composed config's types: Hydra composes YAML, these models check every value and name the bad one."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -46,6 +46,7 @@ class Model(_Strict):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_batch: int = Field(16, ge=1)
     max_seq_len: Optional[int] = Field(None, ge=2)  # None: the checkpoint's context length
+    compile: Union[bool, Literal["auto"]] = "auto"
     architecture: dict[str, Any] = {}
 
 

@@ -3,23 +3,43 @@
 Every rank of a replica calls Generator.step with the same StepPlan. Each stage receives activations from
 the previous one (or embeds the tokens), runs its layers against its own KV cache and passes the result on;
 prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold, micro-batches
-of threshold // seq rows) so the stages overlap. The last stage's TP rank 0 turns the logits into tokens and
-log-probabilities and broadcasts them to the whole replica.
+of threshold // seq rows) so the stages overlap. A decode step has static shapes: slot rows [0, rows) and a
+context length from power-of-two buckets, attention reading the KV cache in place, so that torch.compile
+(and CUDA graphs) can capture it. The last stage's TP rank 0 turns the logits into tokens and
+log-probabilities and broadcasts them to the whole replica; greedy-only steps never gather the logits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, recv_from_prev_pipeline_rank,
-                                     send_to_next_pipeline_rank)
+                                     send_to_next_pipeline_rank, vocab_parallel_argmax)
 from fleetgen.model.sampling import ban_tokens, history_mask, sample
 from fleetgen.model.transformer import DecoderStage
 
 MICROBATCH_THRESHOLD = 512  # Megatron's inference_batch_times_seqlen_threshold
+MIN_CONTEXT = 64  # the smallest context bucket of a decode step
+
+
+def bucket(n: int, limit: int, smallest: int = 1) -> int:
+    """The smallest power of two >= n (and >= smallest), at most limit: decode shapes come from few buckets."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+def compile_decode(decode_layers: Callable, device: torch.device) -> Callable:
+    """torch.compile of the decode step: inductor's C++ kernels on CPU, CUDA graphs on GPU. One graph per
+    (rows, context) bucket, compiled on first use."""
+    # powers of two up to max_batch × up to max_seq_len: far fewer than this many (rows, context) pairs
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(decode_layers, mode=mode, dynamic=False)
 
 
 @dataclass
@@ -64,8 +84,9 @@ def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: t
 
 class Generator:
     def __init__(self, stage: DecoderStage, ps: ParallelState, max_batch: int, max_seq_len: int,
-                 microbatch_threshold: int = MICROBATCH_THRESHOLD):
+                 microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False):
         self.stage, self.ps, self.config = stage, ps, stage.config
+        self._decode_layers = compile_decode(stage.decode_layers, ps.device) if compile else stage.decode_layers
         self.max_batch, self.max_seq_len, self.microbatch_threshold = max_batch, max_seq_len, microbatch_threshold
         self.cache = KVCache(len(stage.layers), max_batch, max_seq_len, stage.kv_heads, self.config.head_dim,
                              stage.dtype, ps.device)
@@ -80,17 +101,20 @@ class Generator:
         self._check(plan)
         device = self.ps.device
         slots, tokens, lengths = plan.slots.to(device), plan.tokens.to(device), plan.lengths.to(device)
+        every = self._wants_all(plan)
         if plan.kind == "prefill":
-            positions = torch.arange(tokens.shape[1], device=device).expand(plan.n, -1)  # [n, L]
             self._start(plan, slots, tokens, lengths)
-            select = None if self._wants_all(plan) else lengths - 1
         else:
-            positions = lengths[:, None]  # [n, 1]
             self.history[slots, lengths] = tokens[:, 0]
             self.history_len[slots] = lengths + 1
-            select = None if self._wants_all(plan) else torch.zeros_like(lengths)
         with torch.no_grad():  # not inference_mode: callers may modify the returned tensors in place
-            logits = self._forward(tokens, positions, slots, select)
+            if plan.kind == "prefill":
+                logits = self._prefill(tokens, slots, None if every else lengths - 1)
+            else:
+                h = self._decode(plan, tokens, slots, lengths)
+                if self.ps.is_last_stage and self._argmax_only(plan):
+                    return self._share(plan, {"tokens": self._greedy(h[:, 0], plan)})
+                logits = self.stage.logits(h if every else h[:, 0]) if self.ps.is_last_stage else None
             outputs = self._outputs(plan, logits, slots, tokens, lengths) if self.is_output_rank else {}
             return self._share(plan, outputs)
 
@@ -129,11 +153,11 @@ class Generator:
         """Whether every position's logits are needed, not just each row's last."""
         return (plan.logprobs and plan.kind == "prefill") or plan.full_logprobs
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 select: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _prefill(self, tokens: torch.Tensor, slots: torch.Tensor, select: Optional[torch.Tensor]):
         """Last stage: fp32 logits [n, vocab] at positions select, or [n, s, vocab] when select is None."""
         ps, stage = self.ps, self.stage
         n, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device).expand(n, -1)  # [n, s]
         size = max(1, self.microbatch_threshold // s) if n * s >= self.microbatch_threshold and s > 1 else n
         pending, logits = [], []
         for start in range(0, n, size):
@@ -143,7 +167,7 @@ class Generator:
                 h = stage.embed(tokens[rows], positions[rows])  # [m, s, H]
             else:
                 h = recv_from_prev_pipeline_rank((m, s, self.config.hidden_size), stage.dtype, ps)
-            h = stage.run_layers(h, positions[rows], slots[rows], self.cache)
+            h = stage.prefill_layers(h, positions[rows], slots[rows], self.cache)
             if not ps.is_last_stage:
                 pending.append((send_to_next_pipeline_rank(h, ps), h))  # h stays alive until sent
             elif select is None:
@@ -153,6 +177,46 @@ class Generator:
         for work, _ in pending:
             work.wait()
         return torch.cat(logits) if ps.is_last_stage else None
+
+    def _decode(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor,
+                lengths: torch.Tensor) -> Optional[torch.Tensor]:
+        """Last stage: hidden states [n, 1, H] of the plan's rows. The step runs over the slot rows
+        [0, rows) whatever the plan's slots, at a bucketed context, so that its shapes come from a few
+        buckets (what torch.compile and CUDA graphs need) and attention reads the cache in place; rows
+        without a token of this plan store at the cache's scratch position."""
+        ps, stage, device = self.ps, self.stage, tokens.device
+        rows = bucket(int(plan.slots.max()) + 1, self.max_batch)  # from the plan's CPU copies: no device sync
+        context = bucket(int(plan.lengths.max()) + 1, self.max_seq_len, MIN_CONTEXT)
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        ids[slots] = tokens
+        positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        positions[slots] = lengths[:, None]
+        writes = torch.full((rows, 1), self.cache.scratch, dtype=torch.long, device=device)
+        writes[slots] = lengths[:, None]
+        mask = (torch.arange(context, device=device) <= positions)[:, None, None, :]  # [rows, 1, 1, context]
+        if ps.is_first_stage:
+            h = stage.embed(ids, positions)  # [rows, 1, H]
+        else:
+            h = recv_from_prev_pipeline_rank((rows, 1, self.config.hidden_size), stage.dtype, ps)
+        h = self._decode_layers(h, positions, writes, mask, self.cache)
+        if not ps.is_last_stage:
+            send_to_next_pipeline_rank(h, ps).wait()
+            return None
+        return h[slots]
+
+    @staticmethod
+    def _argmax_only(plan: StepPlan) -> bool:
+        """Whether the step needs nothing but each row's argmax: then no TP rank gathers the logits."""
+        return bool(plan.greedy.all()) and not (plan.logprobs or plan.full_logprobs or plan.return_logits)
+
+    def _greedy(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Argmax tokens [n] of h [n, H] from each TP rank's slice of the vocabulary; eos banned where asked."""
+        logits, start = self.stage.local_logits(h)  # [n, padded_vocab / TP], columns [start, ...)
+        eos = self.config.eos_id
+        if plan.ban_eos.any() and start <= eos < start + logits.shape[-1]:
+            logits[plan.ban_eos.to(logits.device), eos - start] = float("-inf")
+        best, index = logits.max(dim=-1)  # first maximum, like argmax
+        return vocab_parallel_argmax(best, index + start, self.ps)
 
     def _outputs(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
                  lengths: torch.Tensor) -> dict[str, torch.Tensor]:

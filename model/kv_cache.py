@@ -1,10 +1,10 @@
 """A static, preallocated key/value cache for the layers of one pipeline stage (gpt-fast style).
 
-One buffer each for keys and values, [local layers, max_batch slots, max_seq_len, local kv heads, head_dim],
-allocated once: nothing is reallocated as sequences grow. Reads return a slot's first `length` positions, so
-the keys and values attention sees grow with the context (unlike gpt-fast, which attends over the whole
-buffer under a mask). A slot holds one sequence; position p of a slot holds the keys and values of that
-sequence's token p.
+One buffer each for keys and values, [local layers, max_batch slots, max_seq_len + 1, local kv heads, head_dim],
+allocated once: nothing is reallocated as sequences grow. A slot holds one sequence; position p of a slot holds
+the keys and values of that sequence's token p. The extra last position is scratch: a decode step runs over a
+fixed number of slot rows (model/generate.py), and rows without a sequence write there, where no real row ever
+reads.
 """
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import torch
 class KVCache:
     def __init__(self, num_layers: int, max_batch: int, max_seq_len: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, max_batch, max_seq_len, kv_heads, head_dim)
+        shape = (num_layers, max_batch, max_seq_len + 1, kv_heads, head_dim)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.scratch = max_seq_len  # the position padding rows write to
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if device.type == "cuda":  # fixed addresses, so CUDA graphs may update them in place
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
     def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> None:
@@ -26,9 +30,10 @@ class KVCache:
         self.k[layer, rows, positions] = k
         self.v[layer, rows, positions] = v
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, length) of slots [n]: [n, length, kv_heads, head_dim] each."""
-        return self.k[layer, slots, :length], self.v[layer, slots, :length]
+    def window(self, layer: int, rows: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, rows) at positions [0, context): views of the cache, no copy,
+        [rows, context, kv_heads, head_dim] each."""
+        return self.k[layer, :rows, :context], self.v[layer, :rows, :context]
 
     @property
     def bytes(self) -> int:
@@ -36,5 +41,5 @@ class KVCache:
 
     def describe(self) -> str:
         layers, slots, seq, heads, dim = self.k.shape
-        return (f"KV cache {self.bytes / 2**20:.1f} MiB: {layers} layers × {slots} slots × {seq} tokens × "
-                f"{heads} kv heads × {dim} ({str(self.k.dtype).removeprefix('torch.')})")
+        return (f"KV cache {self.bytes / 2**20:.1f} MiB: {layers} layers × {slots} slots × {seq - 1} tokens "
+                f"(+1 scratch) × {heads} kv heads × {dim} ({str(self.k.dtype).removeprefix('torch.')})")

@@ -5,6 +5,8 @@ rank never holds more than its shard; model/shard.py fills them.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,34 @@ try:
     LAYER_NORM_IMPL = "apex" if torch.cuda.is_available() else "torch"
 except ImportError:
     LAYER_NORM_IMPL = "torch"
+
+ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T (+ bias). On CPU through oneDNN: torch's default fp32 GEMM (MKL) runs
+    2-4x slower on AMD CPUs, and decode is nothing but these GEMMs (benchmarks/throughput.py)."""
+    if x.device.type != "cpu" or x.dtype not in ONEDNN_DTYPES or not ONEDNN:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    # compiled: an opaque op (inductor's own lowering of the oneDNN linear wants frozen weights)
+    out = onednn_linear(flat, weight, bias) if torch.compiler.is_compiling() else _onednn(flat, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("fleetgen::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _onednn(x, weight, bias)
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _empty(*shape: int, device: torch.device, dtype: torch.dtype) -> nn.Parameter:
@@ -101,7 +131,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_model_parallel_region(x, self.ps)
-        y = F.linear(x, self.weight, self.bias)  # [..., output_size / TP]
+        y = linear(x, self.weight, self.bias)  # [..., output_size / TP]
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y, self.ps)  # [..., output_size]
         return y
@@ -122,7 +152,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = x.chunk(self.ps.tp_size, dim=-1)[self.ps.tp_rank]  # [..., input_size / TP]
-        y = F.linear(x, self.weight)  # [..., output_size], partial sum
+        y = linear(x, self.weight)  # [..., output_size], partial sum
         y = reduce_from_tensor_model_parallel_region(y, self.ps)
         return y + self.bias if self.bias is not None else y
 

@@ -1,6 +1,8 @@
 """Build this rank's shard of the decoder from a checkpoint source, and the generator around it."""
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 from fleetgen.model.shard import load_shard, vocab_rows
@@ -37,9 +39,12 @@ def check_max_seq_len(config: ModelConfig, max_seq_len: int) -> None:
 
 
 def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,
-                    max_seq_len: int) -> Generator:
+                    max_seq_len: int, compile: Union[bool, str] = False) -> Generator:
+    """compile: torch.compile the decode step; "auto" does on GPUs (CUDA graphs), not on CPUs, where
+    compiling each (rows, context) bucket costs minutes and gains little over the oneDNN GEMMs."""
     check_max_seq_len(source.config, max_seq_len)
-    return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len)
+    compiled = ps.device.type == "cuda" if compile == "auto" else bool(compile)
+    return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len, compile=compiled)
 
 
 def startup_report(generator: Generator) -> str:

@@ -7,6 +7,7 @@ torch.distributed. Gloo (CPU) and NCCL (GPU) take the same path; only the device
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -101,6 +102,14 @@ class ParallelState:
                 f"pp {self.pp_rank}/{self.pp_size} on {self.device} ({self.backend})")
 
 
+def cpu_threads(cpus_per_task: Optional[int], ranks_per_node: int) -> int:
+    """Torch threads for one rank: its Slurm CPU allocation, else an even share of this machine's cores, so
+    that the ranks of a node split its cores instead of each taking all of them."""
+    if cpus_per_task:
+        return cpus_per_task
+    return max(1, len(os.sched_getaffinity(0)) // ranks_per_node)
+
+
 def _local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())  # the job glue picked it (set_device)
@@ -127,6 +136,18 @@ def gather_from_tensor_model_parallel_region(x: torch.Tensor, ps: ParallelState)
     parts = [torch.empty_like(x) for _ in range(ps.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=ps.tp_group)
     return torch.cat(parts, dim=-1)
+
+
+def vocab_parallel_argmax(best: torch.Tensor, index: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """The argmax over the whole vocabulary from each TP rank's row maxima best [n] at global ids index [n]:
+    the largest value wins, ties go to the lower id (as torch.argmax). Gathers 2 numbers a row, not the logits."""
+    if ps.tp_size == 1:
+        return index
+    pairs = torch.stack((best.float(), index.float()))  # ids < 2^24 are exact in fp32
+    parts = [torch.empty_like(pairs) for _ in range(ps.tp_size)]
+    dist.all_gather(parts, pairs, group=ps.tp_group)
+    values, ids = torch.stack(parts).unbind(1)  # [TP, n] each, rank order = vocabulary order
+    return ids.gather(0, values.argmax(dim=0, keepdim=True))[0].long()
 
 
 def send_to_next_pipeline_rank(x: torch.Tensor, ps: ParallelState):

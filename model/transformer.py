@@ -1,8 +1,8 @@
 """The decoder: one pipeline stage's share of a GPT-style model, switched by ModelConfig.
 
 A DecoderStage holds the word/position embeddings (first stage), its range of transformer layers, and the
-final norm plus output layer (last stage). Its three methods are the steps the pipeline driver
-(model/generate.py) calls: embed -> run_layers -> logits, with activations passed between stages there.
+final norm plus output layer (last stage). Its methods are the steps the pipeline driver (model/generate.py)
+calls: embed -> prefill_layers or decode_layers -> logits, with activations passed between stages there.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.layers import (ACTIVATIONS, ColumnParallelLinear, LayerNorm, RowParallelLinear,
-                                   VocabParallelEmbedding, apply_rotary, divide, rotary_tables, swiglu)
+                                   VocabParallelEmbedding, apply_rotary, divide, linear, rotary_tables, swiglu)
 from fleetgen.model.parallel import ParallelState, SplitError
 
 
@@ -58,7 +58,7 @@ class ParallelAttention(nn.Module):
                                              ps=ps, bias=config.proj_bias, input_is_parallel=True, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope, mask, cache: KVCache, layer: int, slots: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
+                writes: torch.Tensor) -> torch.Tensor:
         n, s, _ = x.shape
         d = self.config.head_dim
         qkv = self.linear_qkv(x)  # [n, s, (heads + 2 * kv_heads) * d]
@@ -67,9 +67,9 @@ class ParallelAttention(nn.Module):
         if rope is not None:
             q = apply_rotary(q, *rope, self.config.rotary_interleaved)
             k = apply_rotary(k, *rope, self.config.rotary_interleaved)
-        cache.update(layer, slots, positions, k, v)
-        if mask is not None:  # decode: each row attends to its own cached positions
-            k, v = cache.read(layer, slots, mask.shape[-1])  # [n, context, kv_heads, d]
+        cache.update(layer, slots, writes, k, v)
+        if mask is not None:  # decode: row i is slot i and attends to its cached positions, read in place
+            k, v = cache.window(layer, n, mask.shape[-1])  # [n, context, kv_heads, d]
         out = self._attend(q, k, v, mask)
         return self.linear_proj(out.reshape(n, s, self.heads * d))
 
@@ -112,9 +112,9 @@ class TransformerLayer(nn.Module):
         self.mlp = ParallelMLP(config, ps, dtype)
 
     def forward(self, x: torch.Tensor, rope, mask, cache: KVCache, layer: int, slots: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
+                writes: torch.Tensor) -> torch.Tensor:
         h = self.input_layernorm(x)
-        attention = self.self_attention(h, rope, mask, cache, layer, slots, positions)
+        attention = self.self_attention(h, rope, mask, cache, layer, slots, writes)
         if self.parallel_residual:  # GPT-J: attention and MLP both read ln_1(x)
             return x + attention + self.mlp(h)
         x = x + attention
@@ -158,23 +158,42 @@ class DecoderStage(nn.Module):
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embedding(tokens, positions)  # [n, s, H]
 
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                   cache: KVCache) -> torch.Tensor:
-        rope, mask = None, None  # both shared by every layer of the stage
-        if self.config.position_embedding == "rope":
-            rope = rotary_tables(positions, self.config.rotary_dim, self.config.rotary_base,
-                                 self.config.rotary_interleaved)
-        if positions.shape[1] == 1:  # decode: rows at their own positions p see cached positions 0..p
-            context = torch.arange(int(positions.max()) + 1, device=positions.device)
-            mask = (context <= positions)[:, None, None, :]  # [n, 1, 1, context]
+    def prefill_layers(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       cache: KVCache) -> torch.Tensor:
+        """Prompts [n, s] from position 0, causal over their own fresh keys; stored in slots [n]."""
+        return self._layers(h, self._rope(positions), None, cache, slots, positions)
+
+    def decode_layers(self, h: torch.Tensor, positions: torch.Tensor, writes: torch.Tensor, mask: torch.Tensor,
+                      cache: KVCache) -> torch.Tensor:
+        """One token for each of slots [0, n): h [n, 1, H] at positions [n, 1], stored at writes [n, 1];
+        mask [n, 1, 1, context] says which cached positions each row sees. Shapes depend only on (n, context),
+        so this is the step torch.compile captures (model/generate.py)."""
+        slots = torch.arange(h.shape[0], device=h.device)
+        return self._layers(h, self._rope(positions), mask, cache, slots, writes)
+
+    def _rope(self, positions: torch.Tensor):
+        if self.config.position_embedding != "rope":
+            return None
+        return rotary_tables(positions, self.config.rotary_dim, self.config.rotary_base,
+                             self.config.rotary_interleaved)  # shared by every layer of the stage
+
+    def _layers(self, h, rope, mask, cache: KVCache, slots: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
         for layer, block in enumerate(self.layers):
-            h = block(h, rope, mask, cache, layer, slots, positions)
+            h = block(h, rope, mask, cache, layer, slots, writes)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits over the real vocabulary (padding columns dropped): [..., vocab_size]."""
         out = self.output_layer(self.final_layernorm(h))  # [..., padded_vocab]
         return out[..., :self.config.vocab_size].float()
+
+    def local_logits(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """This TP rank's columns of the fp32 logits, [..., padded_vocab / TP] with padding ids at -inf, and the
+        vocabulary id of its first column."""
+        out = linear(self.final_layernorm(h), self.output_layer.weight, self.output_layer.bias).float()
+        start = self.ps.tp_rank * out.shape[-1]
+        padding = torch.arange(start, start + out.shape[-1], device=out.device) >= self.config.vocab_size
+        return out.masked_fill(padding, float("-inf")), start
 
     def describe(self) -> str:
         first, last = self.layer_ids[0], self.layer_ids[-1]

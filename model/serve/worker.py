@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -19,7 +21,7 @@ from fleetgen.conf.schema import LaunchConfig, Model
 from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.serve.engine import Engine
 from fleetgen.model.load import build_generator, startup_report
-from fleetgen.model.parallel import ParallelState
+from fleetgen.model.parallel import ParallelState, cpu_threads
 from fleetgen.model.serve.liveness import Liveness
 from fleetgen.model.serve.server import Server
 from fleetgen.slurm.control_token import read_token
@@ -33,6 +35,7 @@ IDLE_SIGNALS_PER_TIMEOUT = 4  # an idle leader signals its followers this often 
 def run_rank(cfg: LaunchConfig, folder: str) -> None:
     """The function submitit runs on every task, with the launcher's validated config."""
     env = RankEnvironment.detect()
+    torch.set_num_threads(cpu_threads(cfg.cluster.cpus_per_task, cfg.ranks_per_node))
     job_folder = Path(folder) / str(env.job_id)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
@@ -42,7 +45,9 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
                             timeout=timedelta(seconds=cfg.server.dist_timeout_s))
     ps = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
     node = env.hostnames[env.node_rank] if env.cluster == "slurm" else socket.gethostname()
-    _log(ps, f"on node {node} ({env.cluster} job {env.job_id})")
+    _log(ps, f"on node {node} ({env.cluster} job {env.job_id}), started "
+             f"{time.time() - psutil.Process().create_time():.1f} s after its process, {torch.get_num_threads()} "
+             "threads")
     liveness = Liveness.start(ps, node, _reachable_host(cfg, env), cfg.server.heartbeat_timeout_s,
                               cfg.server.step_timeout_s, job_folder)
     try:
@@ -61,12 +66,15 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
 
 def _build_engine(cfg: LaunchConfig, ps: ParallelState) -> Engine:
     model: Model = cfg.model
+    started = time.monotonic()
     source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
-    generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len)
+    generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len, model.compile)
     _log(ps, startup_report(generator))
     engine = Engine(generator, source.tokenizer(), ps, source.config,
                     idle_signal_s=cfg.server.dist_timeout_s / IDLE_SIGNALS_PER_TIMEOUT)
+    loaded = time.monotonic()
     engine.warm_up()
+    _log(ps, f"loaded in {loaded - started:.1f} s, warmed up in {time.monotonic() - loaded:.1f} s")
     return engine
 
 

@@ -1,0 +1,53 @@
+"""The references, in this process on the same threads: transformers' generate and CTranslate2's
+generate_batch, both greedy and forced to exactly `new` tokens per prompt (as fleetgen is)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def transformers_runner(directory: Path) -> Callable[[list[list[int]], int], None]:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()
+
+    def run(prompts: list[list[int]], new: int) -> None:
+        with torch.no_grad():  # equal lengths: no padding, so no attention mask to build
+            model.generate(torch.tensor(prompts), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0)
+    return run
+
+
+def ctranslate2_runner(directory: Path, threads: int) -> Callable[[list[list[int]], int], None]:
+    """None when ctranslate2 is not installed (pip install 'fleetgen[bench]')."""
+    try:
+        import ctranslate2
+    except ImportError:
+        return None
+    converted = directory.parent / (directory.name + "-ct2")
+    if not (converted / "model.bin").is_file():
+        ctranslate2.converters.TransformersConverter(str(directory)).convert(str(converted), quantization="float32",
+                                                                              force=True)
+    generator = ctranslate2.Generator(str(converted), device="cpu", intra_threads=threads,
+                                      compute_type="float32")
+    vocabulary = json.loads((converted / "vocabulary.json").read_text())
+
+    def run(prompts: list[list[int]], new: int) -> None:
+        tokens = [[vocabulary[i] for i in p] for p in prompts]  # it takes token strings
+        generator.generate_batch(tokens, max_length=new, min_length=new, sampling_topk=1,
+                                 include_prompt_in_result=False, end_token=[])
+    return run
+
+
+def tokens_per_second(run: Callable, prompts: list[list[int]], new: int, rounds: int) -> float:
+    """Best of rounds after one warm-up: the CPU is shared, and interference only ever slows a round."""
+    run(prompts, min(new, 4))
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run(prompts, new)
+        best = min(best, time.perf_counter() - start)
+    return len(prompts) * new / best
