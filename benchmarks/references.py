@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 
 def transformers_runner(directory: Path) -> Callable[[list[list[int]], int], None]:

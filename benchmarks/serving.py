@@ -56,7 +56,7 @@ class LaunchedServer:
             self.process.kill()
             self.process.wait()
 
-    def __enter__(self) -> "LaunchedServer":
+    def __enter__(self) -> LaunchedServer:
         return self
 
     def __exit__(self, *exc) -> None:

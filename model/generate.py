@@ -11,7 +11,8 @@ log-probabilities and broadcasts them to the whole replica; greedy-only steps ne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 
