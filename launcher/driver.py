@@ -5,7 +5,6 @@ submitit's signal handler, which drains the driver before requeueing the job.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from fleetgen.launcher import batch
+from fleetgen.launcher.jobrecord import server_urls
 from fleetgen.slurm.control_token import read_token
 from fleetgen.slurm.rank_exit import read_exits
 
@@ -40,7 +40,7 @@ class Driver:
         except Exception as e:  # reported by the task's main thread, which fails the job with it
             self.error = e
         if not self.drain.is_set():  # finished, stopped or failed: no replica has anything left to do
-            self._shut_down(self._server_urls(), token)
+            self._shut_down(server_urls(self.job_folder, self.cfg.parallel.replicas), token)
             self.servers_stopped = True
 
     def _wait_until_healthy(self) -> list[str] | None:
@@ -54,7 +54,7 @@ class Driver:
                 if exits:
                     raise RuntimeError("a rank exited before the servers were healthy: " + "; ".join(
                         f"rank {rank} {why}" for rank, why in sorted(exits.items())) + " (launch logs JOB --rank N)")
-                urls = self._server_urls()
+                urls = server_urls(self.job_folder, self.cfg.parallel.replicas)
                 health = [_health(client, url) for url in urls]
                 failed = [f"{url}: {body.get('error')}" for url, body in zip(urls, health)
                           if body.get("status") == "failed"]
@@ -68,14 +68,6 @@ class Driver:
                                        f"{self.cfg.parallel.replicas}: {health}")
                 self.drain.wait(POLL_S)
         return None
-
-    def _server_urls(self) -> list[str]:
-        urls = []
-        for replica in range(self.cfg.parallel.replicas):
-            path = self.job_folder / f"server-{replica}.json"
-            if path.exists():
-                urls.append(json.loads(path.read_text())["url"])
-        return urls
 
     def _shut_down(self, urls: list[str], token: str | None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

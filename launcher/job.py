@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from fleetgen.launcher.errors import LaunchError
+from fleetgen.launcher.jobrecord import server_urls
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.control_token import write_token
 from fleetgen.slurm.job_control import JobControl, control_class
@@ -76,7 +77,7 @@ class RunningJob:
                 if status != shown:
                     print(f"job {self.job_id}: {status}", file=sys.stderr)
                     shown = status
-                urls = self._server_urls()
+                urls = server_urls(self.job_folder, self.cfg.parallel.replicas)
                 health = [_health(client, url) for url in urls]
                 failed = [f"{url}: {body['error']}" for url, body in zip(urls, health)
                           if body.get("status") == "failed"]
@@ -101,14 +102,6 @@ class RunningJob:
         """Why ranks exited, as they told it (empty when none did)."""
         exits = self.control.rank_exits()
         return "; ".join(f"rank {rank} {why}" for rank, why in sorted(exits.items()))
-
-    def _server_urls(self) -> list[str]:
-        urls = []
-        for replica in range(self.cfg.parallel.replicas):
-            path = self.job_folder / f"server-{replica}.json"
-            if path.exists():
-                urls.append(json.loads(path.read_text())["url"])
-        return urls
 
     def error_tail(self, lines: int = 25) -> str:
         """The last lines of every rank's stderr that has something to say."""
@@ -144,7 +137,7 @@ class RunningJob:
     def shut_down(self) -> None:
         """Ask each server to stop; cancel the job if none listened or it outlives the grace period."""
         asked = 0
-        for url in self.urls or self._server_urls():
+        for url in self.urls or server_urls(self.job_folder, self.cfg.parallel.replicas):
             try:
                 asked += httpx.post(f"{url}/shutdown", timeout=5,
                                     headers={"Authorization": f"Bearer {self.token}"}).status_code < 300

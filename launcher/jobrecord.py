@@ -5,6 +5,7 @@ folder/ID/detached.json  written at submission: job id, cluster kind, recipe, ou
 folder/ID/history.jsonl  one line per event of the job's life (started, drained, finished, ...), appended
 folder/ID/driver.log     the batch driver's output
 folder/ID/cancel.request written by `launch cancel`: the driver drains, then cancels its own job
+folder/ID/server-R.json  written by replica R's leader once it listens: its URL (any job, detached or not)
 """
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ RECORD = "detached.json"
 HISTORY = "history.jsonl"
 DRIVER_LOG = "driver.log"
 CANCEL_REQUEST = "cancel.request"
+
+
+def server_urls(job_folder: Path, replicas: int) -> list[str]:
+    """The URLs of the replicas whose leaders have published one so far."""
+    paths = (job_folder / f"server-{replica}.json" for replica in range(replicas))
+    return [json.loads(path.read_text())["url"] for path in paths if path.exists()]
 
 
 def write_atomically(path: Path, text: str) -> None:
