@@ -208,7 +208,7 @@ class Generator:
     @staticmethod
     def _argmax_only(plan: StepPlan) -> bool:
         """Whether the step needs nothing but each row's argmax: then no TP rank gathers the logits."""
-        return bool(plan.greedy.all()) and not (plan.logprobs or plan.full_logprobs or plan.return_logits)
+        return bool(plan.greedy.all()) and not (plan.logprobs or plan.full_logprobs)
 
     def _greedy(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Argmax tokens [n] of h [n, H] from each TP rank's slice of the vocabulary; eos banned where asked."""
