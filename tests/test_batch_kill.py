@@ -37,7 +37,7 @@ def batch_input(path, n=ITEMS):
     rows = [{"id": f"rec-{i}", "prompt": f"Chapter {i}. It was"} for i in range(n)]
     if n == ITEMS:
         rows[100] = {"id": "rec-100", "prompt": "word " * 600}                    # longer than the context
-        rows[200] = {"id": "rec-200", "prompt": "Emma", "random_seed": 2 ** 63 - 1}  # out of the server's range
+        rows[200] = {"id": "rec-200", "prompt": "Emma", "tokens_to_generate": 100000}  # more than the context holds
     return write_jsonl(path, rows)
 
 

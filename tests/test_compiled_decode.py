@@ -1,6 +1,6 @@
-"""The decode step under torch.compile (model.compile=true) keeps the parity matrix: logits within 1e-4 of
-HF's and identical greedy tokens, on one rank and at tensor 2 × pipeline 2 (collectives inside the compiled
-step). The eager step is what tests/test_parity.py checks; the CPU default is eager (model.compile=auto)."""
+"""The decode step under torch.compile (model.compile=true) keeps the parity matrix: log-probabilities within
+1e-4 of the eager step's and greedy tokens identical to HF's, on one rank and at tensor 2 × pipeline 2
+(collectives inside the compiled step). The eager step is what tests/test_parity.py checks; the CPU default is eager (model.compile=auto)."""
 from __future__ import annotations
 
 import pytest
@@ -27,14 +27,14 @@ def references(tmp_path_factory):
     return out
 
 
-def _decode_logits(generator: Generator) -> torch.Tensor:
-    """Logits of one decode step after each prompt: [prompts, 1, vocab]."""
+def _decode_logprobs(generator: Generator) -> torch.Tensor:
+    """Log-probabilities of one decode step after each prompt (what the wire protocol carries)."""
     tokens, lengths = padded_batch(ref.PROMPTS)
     slots = torch.arange(len(ref.PROMPTS))
     first = generator.step(greedy_plan("prefill", slots, tokens, lengths)).tokens
     plan = greedy_plan("decode", slots, first[:, None], lengths)
-    plan.return_logits = True
-    return generator.step(plan).logits
+    plan.full_logprobs = True
+    return generator.step(plan).full_logprobs
 
 
 def _compiled_cases(rank: int, world_size: int, tp: int, pp: int, directories: dict) -> dict:
@@ -45,7 +45,7 @@ def _compiled_cases(rank: int, world_size: int, tp: int, pp: int, directories: d
         stage = load_stage(ref.open_source(directory), ps, "fp32")
         eager = Generator(stage, ps, max_batch=4, max_seq_len=48)
         compiled = Generator(stage, ps, max_batch=4, max_seq_len=48, compile=True)
-        results[name] = (_decode_logits(eager), _decode_logits(compiled),
+        results[name] = (_decode_logprobs(eager), _decode_logprobs(compiled),
                          compiled.generate_greedy(ref.PROMPTS, NEW_TOKENS))
     return results
 
@@ -56,7 +56,7 @@ def _check(per_rank: list, references: dict) -> None:
         for rank, results in enumerate(per_rank):
             eager, compiled, tokens = results[name]
             diff = (eager - compiled).abs().max().item()
-            assert diff <= 1e-4, f"{name} rank {rank}: compiled decode logits differ from eager by {diff}"
+            assert diff <= 1e-4, f"{name} rank {rank}: compiled decode log-probabilities differ from eager by {diff}"
             assert tokens == want_tokens, f"{name} rank {rank}: compiled greedy tokens differ from HF generate"
 
 
