@@ -1,6 +1,7 @@
 """The decode step under torch.compile (model.compile=true) keeps the parity matrix: log-probabilities within
 1e-4 of the eager step's and greedy tokens identical to HF's, on one rank and at tensor 2 × pipeline 2
-(collectives inside the compiled step). The eager step is what tests/test_parity.py checks; the CPU default is eager (model.compile=auto)."""
+(collectives inside the compiled step). The eager step is what tests/test_parity.py checks; the CPU default
+is eager (model.compile=auto)."""
 from __future__ import annotations
 
 import pytest
