@@ -21,6 +21,7 @@ from tests.server_fixtures import serving
 
 ITEMS = 300
 DRIVER_KILLS = 21
+MAX_STEP = 12  # ledger entries one killed driver may add: 21 kills stay within the batch
 LAUNCH_KILLS = 3
 TOKENS = "generation.tokens_to_generate=6"
 DRIVER = textwrap.dedent("""
@@ -46,14 +47,16 @@ def entries(ledger) -> int:
 
 
 def kill_at_random(start, ledger, rng, wait_for_progress: bool) -> int | None:
-    """Start a run; SIGKILL it at a random moment (after it added to the ledger, when asked); the ledger's
-    entries then, or None if the run finished first."""
+    """Start a run; SIGKILL it at a random moment: after it added a random few entries to the ledger, or (not
+    wait_for_progress) after a random time, often before its first entry. At most MAX_STEP entries a run, so
+    that however fast the machine, the batch outlasts the kills. The ledger's entries then, or None if the
+    run finished first."""
     before = entries(ledger)
+    target = before + (rng.randint(1, MAX_STEP) if wait_for_progress else MAX_STEP)
+    deadline = time.monotonic() + (60 if wait_for_progress else rng.uniform(0.1, 1.5))
     proc = start()
-    deadline = time.monotonic() + rng.uniform(0.2, 1.5)
-    while proc.poll() is None and (entries(ledger) <= before if wait_for_progress else time.monotonic() < deadline):
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0, 0.3) * (1 - before / ITEMS))  # shorter as the batch nears its end
+    while proc.poll() is None and entries(ledger) < target and time.monotonic() < deadline:
+        time.sleep(0.002)
     if proc.poll() is not None:
         return None
     proc.send_signal(signal.SIGKILL)
