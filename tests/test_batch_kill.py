@@ -5,12 +5,14 @@ The 21 kills in a row hit a batch driver process (prepare + run, what `launch` a
 against the tiny model served in this process, so each costs a second rather than a job's start-up; then
 the real `launch tiny` is killed mid-batch three times (once leaving a torn ledger line) and rerun."""
 import json
+import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -24,6 +26,9 @@ DRIVER_KILLS = 21
 MAX_STEP = 12  # ledger entries one killed driver may add: 21 kills stay within the batch
 LAUNCH_KILLS = 3
 TOKENS = "generation.tokens_to_generate=6"
+# The driver imports tests.batch_stub: it runs in a batch folder, so the repository goes on its path.
+DRIVER_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
 DRIVER = textwrap.dedent("""
     import sys
     from fleetgen.launcher.batch import prepare, run
@@ -97,7 +102,8 @@ def tiny_server():
 def reference(tiny_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
     batch_input(folder / "in.jsonl")
-    driver = subprocess.run([sys.executable, "-c", DRIVER, tiny_server.url], cwd=folder, capture_output=True,
+    driver = subprocess.run([sys.executable, "-c", DRIVER, tiny_server.url], env=DRIVER_ENV, cwd=folder,
+                            capture_output=True,
                             text=True, timeout=120)
     assert driver.returncode == 0, driver.stderr
     return folder
@@ -109,7 +115,7 @@ def test_a_driver_sigkilled_21_times_in_a_row_loses_and_repeats_nothing(tiny_ser
     ledger, rng, seen = tmp_path / "out.jsonl.ledger.jsonl", random.Random(9), []
 
     def start():
-        return subprocess.Popen([sys.executable, "-c", DRIVER, tiny_server.url], cwd=tmp_path,
+        return subprocess.Popen([sys.executable, "-c", DRIVER, tiny_server.url], env=DRIVER_ENV, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     for kill in range(DRIVER_KILLS):
@@ -118,7 +124,8 @@ def test_a_driver_sigkilled_21_times_in_a_row_loses_and_repeats_nothing(tiny_ser
         if kill == DRIVER_KILLS // 2:
             cut_last_line_in_half(ledger)
     assert seen[-1] < ITEMS and len(set(seen)) > DRIVER_KILLS // 2, seen  # kills fell all through the batch
-    final = subprocess.run([sys.executable, "-c", DRIVER, tiny_server.url], cwd=tmp_path, capture_output=True,
+    final = subprocess.run([sys.executable, "-c", DRIVER, tiny_server.url], env=DRIVER_ENV, cwd=tmp_path,
+                           capture_output=True,
                            text=True, timeout=120)
     assert final.returncode == 0, final.stderr
     assert_exactly_once_and_equal(tmp_path, reference)
