@@ -1,5 +1,6 @@
 """`launch` against the real Slurm cluster that slurm/local_cluster.sh started: nothing here pretends."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def test_a_job_that_fails_while_loading_shows_its_error(tmp_path):
     # Validation passes on the login node; every rank then fails to allocate its KV cache.
     result = launch(tmp_path, "model.max_batch=100000000")
     assert result.returncode == 2
-    assert "a rank exited before the job was healthy" in result.stderr  # at once, from the rank's exit record
+    # At once, from whichever the launcher sees first: a rank's exit record, its replica's /health or the job's end.
+    assert re.search(r"(a rank exited|a replica failed|ended) before (the job|it|its server) was healthy",
+                     result.stderr)
     assert "allocate" in result.stderr.lower()  # the rank's own error, from its stderr
 
 
