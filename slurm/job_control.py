@@ -107,10 +107,14 @@ class LocalJobControl(JobControl):
         return self._ranks
 
     def gone(self) -> bool:
+        """The controller and every rank process have exited: a rank can outlive its controller by a moment
+        (both get the terminal's Ctrl-C), and "torn down" must mean no process is left."""
+        ranks = self._rank_processes().values()  # named while the controller lives; remembered after
         try:
-            return not _running(psutil.Process(int(self.job_id)))
+            controller_running = _running(psutil.Process(int(self.job_id)))
         except psutil.NoSuchProcess:
-            return True
+            controller_running = False
+        return not controller_running and not any(_running(proc) for proc in ranks)
 
     def final_state(self) -> str:
         return self.submitted.state

@@ -65,7 +65,7 @@ def test_two_nodes_tensor2_serve_batches_in_the_image_and_the_overlay_is_reused(
     assert len(records) == 8 and all(r["completion_tokens"] > 0 for r in records)
     logs = rank_logs(work)
     assert len(logs) == 2
-    overlay = next(p for p in (work / "overlays").iterdir())
+    overlay = next(p for p in (work / "overlays").iterdir() if p.is_dir())  # beside it: its .lock file
     for log in logs.values():
         # The image's interpreter (not this machine's), the image's torch, fleetgen from the overlay.
         assert f"in container image {image['torch']}: /usr/bin/python3 (Python 3.11." in log
