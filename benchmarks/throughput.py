@@ -70,7 +70,7 @@ def through_server(model_dir: Path, texts: list[str], sizes: dict, workdir: Path
     with serving.LaunchedServer(workdir / "serve", "tiny", model_overrides(model_dir, sizes["new"])) as server:
         for clients in (1, CLIENTS):
             out[f"server, {clients} client{'s' * (clients > 1)}"] = serving.clients_tokens_per_second(
-                server.urls, texts, clients, sizes["new"], sizes["per_client"])
+                server.urls, texts, clients, sizes["new"], sizes["per_client"], sizes["rounds"])
     batch = serving.launch_batch(workdir / "batch", "tiny", model_overrides(model_dir, sizes["new"]),
                                  texts[:sizes["batch_prompts"]], sizes["new"], CLIENTS)
     out[f"launch batch, {sizes['batch_prompts']} prompts, {CLIENTS} in flight"] = batch["tokens_per_s"]
@@ -85,7 +85,7 @@ def scaling(model_dir: Path, texts: list[str], sizes: dict, workdir: Path) -> di
         with serving.LaunchedServer(folder, "tiny", model_overrides(model_dir, sizes["scaling_new"]) + overrides) \
                 as server:
             out[name] = serving.clients_tokens_per_second(server.urls, texts, CLIENTS, sizes["scaling_new"],
-                                                          sizes["per_client"])
+                                                          sizes["per_client"], sizes["rounds"])
     return out
 
 

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from fleetgen.model.local_reduce import SharedMemoryReduce
+
 
 class SplitError(ValueError):
     """A model that cannot be split over `axis` ("tensor" or "pipeline") ranks as asked; the message names the
@@ -38,10 +40,12 @@ class ParallelState:
     replica_ranks: tuple[int, ...]
     device: torch.device
     backend: str                # "gloo" | "nccl" | "none" (no torch.distributed)
+    tp_shared_memory: Optional[SharedMemoryReduce] = None  # CPU TP ranks of one host: their all-reduce
 
     @classmethod
-    def build(cls, tensor: int, pipeline: int) -> ParallelState:
-        """Collective over the world: every rank creates every group, in the same order."""
+    def build(cls, tensor: int, pipeline: int, timeout_s: float = 600) -> ParallelState:
+        """Collective over the world: every rank creates every group, in the same order. timeout_s bounds a
+        shared-memory all-reduce's wait, as the process group's timeout bounds gloo's."""
         if not dist.is_initialized():
             raise RuntimeError("ParallelState.build: torch.distributed is not initialised")
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -59,11 +63,13 @@ class ParallelState:
             for t in range(tensor):
                 groups["pp", r, t] = dist.new_group([base + p * tensor + t for p in range(pipeline)])
             groups["replica", r] = dist.new_group(list(range(base, base + per_replica)))
+        tp_group, device = groups["tp", replica, pp_rank], _local_device()
+        shared = SharedMemoryReduce.create(tp_group, timeout_s) if tensor > 1 and device.type == "cpu" else None
         return cls(world_rank=rank, replica=replica, tp_rank=tp_rank, tp_size=tensor, pp_rank=pp_rank,
-                   pp_size=pipeline, tp_group=groups["tp", replica, pp_rank],
+                   pp_size=pipeline, tp_group=tp_group,
                    pp_group=groups["pp", replica, tp_rank], replica_group=groups["replica", replica],
                    replica_ranks=tuple(range(replica * per_replica, (replica + 1) * per_replica)),
-                   device=_local_device(), backend=dist.get_backend())
+                   device=device, backend=dist.get_backend(), tp_shared_memory=shared)
 
     @classmethod
     def single(cls, device: Optional[torch.device] = None) -> ParallelState:
@@ -124,7 +130,11 @@ def copy_to_tensor_model_parallel_region(x: torch.Tensor, ps: ParallelState) -> 
 
 def reduce_from_tensor_model_parallel_region(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     """Sum the partial results of the TP ranks (row-parallel outputs, vocab-parallel lookups)."""
-    if ps.tp_size > 1:
+    if ps.tp_size == 1:
+        return x
+    if ps.tp_shared_memory is not None and ps.tp_shared_memory.fits(x):
+        ps.tp_shared_memory.all_reduce(x)  # one host's CPU ranks: no sockets (local_reduce.py)
+    else:
         dist.all_reduce(x, group=ps.tp_group)
     return x
 

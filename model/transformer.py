@@ -6,6 +6,8 @@ calls: embed -> prefill_layers or decode_layers -> logits, with activations pass
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,14 +19,31 @@ from fleetgen.model.layers import (ACTIVATIONS, ColumnParallelLinear, LayerNorm,
 from fleetgen.model.parallel import ParallelState, SplitError
 
 
-def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
-    """Global layer indices held by a stage: even shares, the first num_layers % PP stages take one more
-    (3 layers over 2 stages -> 0-1 | 2)."""
+def stage_layers(config: ModelConfig, pp_size: int, pp_rank: int) -> range:
+    """Global layer indices held by a stage. The last stage also runs the output layer, as costly as
+    output_layer_share(config) layers (half of GPT-2 small's twelve, a little over one of Nemotron-4-340B's
+    96), so it takes that many fewer layers, keeping at least one, and the stages cost about the same. The
+    other stages share the rest evenly, the first ones taking one more (3 layers over 2 stages -> 0-1 | 2)."""
+    num_layers = config.num_layers
     if num_layers < pp_size:
         raise SplitError("pipeline", f"num_layers={num_layers} cannot fill {pp_size} pipeline stages")
-    share, extra = divmod(num_layers, pp_size)
+    if pp_size == 1:
+        return range(num_layers)
+    head = output_layer_share(config)
+    last = math.ceil((num_layers + head) / pp_size - head - 0.5)  # nearest; a tie gives the earlier stages more
+    last = min(max(last, 1), num_layers - (pp_size - 1))
+    if pp_rank == pp_size - 1:
+        return range(num_layers - last, num_layers)
+    share, extra = divmod(num_layers - last, pp_size - 1)
     start = pp_rank * share + min(pp_rank, extra)
     return range(start, start + share + (pp_rank < extra))
+
+
+def output_layer_share(config: ModelConfig) -> float:
+    """The output layer's weights over one transformer layer's: what a decode step reads and multiplies."""
+    attention = config.hidden_size * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_query_groups)
+    mlp = config.hidden_size * config.ffn_hidden_size * (3 if config.activation == "swiglu" else 2)
+    return config.vocab_size * config.hidden_size / (attention + mlp)
 
 
 def local_kv_heads(config: ModelConfig, tp_size: int) -> int:
@@ -41,7 +60,7 @@ def check_split(config: ModelConfig, tp_size: int, pp_size: int) -> None:
     """Every rule for splitting the model over tensor × pipeline ranks, without building anything (a launcher
     checks them before submission); a SplitError names the model's field."""
     local_kv_heads(config, tp_size)
-    stage_layers(config.num_layers, pp_size, 0)
+    stage_layers(config, pp_size, 0)
     divide(config.ffn_hidden_size, tp_size, "ffn_hidden_size")
 
 
@@ -142,7 +161,7 @@ class DecoderStage(nn.Module):
         super().__init__()
         check_split(config, ps.tp_size, ps.pp_size)
         self.config, self.ps, self.padded_vocab, self.dtype = config, ps, padded_vocab, dtype
-        self.layer_ids = stage_layers(config.num_layers, ps.pp_size, ps.pp_rank)
+        self.layer_ids = stage_layers(config, ps.pp_size, ps.pp_rank)
         self.kv_heads = local_kv_heads(config, ps.tp_size)
         if ps.is_first_stage:
             self.embedding = Embedding(config, ps, padded_vocab, dtype)

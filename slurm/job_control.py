@@ -107,14 +107,7 @@ class LocalJobControl(JobControl):
         return self._ranks
 
     def gone(self) -> bool:
-        """The controller and every rank process have exited: a rank can outlive its controller by a moment
-        (both get the terminal's Ctrl-C), and "torn down" must mean no process is left."""
-        ranks = self._rank_processes().values()  # named while the controller lives; remembered after
-        try:
-            controller_running = _running(psutil.Process(int(self.job_id)))
-        except psutil.NoSuchProcess:
-            controller_running = False
-        return not controller_running and not any(_running(proc) for proc in ranks)
+        return not _job_processes(self.job_id)
 
     def final_state(self) -> str:
         return self.submitted.state
@@ -136,7 +129,7 @@ class LocalJobControl(JobControl):
 
     @classmethod
     def state_of(cls, job_id: str) -> str | None:
-        return "RUNNING" if _controller(job_id) is not None else None
+        return "RUNNING" if _job_processes(job_id) else None
 
     @classmethod
     def cancel_id(cls, job_id: str) -> None:
@@ -206,6 +199,20 @@ def _controller(job_id: str) -> psutil.Process | None:
         return controller if _running(controller) and "submitit" in " ".join(controller.cmdline()) else None
     except psutil.NoSuchProcess:
         return None
+
+
+def _job_processes(job_id: str) -> list[psutil.Process]:
+    """The local job's processes still running: its controller, and its ranks, which can outlive the
+    controller by a moment (it sends SIGKILL last and does not wait), so that "ended" means none is left."""
+    controller = _controller(job_id)
+    ranks = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SUBMITIT_LOCAL_JOB_ID") == job_id and _running(proc):
+                ranks.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return ([controller] if controller is not None else []) + ranks
 
 
 def _squeue(job_id: str, fmt: str = "%i") -> str:

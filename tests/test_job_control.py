@@ -1,6 +1,8 @@
 """Job control per cluster kind, on submitit's local executor and on the real local Slurm cluster: queue
 state, the ranks' exits while the job runs on, cancelling, and reaping a job a crashed launcher left."""
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -81,3 +83,17 @@ def test_reap_ends_a_job_left_running(tmp_path, kind, capsys):
         assert "left running by a launcher that crashed" in capsys.readouterr().err
     finally:
         control.cancel()
+
+
+def test_a_local_job_runs_while_any_rank_outlives_its_controller():
+    """submitit's controller SIGKILLs its ranks last and exits without waiting: until the ranks are gone the
+    job has not ended, or `launch cancel` and Ctrl-C would report a teardown with processes still there."""
+    job_id = "999999999"  # no controller of that pid: it has exited
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            env={**os.environ, "SUBMITIT_LOCAL_JOB_ID": job_id})
+    try:
+        assert LocalJobControl.state_of(job_id) == "RUNNING"
+    finally:
+        rank.kill()
+        rank.wait()
+    assert LocalJobControl.state_of(job_id) is None

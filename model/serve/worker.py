@@ -43,7 +43,7 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
                             init_method=rendezvous(job_folder, env, timeout_s=cfg.server.health_timeout_s),
                             rank=env.global_rank, world_size=env.world_size,
                             timeout=timedelta(seconds=cfg.server.dist_timeout_s))
-    ps = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline)
+    ps = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.server.dist_timeout_s)
     node = env.hostnames[env.node_rank] if env.cluster == "slurm" else socket.gethostname()
     _log(ps, f"on node {node} ({env.cluster} job {env.job_id}), started "
              f"{time.time() - psutil.Process().create_time():.1f} s after its process, {torch.get_num_threads()} "
