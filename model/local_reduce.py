@@ -54,11 +54,14 @@ class SharedMemoryReduce:
             with path.open("wb") as f:
                 f.truncate(nbytes)  # zeros: no flag raised yet
         dist.barrier(group=group)
-        buffer = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
-        dist.barrier(group=group)  # every rank has mapped it: the name can go
+        buffer = None  # stays None where the host name is the same but /dev/shm another (a container's own)
+        if path.is_file():  # torch.from_file would create a missing file
+            buffer = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
+        mapped = [None] * size
+        dist.all_gather_object(mapped, buffer is not None, group=group)  # every rank has tried: the name can go
         if rank == 0:
             path.unlink()
-        return cls(buffer, rank, size, timeout_s)
+        return cls(buffer, rank, size, timeout_s) if all(mapped) else None
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.numel() * x.element_size() <= SLOT_BYTES
