@@ -3,10 +3,9 @@
 Every rank of a replica calls Generator.step with the same StepPlan. Each stage receives activations from
 the previous one (or embeds the tokens), runs its layers against its own KV cache and passes the result on;
 prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold, micro-batches
-of threshold // seq rows) so the stages overlap; a decode step's rows are split likewise when there are enough
-(decode_microbatches). A decode step has static shapes: slot rows [0, rows) and a context length from
-power-of-two buckets, attention reading the KV cache in place, so that torch.compile (and CUDA graphs) can
-capture it. The last stage's TP rank 0 turns the logits into tokens and
+of threshold // seq rows) so the stages overlap. A decode step has static shapes: slot rows [0, rows) and a
+context length from power-of-two buckets, attention reading the KV cache in place, so that torch.compile
+(and CUDA graphs) can capture it. The last stage's TP rank 0 turns the logits into tokens and
 log-probabilities and broadcasts them to the whole replica; greedy-only steps never gather the logits.
 """
 from __future__ import annotations
@@ -25,9 +24,6 @@ from fleetgen.model.transformer import DecoderStage
 
 MICROBATCH_THRESHOLD = 512  # Megatron's inference_batch_times_seqlen_threshold
 MIN_CONTEXT = 64  # the smallest context bucket of a decode step
-# The fewest rows of a pipelined decode micro-batch: below this a step costs about what reading the weights
-# costs, whatever its rows, so splitting would only slow each stage (a CPU core is compute-bound from ~8 rows).
-DECODE_MICROBATCH_ROWS = {"cpu": 8, "cuda": 64}
 
 
 def bucket(n: int, limit: int, smallest: int = 1) -> int:
@@ -36,15 +32,6 @@ def bucket(n: int, limit: int, smallest: int = 1) -> int:
     while size < n:
         size *= 2
     return min(size, limit)
-
-
-def decode_microbatches(rows: int, stages: int, min_rows: int) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) of a decode step's micro-batches. With pipeline stages the rows go in parts of
-    at least min_rows, up to two a stage, so that the stages work at the same time on different parts instead
-    of taking turns; smaller parts would only re-read the weights."""
-    parts = max(1, min(2 * stages, rows // min_rows)) if stages > 1 else 1
-    size = -(-rows // parts)
-    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 def compile_decode(decode_layers: Callable, device: torch.device) -> Callable:
@@ -98,12 +85,10 @@ def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: t
 
 class Generator:
     def __init__(self, stage: DecoderStage, ps: ParallelState, max_batch: int, max_seq_len: int,
-                 microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False,
-                 decode_microbatch_rows: Optional[int] = None):
+                 microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False):
         self.stage, self.ps, self.config = stage, ps, stage.config
         self._decode_layers = compile_decode(stage.decode_layers, ps.device) if compile else stage.decode_layers
         self.max_batch, self.max_seq_len, self.microbatch_threshold = max_batch, max_seq_len, microbatch_threshold
-        self.decode_microbatch_rows = decode_microbatch_rows or DECODE_MICROBATCH_ROWS[ps.device.type]
         self.cache = KVCache(len(stage.layers), max_batch, max_seq_len, stage.kv_heads, self.config.head_dim,
                              stage.dtype, ps.device)
         # each slot's prompt + fed tokens, for the repetition penalty
@@ -210,23 +195,15 @@ class Generator:
         writes = torch.full((rows, 1), self.cache.scratch, dtype=torch.long, device=device)
         writes[slots] = lengths[:, None]
         mask = (torch.arange(context, device=device) <= positions)[:, None, None, :]  # [rows, 1, 1, context]
-        pending, last = [], []
-        for start, stop in decode_microbatches(rows, ps.pp_size, self.decode_microbatch_rows):
-            part = slice(start, stop)
-            if ps.is_first_stage:
-                h = stage.embed(ids[part], positions[part])  # [stop - start, 1, H]
-            else:
-                h = recv_from_prev_pipeline_rank((stop - start, 1, self.config.hidden_size), stage.dtype, ps)
-            cache = self.cache if stop - start == rows else self.cache.rows(start, stop)
-            h = self._decode_layers(h, positions[part], writes[part], mask[part], cache)
-            if ps.is_last_stage:
-                last.append(h)
-            else:  # the next stage starts on this part while this one goes on to the next
-                pending.append((send_to_next_pipeline_rank(h, ps), h))  # h stays alive until sent
-        for work, _ in pending:
-            work.wait()
-        return torch.cat(last)[slots] if ps.is_last_stage else None
-
+        if ps.is_first_stage:
+            h = stage.embed(ids, positions)  # [rows, 1, H]
+        else:
+            h = recv_from_prev_pipeline_rank((rows, 1, self.config.hidden_size), stage.dtype, ps)
+        h = self._decode_layers(h, positions, writes, mask, self.cache)
+        if not ps.is_last_stage:
+            send_to_next_pipeline_rank(h, ps).wait()
+            return None
+        return h[slots]
 
     @staticmethod
     def _argmax_only(plan: StepPlan) -> bool:

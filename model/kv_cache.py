@@ -8,8 +8,6 @@ reads.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 
@@ -36,13 +34,6 @@ class KVCache:
         """Keys and values of slots [0, rows) at positions [0, context): views of the cache, no copy,
         [rows, context, kv_heads, head_dim] each."""
         return self.k[layer, :rows, :context], self.v[layer, :rows, :context]
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """Slots [start, stop) as a cache of their own, for a decode micro-batch: views of this cache's buffers,
-        so what the micro-batch writes lands here."""
-        part = copy.copy(self)
-        part.k, part.v, part.max_batch = self.k[:, start:stop], self.v[:, start:stop], stop - start
-        return part
 
     @property
     def bytes(self) -> int:

@@ -22,8 +22,9 @@ from fleetgen.model.parallel import ParallelState, SplitError
 def stage_layers(config: ModelConfig, pp_size: int, pp_rank: int) -> range:
     """Global layer indices held by a stage. The last stage also runs the output layer, as costly as
     output_layer_share(config) layers (half of GPT-2 small's twelve, a little over one of Nemotron-4-340B's
-    96), so it takes that many fewer layers, keeping at least one, and the stages cost about the same. The
-    other stages share the rest evenly, the first ones taking one more (3 layers over 2 stages -> 0-1 | 2)."""
+    96), so it takes that many fewer layers, keeping at least one, and the stages of a micro-batched prefill
+    are busy alike. The other stages share the rest evenly, the first ones taking one more (3 layers over 2
+    stages -> 0-1 | 2)."""
     num_layers = config.num_layers
     if num_layers < pp_size:
         raise SplitError("pipeline", f"num_layers={num_layers} cannot fill {pp_size} pipeline stages")

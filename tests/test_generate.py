@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fleetgen.model.generate import decode_microbatches, greedy_plan
+from fleetgen.model.generate import greedy_plan
 from fleetgen.model.load import build_generator
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.sampling import apply_repetition_penalty, history_mask
@@ -132,12 +132,3 @@ def test_generate_greedy_refuses_what_the_cache_cannot_hold(generator):
     with pytest.raises(ValueError, match="a 39-token prompt \\+ 11 new tokens exceed max_seq_len=48"):
         generator.generate_greedy([list(range(1, 40))], 11)
     assert generator.generate_greedy(ref.PROMPTS, 0) == [[], [], []]
-
-
-
-def test_pipelined_decode_splits_its_rows_only_into_parts_worth_a_stage():
-    assert decode_microbatches(16, stages=1, min_rows=8) == [(0, 16)]  # one stage: nothing to overlap
-    assert decode_microbatches(16, stages=2, min_rows=8) == [(0, 8), (8, 16)]
-    assert decode_microbatches(16, stages=2, min_rows=2) == [(0, 4), (4, 8), (8, 12), (12, 16)]  # two a stage
-    assert decode_microbatches(4, stages=2, min_rows=8) == [(0, 4)]  # too few rows to split
-    assert decode_microbatches(12, stages=4, min_rows=5) == [(0, 6), (6, 12)]

@@ -3,8 +3,7 @@
 Each TP × PP runs as real processes joined by gloo, spawned once, checking every case inside: logits of a
 batch of different-length prompts within 1e-4 of HF's (each prompt alone), and 32 greedy tokens identical
 to HF generate. The cases cover GQA with 2 groups (split over TP=2), a single group at TP=2 (replicated KV)
-and 3 layers over 2 stages (uneven split). Prefill and decode are micro-batched one row at a time, so
-stages overlap and each decode micro-batch reads its own rows of the KV cache.
+and 3 layers over 2 stages (uneven split). Prefill is micro-batched one row at a time so stages overlap.
 """
 from __future__ import annotations
 
@@ -45,8 +44,7 @@ def _run_cases(rank: int, world_size: int, tp: int, pp: int, directories: dict) 
     results = {}
     for name, directory in directories.items():
         stage = load_stage(ref.open_source(directory), ps, "fp32")
-        generator = Generator(stage, ps, max_batch=4, max_seq_len=48, microbatch_threshold=8,
-                              decode_microbatch_rows=1)
+        generator = Generator(stage, ps, max_batch=4, max_seq_len=48, microbatch_threshold=8)
         tokens, lengths = padded_batch(ref.PROMPTS)
         plan = greedy_plan("prefill", torch.arange(len(ref.PROMPTS)), tokens, lengths)
         plan.full_logprobs = True
