@@ -66,7 +66,6 @@ class SharedMemoryReduce:
     def fits(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.numel() * x.element_size() <= SLOT_BYTES
 
-    @torch.compiler.disable  # a compiled decode step calls it as it is (its wait is no graph)
     def all_reduce(self, x: torch.Tensor) -> None:
         """Sum x (CPU, contiguous, at most SLOT_BYTES) over the group's ranks, in place."""
         self.count += 1

@@ -132,8 +132,9 @@ def reduce_from_tensor_model_parallel_region(x: torch.Tensor, ps: ParallelState)
     """Sum the partial results of the TP ranks (row-parallel outputs, vocab-parallel lookups)."""
     if ps.tp_size == 1:
         return x
-    if ps.tp_shared_memory is not None and ps.tp_shared_memory.fits(x):
-        ps.tp_shared_memory.all_reduce(x)  # one host's CPU ranks: no sockets (local_reduce.py)
+    # one host's CPU ranks: no sockets (local_reduce.py); a compiled step keeps gloo, which dynamo can trace
+    if ps.tp_shared_memory is not None and ps.tp_shared_memory.fits(x) and not torch.compiler.is_compiling():
+        ps.tp_shared_memory.all_reduce(x)
     else:
         dist.all_reduce(x, group=ps.tp_group)
     return x
