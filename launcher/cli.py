@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from fleetgen.launcher.validate import fit_to_model, open_model
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _hear_sigint()
     if argv and argv[0] in control.COMMANDS:  # `launch status|logs|cancel ...`: a detached job, not a recipe
         return _reporting_errors(lambda: control.main(argv))
     parser = argparse.ArgumentParser(prog="launch", description="Serve a model on Slurm or this machine and "
@@ -42,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("launch: interrupted; the job was torn down", file=sys.stderr)
         return 130
+
+
+def _hear_sigint() -> None:
+    """A shell starts a background command (`launch ... &`) with SIGINT ignored, and every process it starts
+    inherits that: then Ctrl-C's stand-in would not stop `launch`, and submitit's local jobs, which it stops
+    with SIGINT, could not be cancelled. Python's own handler is not inherited, so the job gets the default."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:

@@ -3,7 +3,7 @@
 A decode step all-reduces twice a layer, a few KB each time. Over gloo's TCP loopback each costs a round of
 socket wake-ups (0.1-2 ms on loaded cores: more than the layer's own work at batch 16, which made tensor 2
 slower than one rank; benchmarks/decode_scaling.py). Here each rank copies its partial sum into its own slot
-of a shared buffer, raises its flag, waits (spinning, then yielding the core) until every rank's flag is up,
+of a shared buffer, raises its flag, waits (spinning, then napping) until every rank's flag is up,
 and sums the slots itself in rank order, so every rank gets the same bits. Two buffers alternate: a rank
 writes buffer b again only two reductions later, after every rank has raised its flag for the one between,
 which it does only once it has finished reading b.
@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 SLOT_BYTES = 1 << 20       # the largest all-reduce it takes, per rank
-SPIN_S = 200e-6            # busy-wait this long before yielding the core between looks
+SPIN_S = 200e-6            # busy-wait this long; then nap between looks, a tenth of the wait so far, up to
+MAX_NAP_S = 1e-3           # this: a peer still loading, or stopped, must not cost this rank a core
 SHM = Path("/dev/shm")
 
 
@@ -81,7 +82,7 @@ class SharedMemoryReduce:
         while int(self.flags.min()) < count:
             waited = time.monotonic() - started
             if waited > SPIN_S:
-                time.sleep(0)  # lets this process's other threads and this core's other processes run
+                time.sleep(min(waited / 10, MAX_NAP_S))  # frees the GIL and the core
             if waited > self.timeout_s:
                 raise TimeoutError(f"tensor-parallel all-reduce: ranks {self._missing(count)} did not arrive "
                                    f"within {self.timeout_s:.0f} s")

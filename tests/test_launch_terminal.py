@@ -49,3 +49,21 @@ def test_ctrl_c_of_a_serving_launcher_shows_one_line_and_exits_130(tmp_path):
     assert lines[serving + 1:] == ["launch: interrupted; the job was torn down"], err
     assert "Traceback" not in err and out == ""
     assert our_processes(str(tmp_path)) == []
+
+
+def test_a_launcher_started_with_sigint_ignored_still_stops_on_it_and_cancels_its_job(tmp_path):
+    """`launch ... &` from a script: the shell ignores SIGINT for it, and its processes would inherit that."""
+    proc = subprocess.Popen([sys.executable, "-m", "fleetgen.launcher", "tiny", "mode=serve", "job.folder=jobs"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving tiny at http://127.0.0.1:"), line or proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "launch: interrupted; the job was torn down" in err
+    assert our_processes(str(tmp_path)) == []
