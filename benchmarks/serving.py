@@ -112,7 +112,8 @@ def launch_batch(workdir: Path, recipe: str, overrides: list[str], prompts: list
     result = subprocess.run(
         [sys.executable, "-m", "fleetgen.launcher", recipe, f"batch.input={records}",
          f"batch.output={workdir / 'results.jsonl'}", f"batch.concurrency={concurrency}",
-         "batch.prompts_per_request=1", f"job.folder={workdir / 'jobs'}", *overrides],
+         "batch.prompts_per_request=1", "batch.restart=true",  # not the last run's ledger: all of it, again
+         f"job.folder={workdir / 'jobs'}", *overrides],
         cwd=workdir, capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - started
     match = re.search(r"(\d+) generated tokens, ([\d.]+) tokens/s", result.stdout)
