@@ -1,12 +1,20 @@
 """Prefill and decode steps over the pipeline, sampling on the last stage, results shared by the replica.
 
-Every rank of a replica calls Generator.step with the same StepPlan. Each stage receives activations from
-the previous one (or embeds the tokens), runs its layers against its own KV cache and passes the result on;
-prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold, micro-batches
-of threshold // seq rows) so the stages overlap. A decode step has static shapes: slot rows [0, rows) and a
-context length from power-of-two buckets, attention reading the KV cache in place, so that torch.compile
-(and CUDA graphs) can capture it. The last stage's TP rank 0 turns the logits into tokens and
-log-probabilities and broadcasts them to the whole replica; greedy-only steps never gather the logits.
+Every rank of a replica runs each step with the same StepPlan, in the same order. Each stage receives
+activations from the previous one (or embeds the tokens), runs its layers against its own KV cache and passes
+the result on; prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold,
+micro-batches of threshold // seq rows) so the stages overlap. A decode step runs over slot rows [0, rows) of
+its lane up to a context length, attention reading the KV cache in place; compiled, rows and context come from
+power-of-two buckets, static shapes that torch.compile (and CUDA graphs) capture once each, while an eager step
+reads no more cache than its longest row needs. The last stage's TP rank 0 (the output rank) turns the
+logits into tokens and log-probabilities; greedy-only steps never gather the logits.
+
+Two ways to run a step. step(plan) shares the outputs with every rank and returns when the whole replica is
+done: what generate_greedy and tests use. launch(plan) returns as soon as this rank's stage is done and its
+activations are on their way, and only the leader gets the outputs, from land(): so while the next stage runs
+one step, this stage runs the next. The KV-cache slots are split into lanes, one per pipeline stage, each
+lane's decode running over its own slot rows, so that the engine keeps one step of every lane in flight and
+no stage waits for another.
 """
 from __future__ import annotations
 
@@ -17,8 +25,9 @@ from collections.abc import Callable
 import torch
 
 from fleetgen.model.kv_cache import KVCache
-from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, recv_from_prev_pipeline_rank,
-                                     send_to_next_pipeline_rank, vocab_parallel_argmax)
+from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, recv_from_output_rank,
+                                     recv_from_prev_pipeline_rank, send_to_first_rank, send_to_next_pipeline_rank,
+                                     vocab_parallel_argmax)
 from fleetgen.model.sampling import ban_tokens, history_mask, sample
 from fleetgen.model.transformer import DecoderStage
 
@@ -74,6 +83,15 @@ class StepOutput:
     full_logprobs: Optional[torch.Tensor] = None    # float32 prefill [n, L, vocab] / decode [n, 1, vocab]
 
 
+@dataclass
+class Flight:
+    """A step this rank launched and has not landed: the output rank's results (on the leader, the buffers
+    they arrive in) and the sends and receives still under way, each with the tensor it uses."""
+    plan: StepPlan
+    outputs: dict[str, torch.Tensor]
+    pending: list[tuple[object, torch.Tensor]]
+
+
 def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> StepPlan:
     """A plan that takes the argmax for every row."""
     n = slots.numel()
@@ -85,39 +103,56 @@ def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: t
 
 class Generator:
     def __init__(self, stage: DecoderStage, ps: ParallelState, max_batch: int, max_seq_len: int,
-                 microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False):
+                 microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False, lanes: int = 1):
         self.stage, self.ps, self.config = stage, ps, stage.config
         self._decode_layers = compile_decode(stage.decode_layers, ps.device) if compile else stage.decode_layers
+        self._static_shapes = compile
         self.max_batch, self.max_seq_len, self.microbatch_threshold = max_batch, max_seq_len, microbatch_threshold
         self.cache = KVCache(len(stage.layers), max_batch, max_seq_len, stage.kv_heads, self.config.head_dim,
                              stage.dtype, ps.device)
+        self.lane_size = -(-max_batch // lanes)
+        self.lanes = [range(first, min(first + self.lane_size, max_batch))
+                      for first in range(0, max_batch, self.lane_size)]  # slot ranges
+        self._lane_caches = [self.cache.slots(lane.start, len(lane)) for lane in self.lanes]
         # each slot's prompt + fed tokens, for the repetition penalty
         self.history = torch.zeros(max_batch, max_seq_len, dtype=torch.long, device=ps.device)
         self.history_len = torch.zeros(max_batch, dtype=torch.long, device=ps.device)
         self.rngs: list[Optional[torch.Generator]] = [None] * max_batch
-        self.is_output_rank = ps.world_rank == ps.last_stage_ranks[0]
+        self.is_output_rank = ps.world_rank == ps.output_rank
+        self.is_leader = ps.world_rank == ps.first_rank
+
+    def lane_of(self, slot: int) -> int:
+        return slot // self.lane_size
 
     def step(self, plan: StepPlan) -> StepOutput:
-        """Collective over the replica: every rank calls it with the same plan."""
-        self._check(plan)
-        device = self.ps.device
-        slots, tokens, lengths = plan.slots.to(device), plan.tokens.to(device), plan.lengths.to(device)
-        every = self._wants_all(plan)
-        if plan.kind == "prefill":
-            self._start(plan, slots, tokens, lengths)
-        else:
-            self.history[slots, lengths] = tokens[:, 0]
-            self.history_len[slots] = lengths + 1
-        with torch.no_grad():  # not inference_mode: callers may modify the returned tensors in place
-            if plan.kind == "prefill":
-                logits = self._prefill(tokens, slots, None if every else lengths - 1)
-            else:
-                h = self._decode(plan, tokens, slots, lengths)
-                if self.ps.is_last_stage and self._argmax_only(plan):
-                    return self._share(plan, {"tokens": self._greedy(h[:, 0], plan)})
-                logits = self.stage.logits(h if every else h[:, 0]) if self.ps.is_last_stage else None
-            outputs = self._outputs(plan, logits, slots, tokens, lengths) if self.is_output_rank else {}
-            return self._share(plan, outputs)
+        """Collective over the replica: every rank calls it with the same plan and gets the same outputs."""
+        outputs, sends = self._run(plan)
+        for work, _ in sends:
+            work.wait()
+        return self._share(plan, outputs)
+
+    def launch(self, plan: StepPlan) -> Flight:
+        """This rank's share of a step, returning once its activations are on their way to the next stage.
+        Every rank launches the same plans in the same order and lands each of them (land), oldest first."""
+        shapes = self._output_shapes(plan)
+        received: dict[str, torch.Tensor] = {}
+        if self.is_leader and not self.is_output_rank:  # posted before the output rank sends
+            received = {name: torch.empty(shape, dtype=dtype, device=self.ps.device)
+                        for name, (shape, dtype) in shapes.items()}
+        pending = [(recv_from_output_rank(tensor, self.ps), tensor) for tensor in received.values()]
+        outputs, sends = self._run(plan)
+        if self.is_output_rank and not self.is_leader:
+            replies = [outputs[name].contiguous() for name in shapes]
+            pending += [(send_to_first_rank(tensor, self.ps), tensor) for tensor in replies]
+        return Flight(plan, received or outputs, pending + sends)
+
+    def land(self, flight: Flight) -> Optional[StepOutput]:
+        """Wait for a launched step's sends and receives; the leader gets its outputs, CPU tensors."""
+        for work, _ in flight.pending:
+            work.wait()
+        if not self.is_leader:
+            return None
+        return StepOutput(**{name: flight.outputs[name].cpu() for name in self._output_shapes(flight.plan)})
 
     def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Collective. Exactly max_new_tokens argmax tokens per prompt (no stop at eos), without the prompt."""
@@ -126,8 +161,8 @@ class Generator:
             raise ValueError(f"generate_greedy: a {longest}-token prompt + {max_new_tokens} new tokens exceed "
                              f"max_seq_len={self.max_seq_len}")
         results = []
-        for start in range(0, len(prompts), self.max_batch):
-            chunk = prompts[start:start + self.max_batch]
+        for start in range(0, len(prompts), self.lane_size):  # a decode step stays within a lane
+            chunk = prompts[start:start + self.lane_size]
             lengths = torch.tensor([len(p) for p in chunk])
             tokens = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)  # [n, L] right-padded
             for row, prompt in enumerate(chunk):
@@ -138,6 +173,31 @@ class Generator:
                 out.append(self.step(greedy_plan("decode", slots, out[-1][:, None], lengths + i)).tokens)
             results += torch.stack(out, dim=1).tolist() if out else [[] for _ in chunk]
         return results
+
+    def _run(self, plan: StepPlan) -> tuple[dict[str, torch.Tensor], list[tuple[object, torch.Tensor]]]:
+        """This rank's share of a step: its stage's layers, and on the output rank the step's outputs (empty
+        elsewhere). Also returns the sends to the next stage still under way, with the tensors they read."""
+        self._check(plan)
+        device = self.ps.device
+        slots, tokens, lengths = plan.slots.to(device), plan.tokens.to(device), plan.lengths.to(device)
+        every = self._wants_all(plan)
+        if plan.kind == "prefill":
+            self._start(plan, slots, tokens, lengths)
+        else:
+            self.history[slots, lengths] = tokens[:, 0]
+            self.history_len[slots] = lengths + 1
+        sends: list[tuple[object, torch.Tensor]] = []
+        with torch.no_grad():  # not inference_mode: callers may modify the returned tensors in place
+            if plan.kind == "prefill":
+                logits = self._prefill(tokens, slots, None if every else lengths - 1, sends)
+            else:
+                h = self._decode(plan, tokens, slots, lengths, sends)
+                if self.ps.is_last_stage and self._argmax_only(plan):
+                    chosen = self._greedy(h[:, 0], plan)
+                    return ({"tokens": chosen} if self.is_output_rank else {}), sends
+                logits = self.stage.logits(h if every else h[:, 0]) if self.ps.is_last_stage else None
+            outputs = self._outputs(plan, logits, slots, tokens, lengths) if self.is_output_rank else {}
+        return outputs, sends
 
     def _start(self, plan: StepPlan, slots: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
         """A prefill starts each slot afresh: its history and its seeded generator."""
@@ -154,13 +214,13 @@ class Generator:
         """Whether every position's logits are needed, not just each row's last."""
         return (plan.logprobs and plan.kind == "prefill") or plan.full_logprobs
 
-    def _prefill(self, tokens: torch.Tensor, slots: torch.Tensor, select: Optional[torch.Tensor]):
+    def _prefill(self, tokens: torch.Tensor, slots: torch.Tensor, select: Optional[torch.Tensor], sends: list):
         """Last stage: fp32 logits [n, vocab] at positions select, or [n, s, vocab] when select is None."""
         ps, stage = self.ps, self.stage
         n, s = tokens.shape
         positions = torch.arange(s, device=tokens.device).expand(n, -1)  # [n, s]
         size = max(1, self.microbatch_threshold // s) if n * s >= self.microbatch_threshold and s > 1 else n
-        pending, logits = [], []
+        logits = []
         for start in range(0, n, size):
             rows = slice(start, start + size)
             m = tokens[rows].shape[0]
@@ -170,40 +230,42 @@ class Generator:
                 h = recv_from_prev_pipeline_rank((m, s, self.config.hidden_size), stage.dtype, ps)
             h = stage.prefill_layers(h, positions[rows], slots[rows], self.cache)
             if not ps.is_last_stage:
-                pending.append((send_to_next_pipeline_rank(h, ps), h))  # h stays alive until sent
+                sends.append((send_to_next_pipeline_rank(h, ps), h))  # h stays alive until sent
             elif select is None:
                 logits.append(stage.logits(h))  # [m, s, vocab]
             else:
                 logits.append(stage.logits(h[torch.arange(m, device=h.device), select[rows]]))  # [m, vocab]
-        for work, _ in pending:
-            work.wait()
         return torch.cat(logits) if ps.is_last_stage else None
 
-    def _decode(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor,
-                lengths: torch.Tensor) -> Optional[torch.Tensor]:
+    def _decode(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                sends: list) -> Optional[torch.Tensor]:
         """Last stage: hidden states [n, 1, H] of the plan's rows. The step runs over the slot rows
-        [0, rows) whatever the plan's slots, at a bucketed context, so that its shapes come from a few
-        buckets (what torch.compile and CUDA graphs need) and attention reads the cache in place; rows
-        without a token of this plan store at the cache's scratch position."""
+        [0, rows) of the plan's lane whatever the plan's slots, so that attention reads the cache in place;
+        compiled, at bucketed rows and context, so that its shapes come from a few buckets (what torch.compile
+        and CUDA graphs need). Rows without a token of this plan store at the cache's scratch position."""
         ps, stage, device = self.ps, self.stage, tokens.device
-        rows = bucket(int(plan.slots.max()) + 1, self.max_batch)  # from the plan's CPU copies: no device sync
-        context = bucket(int(plan.lengths.max()) + 1, self.max_seq_len, MIN_CONTEXT)
+        lane = self.lane_of(int(plan.slots.min()))  # from the plan's CPU copies: no device sync
+        first, cache = self.lanes[lane].start, self._lane_caches[lane]
+        rows, context = int(plan.slots.max()) + 1 - first, int(plan.lengths.max()) + 1
+        if self._static_shapes:
+            rows, context = bucket(rows, len(self.lanes[lane])), bucket(context, self.max_seq_len, MIN_CONTEXT)
+        rows_of = slots - first  # each slot's row in its lane
         ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        ids[slots] = tokens
+        ids[rows_of] = tokens
         positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        positions[slots] = lengths[:, None]
-        writes = torch.full((rows, 1), self.cache.scratch, dtype=torch.long, device=device)
-        writes[slots] = lengths[:, None]
+        positions[rows_of] = lengths[:, None]
+        writes = torch.full((rows, 1), cache.scratch, dtype=torch.long, device=device)
+        writes[rows_of] = lengths[:, None]
         mask = (torch.arange(context, device=device) <= positions)[:, None, None, :]  # [rows, 1, 1, context]
         if ps.is_first_stage:
             h = stage.embed(ids, positions)  # [rows, 1, H]
         else:
             h = recv_from_prev_pipeline_rank((rows, 1, self.config.hidden_size), stage.dtype, ps)
-        h = self._decode_layers(h, positions, writes, mask, self.cache)
+        h = self._decode_layers(h, positions, writes, mask, cache)
         if not ps.is_last_stage:
-            send_to_next_pipeline_rank(h, ps).wait()
+            sends.append((send_to_next_pipeline_rank(h, ps), h))
             return None
-        return h[slots]
+        return h[rows_of]
 
     @staticmethod
     def _argmax_only(plan: StepPlan) -> bool:
@@ -280,6 +342,9 @@ class Generator:
             raise ValueError(f"StepPlan: {n} slots, expected 1 to max_batch={self.max_batch}")
         if plan.slots.unique().numel() != n or plan.slots.min() < 0 or plan.slots.max() >= self.max_batch:
             raise ValueError(f"StepPlan.slots={plan.slots.tolist()} must be distinct and in [0, {self.max_batch})")
+        if plan.kind == "decode" and self.lane_of(int(plan.slots.min())) != self.lane_of(int(plan.slots.max())):
+            raise ValueError(f"StepPlan.slots={plan.slots.tolist()}: a decode step's slots must lie in one lane "
+                             f"of {self.lane_size} slots")
         width = plan.tokens.shape[1] if plan.tokens.dim() == 2 else -1
         if plan.tokens.shape[0] != n or (plan.kind == "decode" and width != 1) or width < 1:
             raise ValueError(f"StepPlan.tokens has shape {tuple(plan.tokens.shape)}, expected [{n}, "

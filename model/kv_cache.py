@@ -15,13 +15,23 @@ class KVCache:
     def __init__(self, num_layers: int, max_batch: int, max_seq_len: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (num_layers, max_batch, max_seq_len + 1, kv_heads, head_dim)
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self._hold(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   max_seq_len)
+
+    def _hold(self, k: torch.Tensor, v: torch.Tensor, max_seq_len: int) -> None:
+        self.k, self.v = k, v
+        self.max_batch, self.max_seq_len = k.shape[1], max_seq_len
         self.scratch = max_seq_len  # the position padding rows write to
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        if device.type == "cuda":  # fixed addresses, so CUDA graphs may update them in place
+        if k.device.type == "cuda":  # fixed addresses, so CUDA graphs may update them in place
             torch._dynamo.mark_static_address(self.k)
             torch._dynamo.mark_static_address(self.v)
+
+    def slots(self, first: int, count: int) -> KVCache:
+        """Slots [first, first + count) as a cache of their own, slot first being its slot 0: views of this
+        one, no copy. Each lane of decode steps (model/generate.py) runs over its own slots."""
+        view = object.__new__(KVCache)
+        view._hold(self.k[:, first:first + count], self.v[:, first:first + count], self.max_seq_len)
+        return view
 
     def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ except ImportError:
 
 ONEDNN = torch.backends.mkldnn.is_available()
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+PACKED_FOR_ROWS = 16  # the row count oneDNN lays packed weights out for; that layout served 1 to 256 rows well
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -35,6 +36,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     # compiled: an opaque op (inductor's own lowering of the oneDNN linear wants frozen weights)
     out = onednn_linear(flat, weight, bias) if torch.compiler.is_compiling() else _onednn(flat, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def pack_linear_weights(module: nn.Module) -> None:
+    """Store the weight of every tensor-parallel linear layer of module in oneDNN's own blocked layout, once,
+    after loading: oneDNN otherwise reorders the weight on every call, and packed GEMMs ran 1.4-1.7x faster
+    here at 8 to 16 rows (a decode step). CPU and oneDNN's dtypes only; the values are unchanged. A tied output
+    layer gets a packed copy, the embedding keeping its plain weight for lookups."""
+    for layer in module.modules():
+        weight = getattr(layer, "weight", None)
+        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) and weight.device.type == "cpu" \
+                and weight.dtype in ONEDNN_DTYPES and ONEDNN and not weight.is_mkldnn:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
+            layer.weight = nn.Parameter(packed, requires_grad=False)
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from fleetgen.model.shard import load_shard, vocab_rows
 from fleetgen.model.checkpoint.source import CheckpointSource
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.generate import Generator
-from fleetgen.model.layers import LAYER_NORM_IMPL
+from fleetgen.model.layers import LAYER_NORM_IMPL, pack_linear_weights
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.transformer import DecoderStage
 
@@ -28,6 +28,7 @@ def load_stage(source: CheckpointSource, ps: ParallelState, precision: str) -> D
     rows = vocab_rows(config, source)
     stage = DecoderStage(config, ps, config.padded_vocab_size(ps.tp_size, max(rows.values())), dtype)
     load_shard(stage, source, rows)
+    pack_linear_weights(stage)
     return stage.eval()
 
 
@@ -39,12 +40,13 @@ def check_max_seq_len(config: ModelConfig, max_seq_len: int) -> None:
 
 
 def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,
-                    max_seq_len: int, compile: Union[bool, str] = False) -> Generator:
+                    max_seq_len: int, compile: Union[bool, str] = False, lanes: int = 1) -> Generator:
     """compile: torch.compile the decode step; "auto" does on GPUs (CUDA graphs), not on CPUs, where
-    compiling each (rows, context) bucket costs minutes and gains little over the oneDNN GEMMs."""
+    compiling each (rows, context) bucket costs minutes and gains little over the oneDNN GEMMs. lanes: groups
+    of KV-cache slots whose steps may be in flight at once (Generator)."""
     check_max_seq_len(source.config, max_seq_len)
     compiled = ps.device.type == "cuda" if compile == "auto" else bool(compile)
-    return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len, compile=compiled)
+    return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len, compile=compiled, lanes=lanes)
 
 
 def startup_report(generator: Generator) -> str:

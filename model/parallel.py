@@ -41,6 +41,7 @@ class ParallelState:
     device: torch.device
     backend: str                # "gloo" | "nccl" | "none" (no torch.distributed)
     tp_shared_memory: Optional[SharedMemoryReduce] = None  # CPU TP ranks of one host: their all-reduce
+    reply_group: Any = None     # the output rank and the leader, when they differ (pipeline > 1)
 
     @classmethod
     def build(cls, tensor: int, pipeline: int, timeout_s: float = 600) -> ParallelState:
@@ -63,13 +64,16 @@ class ParallelState:
             for t in range(tensor):
                 groups["pp", r, t] = dist.new_group([base + p * tensor + t for p in range(pipeline)])
             groups["replica", r] = dist.new_group(list(range(base, base + per_replica)))
+            if pipeline > 1:  # a group of its own, so that replies never queue behind activations (NCCL streams)
+                groups["reply", r] = dist.new_group([base, base + per_replica - tensor])
         tp_group, device = groups["tp", replica, pp_rank], _local_device()
         shared = SharedMemoryReduce.create(tp_group, timeout_s) if tensor > 1 and device.type == "cpu" else None
         return cls(world_rank=rank, replica=replica, tp_rank=tp_rank, tp_size=tensor, pp_rank=pp_rank,
                    pp_size=pipeline, tp_group=tp_group,
                    pp_group=groups["pp", replica, tp_rank], replica_group=groups["replica", replica],
                    replica_ranks=tuple(range(replica * per_replica, (replica + 1) * per_replica)),
-                   device=device, backend=dist.get_backend(), tp_shared_memory=shared)
+                   device=device, backend=dist.get_backend(), tp_shared_memory=shared,
+                   reply_group=groups.get(("reply", replica)))
 
     @classmethod
     def single(cls, device: Optional[torch.device] = None) -> ParallelState:
@@ -90,6 +94,11 @@ class ParallelState:
     def first_rank(self) -> int:
         """The replica's pipeline-first, TP-rank-0 rank: the one that serves."""
         return self.replica_ranks[0]
+
+    @property
+    def output_rank(self) -> int:
+        """The last stage's TP-rank-0 rank: it turns logits into a step's outputs."""
+        return self.last_stage_ranks[0]
 
     @property
     def last_stage_ranks(self) -> tuple[int, ...]:
@@ -172,8 +181,18 @@ def recv_from_prev_pipeline_rank(shape: tuple[int, ...], dtype: torch.dtype, ps:
     return x
 
 
+def send_to_first_rank(x: torch.Tensor, ps: ParallelState):
+    """Output rank: start sending a step's result to the replica's leader; returns the pending work."""
+    return dist.isend(x.contiguous(), ps.first_rank, group=ps.reply_group)
+
+
+def recv_from_output_rank(x: torch.Tensor, ps: ParallelState):
+    """Leader: start receiving a step's result into x; returns the pending work."""
+    return dist.irecv(x, ps.output_rank, group=ps.reply_group)
+
+
 def broadcast_from_last_stage(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     """Copy the last stage's TP-rank-0 tensor to every rank of the replica (in place)."""
     if len(ps.replica_ranks) > 1:
-        dist.broadcast(x, src=ps.last_stage_ranks[0], group=ps.replica_group)
+        dist.broadcast(x, src=ps.output_rank, group=ps.replica_group)
     return x

@@ -13,6 +13,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -96,9 +97,11 @@ class Served:
     url: str
 
 
-def make_engine(checkpoint: Path, ps: ParallelState, max_batch: int = 4, max_seq_len: int = 128) -> Engine:
+def make_engine(checkpoint: Path, ps: ParallelState, max_batch: int = 4, max_seq_len: int = 128,
+                lanes: Optional[int] = None) -> Engine:
+    """lanes: one a pipeline stage by default, as the worker builds it."""
     source = open_checkpoint(checkpoint)
-    generator = build_generator(source, ps, "fp32", max_batch, max_seq_len)
+    generator = build_generator(source, ps, "fp32", max_batch, max_seq_len, lanes=lanes or ps.pp_size)
     return Engine(generator, source.tokenizer(), ps, source.config)
 
 

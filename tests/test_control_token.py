@@ -75,8 +75,8 @@ def test_batch_mode_needs_the_token_everywhere_but_health(checkpoint):
 
 def test_a_failed_replica_answers_everything_503_with_the_reason(checkpoint):
     with serving(checkpoint, max_batch=1, control_token=TOKEN) as served:
-        started, step = threading.Event(), served.engine.generator.step
-        served.engine.generator.step = lambda plan: started.set() or time.sleep(0.05) or step(plan)
+        started, step = threading.Event(), served.engine.generator.launch
+        served.engine.generator.launch = lambda plan: started.set() or time.sleep(0.05) or step(plan)
         answers = []
         requests_ = [threading.Thread(target=lambda: answers.append(requests.put(
             f"{served.url}/generate", json={**BODY, "tokens_to_generate": 100}, timeout=60))) for _ in range(3)]

@@ -23,15 +23,31 @@ def engine(checkpoint):
 
 
 class StepLog:
-    """Records every plan the engine runs; the real generator still runs them."""
+    """Records every plan the engine launches; the real generator still runs them."""
 
     def __init__(self, generator):
-        self.plans, self._step = [], generator.step
-        generator.step = self
+        self.plans, self._launch = [], generator.launch
+        generator.launch = self
 
     def __call__(self, plan):
         self.plans.append((plan.kind, plan.slots.tolist()))
-        return self._step(plan)
+        return self._launch(plan)
+
+
+class FlightLog:
+    """Records every launch and land of the engine's generator, in order; the real generator still runs them."""
+
+    def __init__(self, generator):
+        self.events, self._launch, self._land = [], generator.launch, generator.land
+        generator.launch, generator.land = self.launch, self.land
+
+    def launch(self, plan):
+        self.events.append(("launch", plan.kind, plan.slots.tolist()))
+        return self._launch(plan)
+
+    def land(self, flight):
+        self.events.append(("land", flight.plan.kind, flight.plan.slots.tolist()))
+        return self._land(flight)
 
 
 def prompt_of(engine, text):
@@ -48,12 +64,29 @@ def test_more_sequences_than_slots_share_decode_steps_and_refill_freed_slots(che
     engine.stop()
     assert log.plans == [("prefill", [0, 1]), ("decode", [0, 1]),   # the first sequence ends at 2 tokens
                          ("prefill", [0]),                           # the third takes its slot at once
-                         ("decode", [1, 0]), ("decode", [1, 0]),      # the third ends at 3 tokens
+                         ("decode", [0, 1]), ("decode", [0, 1]),      # the third ends at 3 tokens
                          ("decode", [1])]                            # the second at 5
     for text, budget, future in zip(texts, budgets, futures):
         result = future.result()
         assert result.tokens == reference_greedy(reference, list(prompt_of(engine, text)), budget)
         assert result.finish_reason == "length"
+
+
+def test_every_lane_keeps_a_step_in_flight_and_the_oldest_lands_first(checkpoint, reference):
+    engine = make_engine(checkpoint, ParallelState.single(), max_batch=4, lanes=2)  # lanes [0, 1] and [2, 3]
+    log = FlightLog(engine.generator)
+    texts, budgets = ["def encode(self, o):", "import re", "class JSONDecoder(object):", "x = 1"], [2, 3, 3, 3]
+    futures = [engine.submit(SequenceRequest(prompt_of(engine, t), n, GREEDY)) for t, n in zip(texts, budgets)]
+    engine.start()
+    wait(futures, timeout=60)
+    engine.stop()
+    assert log.events[:8] == [("launch", "prefill", [0, 1]), ("launch", "prefill", [2, 3]),  # two in flight
+                              ("land", "prefill", [0, 1]), ("launch", "decode", [0, 1]),
+                              ("land", "prefill", [2, 3]), ("launch", "decode", [2, 3]),
+                              ("land", "decode", [0, 1]), ("launch", "decode", [1])]  # the first ended at 2
+    assert log.events.count(("land", "decode", [2, 3])) == 2
+    for text, budget, future in zip(texts, budgets, futures):
+        assert future.result().tokens == reference_greedy(reference, list(prompt_of(engine, text)), budget)
 
 
 def test_stop_token_and_stop_string_end_a_sequence_and_are_kept(engine, reference):

@@ -28,20 +28,24 @@ def test_pack_and_unpack_keep_every_field_bit_for_bit():
     assert _same(protocol.unpack(protocol.pack(plan), "prefill", True, False), plan)
 
 
-def _follow_protocol(rank, world_size):
-    ps = ParallelState.build(1, world_size)
+def _follow_protocol(rank, world_size, tensor, pipeline):
+    ps = ParallelState.build(tensor, pipeline)
     plans = [_plan("prefill", 3, 4), _plan("decode", 2, 1)]
+    commands = protocol.Commands(ps)
     if rank == 0:
         for plan in plans:
-            protocol.send_step(plan, ps)
-        protocol.send_shutdown(ps)
+            commands.send_step(plan)
+            commands.send_idle()  # followers skip it
+        commands.send_shutdown()
         return True
     received = []
-    while (plan := protocol.receive(ps)) is not None:
+    while (plan := commands.receive()) is not None:
         received.append(plan)
     return len(received) == len(plans) and all(_same(a, b) for a, b in zip(received, plans))
 
 
 @pytest.mark.slow
-def test_followers_receive_every_plan_then_shutdown_over_real_processes():
-    assert run_ranks(_follow_protocol, 3) == [True, True, True]
+@pytest.mark.parametrize("tensor, pipeline", [(1, 3), (2, 2)])
+def test_every_rank_receives_every_plan_then_shutdown_over_real_processes(tensor, pipeline):
+    # commands reach the first stage's tensor ranks by broadcast, later stages down the pipeline
+    assert run_ranks(_follow_protocol, tensor * pipeline, tensor, pipeline) == [True] * (tensor * pipeline)

@@ -1,5 +1,5 @@
-"""A replica over real processes (TP=2, then PP=2): the leader serves, the follower runs every broadcast step,
-answers equal the one-process reference, and POST /shutdown ends every rank."""
+"""A replica over real processes (TP=2, PP=2, then both): the leader serves, the followers run every step it
+sends, answers equal the one-process reference, and POST /shutdown ends every rank."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +28,7 @@ class Replica:
 
     def _run(self, *args):
         try:
-            self.outcome["ranks"] = run_ranks(serve_on_ranks, 2, *args)
+            self.outcome["ranks"] = run_ranks(serve_on_ranks, args[1] * args[2], *args)
         except AssertionError as e:  # a rank failed; run_ranks carries its traceback
             self.outcome["error"] = str(e)
 
@@ -41,7 +41,7 @@ class Replica:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tensor, pipeline", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tensor, pipeline", [(2, 1), (1, 2), (2, 2)])
 def test_a_replica_over_processes_answers_like_the_reference_and_stops_on_shutdown(tmp_path, checkpoint, reference,
                                                                                   tensor, pipeline):
     replica = Replica(checkpoint, tensor, pipeline, tmp_path / "port")
@@ -76,4 +76,5 @@ def test_a_replica_over_processes_answers_like_the_reference_and_stops_on_shutdo
     assert requests.post(f"{url}/shutdown").json() == {"status": "stopping"}
     replica.thread.join(120)
     assert not replica.thread.is_alive()
-    assert replica.outcome.get("ranks") == [[], "followed until shutdown"], replica.outcome.get("error")
+    followers = ["followed until shutdown"] * (tensor * pipeline - 1)
+    assert replica.outcome.get("ranks") == [[], *followers], replica.outcome.get("error")

@@ -1,9 +1,11 @@
 """Continuous batching on a replica's leader, and the loop its followers run.
 
-The leader's step thread owns the generator. Each turn it either admits waiting sequences into free KV-cache
-slots (one prefill step) or advances every active slot by one token (one decode step), then finishes the
-sequences that reached their token budget or a stop condition; a finished slot is refilled on the next turn.
-Every step is broadcast to the followers (protocol.py) before it runs, since Generator.step is collective.
+The leader's step thread owns the generator. The KV-cache slots are split into lanes, one per pipeline stage
+(generate.py). Each lane with no step in flight gets one: it either admits waiting sequences into its free
+slots (a prefill step) or advances its active slots by one token (a decode step). Then the oldest step in
+flight lands and the sequences that reached their token budget or a stop condition finish; a finished slot is
+refilled by its lane's next step. So with two stages, one runs a step of lane 0 while the other runs lane 1's.
+Every step goes to the other ranks (protocol.py) before it runs, since every rank runs every step.
 HTTP handlers only submit sequences and wait on their futures; they never touch the model.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from fleetgen.model.serve import protocol
 from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.generate import Generator, StepOutput, StepPlan, greedy_plan
+from fleetgen.model.generate import Flight, Generator, StepOutput, StepPlan, greedy_plan
 from fleetgen.model.parallel import ParallelState
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,14 @@ class SequenceResult:
     full_logprobs: Optional[torch.Tensor] = None  # [len(prompt) + len(tokens) - 1, vocab]
 
 
+@dataclass
+class _InFlight:
+    lane: int
+    flight: Flight
+    sequences: list            # [_Sequence], in the plan's row order
+    started: float             # time.monotonic() at launch
+
+
 class EngineUnavailable(RuntimeError):
     """The engine is not running (stopped, or failed): a request cannot be served."""
 
@@ -103,11 +113,13 @@ class Engine:
         self.max_seq_len: int = generator.max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
         self.error: Optional[str] = None            # why the step loop died, if it did
-        self.step_started: Optional[float] = None   # monotonic time the running step began (a watchdog reads it)
+        self.step_started: Optional[float] = None   # monotonic launch time of the oldest step in flight (watchdog)
         self.idle_signal_s = idle_signal_s          # an idle leader tells its followers this often (protocol)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}     # slot -> sequence
+        self._flights: deque[_InFlight] = deque()   # launched, not landed: oldest first, at most one a lane
+        self._commands = protocol.Commands(ps)
         self._lock = threading.Lock()               # orders submissions against stop()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -125,9 +137,14 @@ class Engine:
         self._thread.start()
 
     def follow(self) -> None:
-        """Follower ranks: run the leader's steps until it broadcasts shutdown."""
-        while (plan := protocol.receive(self.ps)) is not None:
-            self.generator.step(plan)
+        """Follower ranks: run the leader's steps until it sends shutdown, a step of every lane in flight."""
+        flights: deque[Flight] = deque()
+        while (plan := self._commands.receive()) is not None:
+            flights.append(self.generator.launch(plan))
+            if len(flights) == len(self.generator.lanes):
+                self.generator.land(flights.popleft())
+        while flights:
+            self.generator.land(flights.popleft())
 
     def submit(self, request: SequenceRequest, on_token: Optional[Callable[[int], None]] = None) -> Future:
         """Queue one sequence (it waits for start() if need be); the future gets its SequenceResult.
@@ -152,7 +169,7 @@ class Engine:
             self._inbox.put(None)  # wakes an idle loop, which broadcasts the shutdown as it ends
             self._thread.join()
         elif not already:
-            protocol.send_shutdown(self.ps)
+            self._commands.send_shutdown()
 
     @property
     def running(self) -> bool:
@@ -163,14 +180,17 @@ class Engine:
             torch.cuda.set_device(self.ps.device)  # the current device is per thread; NCCL needs this rank's
         try:
             while not self._stopping:
-                if not self._take_submissions(block=not (self._waiting or self._active)):
-                    protocol.send_idle(self.ps)
+                busy = self._waiting or self._active or self._flights
+                if not self._take_submissions(block=not busy):
+                    self._commands.send_idle()
                     continue
                 self._drop_cancelled()
-                step = self._next_step()
-                if step is not None:
-                    self._step(*step)
-            protocol.send_shutdown(self.ps)
+                self._launch_idle_lanes()
+                if self._flights:
+                    self._land_oldest()
+            while self._flights:  # every rank runs what was launched before it hears the shutdown
+                self._land_oldest()
+            self._commands.send_shutdown()
             reason = "the server is shutting down"
         except Exception as e:  # a failed collective leaves the replica in an unknown state: stop serving
             log.exception("engine step failed")
@@ -194,18 +214,42 @@ class Engine:
             return True
 
     def _drop_cancelled(self) -> None:
+        """A cancelled sequence leaves at once; a step in flight that still has its row is landed without it."""
         self._waiting = deque(s for s in self._waiting if not s.future.cancelled())
         for slot in [slot for slot, s in self._active.items() if s.future.cancelled()]:
             del self._active[slot]
 
-    def _next_step(self) -> Optional[tuple[StepPlan, list[_Sequence]]]:
+    def _launch_idle_lanes(self) -> None:
+        busy = {f.lane for f in self._flights}
+        for lane in range(len(self.generator.lanes)):
+            if lane not in busy and (step := self._next_step(lane)) is not None:
+                plan, sequences = step
+                started = time.monotonic()
+                if not self._flights:
+                    self.step_started = started
+                self._commands.send_step(plan)
+                self._flights.append(_InFlight(lane, self.generator.launch(plan), sequences, started))
+
+    def _land_oldest(self) -> None:
+        done = self._flights.popleft()
+        out = self.generator.land(done.flight)
+        self.step_started = self._flights[0].started if self._flights else None
+        for row, seq in enumerate(done.sequences):
+            if self._active.get(seq.slot) is not seq:  # cancelled while its step was in flight
+                continue
+            self._record(seq, row, done.flight.plan.kind, out)
+            reason = self._finish_reason(seq)
+            if reason:
+                self._finish(seq, reason)
+
+    def _next_step(self, lane: int) -> Optional[tuple[StepPlan, list[_Sequence]]]:
         """Admitting waiting sequences comes first, so a freed slot is refilled at once."""
-        free = [slot for slot in range(self.generator.max_batch) if slot not in self._active]
+        slots = self.generator.lanes[lane]
+        free = [slot for slot in slots if slot not in self._active]
         if self._waiting and free:
             return self._prefill(free)
-        if self._active:
-            return self._decode()
-        return None
+        running = [self._active[slot] for slot in slots if slot in self._active]
+        return self._decode(running) if running else None
 
     def _prefill(self, free: list[int]) -> tuple[StepPlan, list[_Sequence]]:
         admitted, width = [], 0
@@ -223,8 +267,7 @@ class Engine:
         lengths = torch.tensor([len(s.request.prompt) for s in admitted])
         return self._plan("prefill", admitted, tokens, lengths), admitted
 
-    def _decode(self) -> tuple[StepPlan, list[_Sequence]]:
-        running = list(self._active.values())
+    def _decode(self, running: list[_Sequence]) -> tuple[StepPlan, list[_Sequence]]:
         tokens = torch.tensor([[s.tokens[-1]] for s in running])  # [n, 1]
         lengths = torch.tensor([len(s.request.prompt) + len(s.tokens) - 1 for s in running])
         return self._plan("decode", running, tokens, lengths), running
@@ -243,17 +286,6 @@ class Engine:
                                   for s, x in zip(seqs, sampling)]),
             seed=torch.tensor(seeds), logprobs=any(s.request.logprobs for s in seqs),
             full_logprobs=any(s.request.full_logprobs for s in seqs))
-
-    def _step(self, plan: StepPlan, seqs: list[_Sequence]) -> None:
-        self.step_started = time.monotonic()
-        protocol.send_step(plan, self.ps)
-        out = self.generator.step(plan)
-        self.step_started = None
-        for row, seq in enumerate(seqs):
-            self._record(seq, row, plan.kind, out)
-            reason = self._finish_reason(seq)
-            if reason:
-                self._finish(seq, reason)
 
     def _record(self, seq: _Sequence, row: int, kind: str, out: StepOutput) -> None:
         token, prompt_len = int(out.tokens[row]), len(seq.request.prompt)

@@ -1,15 +1,21 @@
-"""How a replica's leader tells its followers what to run: fixed-layout tensors broadcast over the replica.
+"""How a replica's leader tells its other ranks what to run: commands that flow down the pipeline.
 
-Every command is one header broadcast (int64 [HEADER_SIZE]); a step adds one payload broadcast whose shape
-the header gives. An idle follower simply blocks in the header broadcast (the process group's timeout is
-long), so there is no polling and no pickling. Layout of a step's payload, int64 [n, PARAMS + width]:
+The leader broadcasts each command to the tensor ranks of its stage, and every rank of a stage that is not the
+last passes it on to its own rank of the next stage, the way activations go, without waiting for that rank to
+take it. So a stage that has finished one step takes the next command at once while the next stage still
+runs the last step: what lets the engine keep a step of every lane in flight (generate.py, engine.py). An idle
+follower blocks in the receive (the process group's timeout is long), so there is no polling and no pickling.
+
+Every command is one header (int64 [HEADER_SIZE]); a step adds one payload whose shape the header gives,
+int64 [n, PARAMS + width]:
 
     slots, lengths, top_k, seed, greedy, ban_eos, temperature, top_p, repetition_penalty, tokens[width]
 
-The three float32 columns travel as their bit patterns so that one broadcast carries the whole plan.
+The three float32 columns travel as their bit patterns so that one message carries the whole plan.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 import torch
@@ -26,41 +32,77 @@ FLOAT_COLUMNS = ("temperature", "top_p", "repetition_penalty")
 PARAMS = len(INT_COLUMNS) + len(FLOAT_COLUMNS)
 
 
-def send_step(plan: StepPlan, ps: ParallelState) -> None:
-    """Leader: make every follower of the replica run generator.step(plan) next."""
-    if len(ps.replica_ranks) == 1:
-        return
-    n, width = plan.tokens.shape
-    header = [STEP, KINDS.index(plan.kind), n, width, int(plan.logprobs), int(plan.full_logprobs)]
-    _broadcast(torch.tensor(header), ps)
-    _broadcast(pack(plan), ps)
+class Commands:
+    """One rank's end of the command flow."""
 
+    def __init__(self, ps: ParallelState):
+        self.ps = ps
+        self._passing_on: deque[tuple[object, torch.Tensor]] = deque()  # sends to the next stage under way
 
-def send_shutdown(ps: ParallelState) -> None:
-    """Leader: release every follower from its loop."""
-    if len(ps.replica_ranks) > 1:
-        _broadcast(torch.tensor([SHUTDOWN, 0, 0, 0, 0, 0]), ps)
+    def send_step(self, plan: StepPlan) -> None:
+        """Leader: make every other rank of the replica run this plan next."""
+        n, width = plan.tokens.shape
+        if self._give([STEP, KINDS.index(plan.kind), n, width, int(plan.logprobs), int(plan.full_logprobs)]):
+            self._give_tensor(pack(plan))
 
+    def send_shutdown(self) -> None:
+        """Leader: release every other rank from its loop."""
+        self._give([SHUTDOWN, 0, 0, 0, 0, 0])
+        self.close()
 
-def send_idle(ps: ParallelState) -> None:
-    """Leader: nothing to run yet. Followers wait for commands in a broadcast, which would fail at the process
-    group's timeout: an idle leader sends this well within it, so that idle waits are unbounded."""
-    if len(ps.replica_ranks) > 1:
-        _broadcast(torch.tensor([IDLE, 0, 0, 0, 0, 0]), ps)
+    def send_idle(self) -> None:
+        """Leader: nothing to run yet. Followers wait for commands in a receive, which would fail at the process
+        group's timeout: an idle leader sends this well within it, so that idle waits are unbounded."""
+        self._give([IDLE, 0, 0, 0, 0, 0])
 
+    def receive(self) -> Optional[StepPlan]:
+        """Follower: block until the leader's next command; the plan to run, or None on shutdown."""
+        command = IDLE
+        while command == IDLE:
+            header = self._take(torch.zeros(HEADER_SIZE, dtype=torch.long)).tolist()
+            command, kind, n, width, logprobs, full_logprobs = header
+        if command == SHUTDOWN:
+            self.close()
+            return None
+        if command != STEP:
+            raise RuntimeError(f"protocol: unknown command {command} from rank {self.ps.first_rank}")
+        payload = self._take(torch.zeros(n, PARAMS + width, dtype=torch.long))
+        return unpack(payload, KINDS[kind], bool(logprobs), bool(full_logprobs))
 
-def receive(ps: ParallelState) -> Optional[StepPlan]:
-    """Follower: block until the leader's next command; the plan to run, or None on shutdown."""
-    command = IDLE
-    while command == IDLE:
-        header = _broadcast(torch.zeros(HEADER_SIZE, dtype=torch.long), ps).tolist()
-        command, kind, n, width, logprobs, full_logprobs = header
-    if command == SHUTDOWN:
-        return None
-    if command != STEP:
-        raise RuntimeError(f"protocol: unknown command {command} from rank {ps.first_rank}")
-    payload = _broadcast(torch.zeros(n, PARAMS + width, dtype=torch.long), ps)
-    return unpack(payload, KINDS[kind], bool(logprobs), bool(full_logprobs))
+    def close(self) -> None:
+        """Wait until the next stage has taken everything passed on to it."""
+        while self._passing_on:
+            self._passing_on.popleft()[0].wait()
+
+    def _give(self, header: list[int]) -> bool:
+        """Leader: a header to the replica; False when the replica has no other rank."""
+        if len(self.ps.replica_ranks) == 1:
+            return False
+        self._give_tensor(torch.tensor(header))
+        return True
+
+    def _give_tensor(self, x: torch.Tensor) -> None:
+        on_device = x.to(self.ps.device)  # NCCL needs it on the device
+        if self.ps.tp_size > 1:
+            dist.broadcast(on_device, src=self.ps.first_rank, group=self.ps.tp_group)
+        self._pass_on(on_device)
+
+    def _take(self, empty: torch.Tensor) -> torch.Tensor:
+        """Follower: the next command tensor, from the leader (first stage) or the previous stage."""
+        x = empty.to(self.ps.device)
+        if self.ps.is_first_stage:
+            dist.broadcast(x, src=self.ps.first_rank, group=self.ps.tp_group)
+        else:
+            dist.recv(x, self.ps.prev_rank)
+        self._pass_on(x)
+        return x.cpu()
+
+    def _pass_on(self, x: torch.Tensor) -> None:
+        if self.ps.is_last_stage:
+            return
+        while self._passing_on and self._passing_on[0][0].is_completed():
+            self._passing_on.popleft()
+        self._passing_on.append((dist.isend(x, self.ps.next_rank), x))
 
 
 def pack(plan: StepPlan) -> torch.Tensor:
@@ -86,10 +128,3 @@ def _float_bits(x: torch.Tensor) -> torch.Tensor:
 
 def _bits_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int32).view(torch.float32)
-
-
-def _broadcast(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
-    """Leader's tensor to every rank of the replica; CPU in and out (NCCL needs it on the device)."""
-    on_device = x.to(ps.device)
-    dist.broadcast(on_device, src=ps.first_rank, group=ps.replica_group)
-    return on_device.cpu()

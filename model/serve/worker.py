@@ -68,7 +68,9 @@ def _build_engine(cfg: LaunchConfig, ps: ParallelState) -> Engine:
     model: Model = cfg.model
     started = time.monotonic()
     source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
-    generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len, model.compile)
+    # one lane a pipeline stage, so that every stage has a step to run while the others run theirs
+    generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len, model.compile,
+                                lanes=ps.pp_size)
     _log(ps, startup_report(generator))
     engine = Engine(generator, source.tokenizer(), ps, source.config,
                     idle_signal_s=cfg.server.dist_timeout_s / IDLE_SIGNALS_PER_TIMEOUT)
