@@ -31,7 +31,7 @@ def test_pack_and_unpack_keep_every_field_bit_for_bit():
 def _follow_protocol(rank, world_size, tensor, pipeline):
     ps = ParallelState.build(tensor, pipeline)
     plans = [_plan("prefill", 3, 4), _plan("decode", 2, 1)]
-    commands = protocol.Commands(ps)
+    commands = protocol.Commands(ps, inline_rows=2)  # the decode plan inline, the prefill's payload apart
     if rank == 0:
         for plan in plans:
             commands.send_step(plan)

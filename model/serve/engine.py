@@ -119,7 +119,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}     # slot -> sequence
         self._flights: deque[_InFlight] = deque()   # launched, not landed: oldest first, at most one a lane
-        self._commands = protocol.Commands(ps)
+        self._commands = protocol.Commands(ps, generator.max_batch)
         self._lock = threading.Lock()               # orders submissions against stop()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None

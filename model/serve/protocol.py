@@ -1,13 +1,16 @@
 """How a replica's leader tells its other ranks what to run: commands that flow down the pipeline.
 
 The leader broadcasts each command to the tensor ranks of its stage, and every rank of a stage that is not the
-last passes it on to its own rank of the next stage, the way activations go, without waiting for that rank to
-take it. So a stage that has finished one step takes the next command at once while the next stage still
-runs the last step: what lets the engine keep a step of every lane in flight (generate.py, engine.py). An idle
-follower blocks in the receive (the process group's timeout is long), so there is no polling and no pickling.
+last passes it on to its own rank of the next stage, over the pipeline group (its own connections, apart from
+the activations), without waiting for that rank to take it. So a stage that has finished one step takes the
+next command at once while the next stage still runs the last step: what lets the engine keep a step of every
+lane in flight (generate.py, engine.py). A later stage has the receive of its next command posted before that
+command is sent, so taking it costs no round trip. An idle follower blocks in the receive (the process
+group's timeout is long): no polling, no pickling.
 
-Every command is one header (int64 [HEADER_SIZE]); a step adds one payload whose shape the header gives,
-int64 [n, PARAMS + width]:
+A command is an envelope, int64 [HEADER_SIZE + inline_rows * (PARAMS + 1)]: the header, then a decode step's
+payload when it fits; a wider step's payload follows as a message of its own. A payload is int64
+[n, PARAMS + width]:
 
     slots, lengths, top_k, seed, greedy, ban_eos, temperature, top_p, repetition_penalty, tokens[width]
 
@@ -33,40 +36,49 @@ PARAMS = len(INT_COLUMNS) + len(FLOAT_COLUMNS)
 
 
 class Commands:
-    """One rank's end of the command flow."""
+    """One rank's end of the command flow. inline_rows: the most rows a decode payload carried in the envelope
+    (the engine's slot count)."""
 
-    def __init__(self, ps: ParallelState):
+    def __init__(self, ps: ParallelState, inline_rows: int):
         self.ps = ps
+        self.envelope_size = HEADER_SIZE + inline_rows * (PARAMS + 1)
         self._passing_on: deque[tuple[object, torch.Tensor]] = deque()  # sends to the next stage under way
+        self._next: Optional[tuple[object, torch.Tensor]] = None        # later stages: the posted receive
 
     def send_step(self, plan: StepPlan) -> None:
         """Leader: make every other rank of the replica run this plan next."""
         n, width = plan.tokens.shape
-        if self._give([STEP, KINDS.index(plan.kind), n, width, int(plan.logprobs), int(plan.full_logprobs)]):
-            self._give_tensor(pack(plan))
+        header = [STEP, KINDS.index(plan.kind), n, width, int(plan.logprobs), int(plan.full_logprobs)]
+        inline = self._inline(n, width)
+        if self._give(self._envelope(header, pack(plan) if inline else None)) and not inline:
+            self._give(pack(plan))
 
     def send_shutdown(self) -> None:
         """Leader: release every other rank from its loop."""
-        self._give([SHUTDOWN, 0, 0, 0, 0, 0])
+        self._give(self._envelope([SHUTDOWN, 0, 0, 0, 0, 0]))
         self.close()
 
     def send_idle(self) -> None:
         """Leader: nothing to run yet. Followers wait for commands in a receive, which would fail at the process
         group's timeout: an idle leader sends this well within it, so that idle waits are unbounded."""
-        self._give([IDLE, 0, 0, 0, 0, 0])
+        self._give(self._envelope([IDLE, 0, 0, 0, 0, 0]))
 
     def receive(self) -> Optional[StepPlan]:
         """Follower: block until the leader's next command; the plan to run, or None on shutdown."""
         command = IDLE
         while command == IDLE:
-            header = self._take(torch.zeros(HEADER_SIZE, dtype=torch.long)).tolist()
-            command, kind, n, width, logprobs, full_logprobs = header
+            envelope = self._take_envelope()
+            command, kind, n, width, logprobs, full_logprobs = envelope[:HEADER_SIZE].tolist()
         if command == SHUTDOWN:
             self.close()
             return None
         if command != STEP:
             raise RuntimeError(f"protocol: unknown command {command} from rank {self.ps.first_rank}")
-        payload = self._take(torch.zeros(n, PARAMS + width, dtype=torch.long))
+        if self._inline(n, width):
+            payload = envelope[HEADER_SIZE:HEADER_SIZE + n * (PARAMS + width)].view(n, PARAMS + width)
+        else:
+            payload = self._take(torch.zeros(n, PARAMS + width, dtype=torch.long))
+        self._post_next()  # after the payload: the pipeline group's messages arrive in the order posted
         return unpack(payload, KINDS[kind], bool(logprobs), bool(full_logprobs))
 
     def close(self) -> None:
@@ -74,18 +86,41 @@ class Commands:
         while self._passing_on:
             self._passing_on.popleft()[0].wait()
 
-    def _give(self, header: list[int]) -> bool:
-        """Leader: a header to the replica; False when the replica has no other rank."""
+    def _inline(self, n: int, width: int) -> bool:
+        return HEADER_SIZE + n * (PARAMS + width) <= self.envelope_size
+
+    def _envelope(self, header: list[int], payload: Optional[torch.Tensor] = None) -> torch.Tensor:
+        envelope = torch.zeros(self.envelope_size, dtype=torch.long)
+        envelope[:HEADER_SIZE] = torch.tensor(header)
+        if payload is not None:
+            envelope[HEADER_SIZE:HEADER_SIZE + payload.numel()] = payload.flatten()
+        return envelope
+
+    def _give(self, x: torch.Tensor) -> bool:
+        """Leader: a command tensor to the replica; False when the replica has no other rank."""
         if len(self.ps.replica_ranks) == 1:
             return False
-        self._give_tensor(torch.tensor(header))
-        return True
-
-    def _give_tensor(self, x: torch.Tensor) -> None:
         on_device = x.to(self.ps.device)  # NCCL needs it on the device
         if self.ps.tp_size > 1:
             dist.broadcast(on_device, src=self.ps.first_rank, group=self.ps.tp_group)
         self._pass_on(on_device)
+        return True
+
+    def _take_envelope(self) -> torch.Tensor:
+        if self.ps.is_first_stage:
+            return self._take(torch.zeros(self.envelope_size, dtype=torch.long))
+        if self._next is None:
+            self._post_next()
+        work, envelope = self._next
+        self._next = None
+        work.wait()
+        self._pass_on(envelope)
+        return envelope.cpu()
+
+    def _post_next(self) -> None:
+        if not self.ps.is_first_stage:
+            envelope = torch.zeros(self.envelope_size, dtype=torch.long, device=self.ps.device)
+            self._next = (dist.irecv(envelope, self.ps.prev_rank, group=self.ps.pp_group), envelope)
 
     def _take(self, empty: torch.Tensor) -> torch.Tensor:
         """Follower: the next command tensor, from the leader (first stage) or the previous stage."""
@@ -93,7 +128,7 @@ class Commands:
         if self.ps.is_first_stage:
             dist.broadcast(x, src=self.ps.first_rank, group=self.ps.tp_group)
         else:
-            dist.recv(x, self.ps.prev_rank)
+            dist.recv(x, self.ps.prev_rank, group=self.ps.pp_group)
         self._pass_on(x)
         return x.cpu()
 
@@ -102,7 +137,7 @@ class Commands:
             return
         while self._passing_on and self._passing_on[0][0].is_completed():
             self._passing_on.popleft()
-        self._passing_on.append((dist.isend(x, self.ps.next_rank), x))
+        self._passing_on.append((dist.isend(x, self.ps.next_rank, group=self.ps.pp_group), x))
 
 
 def pack(plan: StepPlan) -> torch.Tensor:
