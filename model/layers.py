@@ -5,6 +5,7 @@ rank never holds more than its shard; model/shard.py fills them.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -49,6 +50,17 @@ def pack_linear_weights(module: nn.Module) -> None:
                 and weight.dtype in ONEDNN_DTYPES and ONEDNN and not weight.is_mkldnn:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
             layer.weight = nn.Parameter(packed, requires_grad=False)
+            del weight
+            _give_back_freed_memory()
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps the pages of freed tensors for reuse; the packed copies rarely fit them, so without this a
+    rank would hold every weight twice by the end of packing."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

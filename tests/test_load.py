@@ -23,6 +23,15 @@ def test_half_precisions_stay_close_to_fp32(gpt2, precision, tolerance):
     assert (logits[precision] - logits["fp32"]).abs().max() < tolerance
 
 
+def test_cpu_linear_weights_are_packed_once_and_lookups_keep_a_plain_embedding(gpt2):
+    stage = load_stage(ref.open_source(gpt2[1]), ParallelState.single(), "fp32")
+    layer = stage.layers[0]
+    packed = [layer.self_attention.linear_qkv, layer.self_attention.linear_proj, layer.mlp.linear_fc1,
+              layer.mlp.linear_fc2, stage.output_layer]
+    assert all(linear.weight.is_mkldnn for linear in packed)  # oneDNN's layout: no reorder on every call
+    assert not stage.embedding.word_embeddings.weight.is_mkldnn  # tied to the output layer, which got a copy
+
+
 def test_startup_report_names_the_shard(generator):
     line = startup_report(generator)
     assert "\n" not in line
