@@ -166,7 +166,7 @@ class Engine:
         with self._lock:
             already, self._stopping = self._stopping, True
         if self._thread is not None:
-            self._inbox.put(None)  # wakes an idle loop, which broadcasts the shutdown as it ends
+            self._inbox.put(None)  # wakes an idle loop, which sends the shutdown as it ends
             self._thread.join()
         elif not already:
             self._commands.send_shutdown()
