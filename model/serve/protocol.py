@@ -41,27 +41,34 @@ class Commands:
 
     def __init__(self, ps: ParallelState, inline_rows: int):
         self.ps = ps
+        self.alone = len(ps.replica_ranks) == 1  # a one-rank replica: the leader sends nothing
         self.envelope_size = HEADER_SIZE + inline_rows * (PARAMS + 1)
         self._passing_on: deque[tuple[object, torch.Tensor]] = deque()  # sends to the next stage under way
         self._next: Optional[tuple[object, torch.Tensor]] = None        # later stages: the posted receive
 
     def send_step(self, plan: StepPlan) -> None:
         """Leader: make every other rank of the replica run this plan next."""
+        if self.alone:
+            return
         n, width = plan.tokens.shape
         header = [STEP, KINDS.index(plan.kind), n, width, int(plan.logprobs), int(plan.full_logprobs)]
+        payload = pack(plan)
         inline = self._inline(n, width)
-        if self._give(self._envelope(header, pack(plan) if inline else None)) and not inline:
-            self._give(pack(plan))
+        self._give(self._envelope(header, payload if inline else None))
+        if not inline:
+            self._give(payload)
 
     def send_shutdown(self) -> None:
         """Leader: release every other rank from its loop."""
-        self._give(self._envelope([SHUTDOWN, 0, 0, 0, 0, 0]))
-        self.close()
+        if not self.alone:
+            self._give(self._envelope([SHUTDOWN, 0, 0, 0, 0, 0]))
+            self.close()
 
     def send_idle(self) -> None:
         """Leader: nothing to run yet. Followers wait for commands in a receive, which would fail at the process
         group's timeout: an idle leader sends this well within it, so that idle waits are unbounded."""
-        self._give(self._envelope([IDLE, 0, 0, 0, 0, 0]))
+        if not self.alone:
+            self._give(self._envelope([IDLE, 0, 0, 0, 0, 0]))
 
     def receive(self) -> Optional[StepPlan]:
         """Follower: block until the leader's next command; the plan to run, or None on shutdown."""
@@ -96,15 +103,12 @@ class Commands:
             envelope[HEADER_SIZE:HEADER_SIZE + payload.numel()] = payload.flatten()
         return envelope
 
-    def _give(self, x: torch.Tensor) -> bool:
-        """Leader: a command tensor to the replica; False when the replica has no other rank."""
-        if len(self.ps.replica_ranks) == 1:
-            return False
+    def _give(self, x: torch.Tensor) -> None:
+        """Leader: a command tensor to the rest of the replica."""
         on_device = x.to(self.ps.device)  # NCCL needs it on the device
         if self.ps.tp_size > 1:
             dist.broadcast(on_device, src=self.ps.first_rank, group=self.ps.tp_group)
         self._pass_on(on_device)
-        return True
 
     def _take_envelope(self) -> torch.Tensor:
         if self.ps.is_first_stage:
