@@ -7,7 +7,9 @@ the benchmark model (bench_model.py) as 1 rank, 2 replicas, tensor 2 and pipelin
 own over gloo with --threads torch threads. Each replica's leader submits --batch greedy sequences of --new
 tokens at once. Two replicas never communicate: what any two-process layout could reach here. Reports
 per layout: tokens/s, its ratio to 1 rank, and on every rank the collectives per generated token of a
-sequence (calls, and seconds inside them: time spent waiting for the other ranks shows up there). The HTTP
+sequence (calls, and seconds inside them: time spent waiting for the other ranks shows up there), and the
+seconds in its own share of the steps (its layers, sampling on the last stage; a later stage's receive of its
+input counts here too). The HTTP
 server's share of the CPU is what remains between this and benchmarks/throughput.py's scaling rows.
 """
 from __future__ import annotations
@@ -36,13 +38,16 @@ COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "recv", "isend", "irecv"
 
 
 def count_collectives(counts: collections.Counter, seconds: collections.Counter) -> None:
-    """Wrap torch.distributed's collectives (as the decoder calls them, dist.NAME) and the shared-memory
-    all-reduce to count and time them."""
+    """Wrap torch.distributed's collectives (as the decoder calls them, dist.NAME), the shared-memory
+    all-reduce and the rank's own share of each step to count and time them."""
+    from fleetgen.model.generate import Generator
     from fleetgen.model.local_reduce import SharedMemoryReduce
 
-    for owner, name in [(dist, name) for name in COLLECTIVES] + [(SharedMemoryReduce, "all_reduce")]:
+    labels = {(dist, name): name for name in COLLECTIVES}
+    labels[SharedMemoryReduce, "all_reduce"] = "shared-memory all_reduce"
+    labels[Generator, "_run"] = "own share of steps"  # this rank's layers (and sampling), its sends included
+    for (owner, name), label in labels.items():
         original = getattr(owner, name)
-        label = name if owner is dist else "shared-memory all_reduce"
 
         @functools.wraps(original)
         def timed(*args, _label=label, _original=original, **kwargs):

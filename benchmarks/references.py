@@ -42,12 +42,25 @@ def ctranslate2_runner(directory: Path, threads: int) -> Callable[[list[list[int
     return run
 
 
-def tokens_per_second(run: Callable, prompts: list[list[int]], new: int, rounds: int) -> float:
-    """Best of rounds after one warm-up: the CPU is shared, and interference only ever slows a round."""
+def one_round(run: Callable, prompts: list[list[int]], new: int) -> Callable[[], float]:
+    """After one warm-up of run: a round's tokens/s, for interleaved() to call."""
     run(prompts, min(new, 4))
-    best = float("inf")
-    for _ in range(rounds):
+
+    def measure() -> float:
         start = time.perf_counter()
         run(prompts, new)
-        best = min(best, time.perf_counter() - start)
-    return len(prompts) * new / best
+        return len(prompts) * new / (time.perf_counter() - start)
+    return measure
+
+
+def interleaved(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Each contender's best tokens/s over rounds (interference only ever slows a round), the contenders taking
+    turns within every round, in an order that rotates. This machine's speed drifts over minutes (its memory
+    bandwidth is shared with other machines): one contender's rounds back to back and the next one's minutes
+    later would compare two different machines."""
+    best = dict.fromkeys(contenders, 0.0)
+    names = list(contenders)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            best[name] = max(best[name], contenders[name]())
+    return best

@@ -2,6 +2,7 @@
 batch end to end. Each launcher is a subprocess; its job's ranks are the local executor's processes."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import signal
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Optional
 
 import httpx
@@ -69,12 +71,10 @@ def generate_body(prompt: str, new: int) -> dict:
             "end_strings": []}
 
 
-def clients_tokens_per_second(urls: list[str], prompts: list[str], clients: int, new: int,
-                              per_client: int, rounds: int = 1) -> float:
-    """clients threads, each sending per_client one-prompt PUT /generate requests back to back; the best of
-    rounds, as references.tokens_per_second takes for the in-process engines (interference only slows)."""
-    failures: list[str] = []
-
+def clients_round(urls: list[str], prompts: list[str], clients: int, new: int,
+                  per_client: int) -> Callable[[], float]:
+    """After one warm-up request: a round's tokens/s of clients threads, each sending per_client one-prompt
+    PUT /generate requests back to back, for references.interleaved() to call."""
     def client(index: int) -> None:
         url = urls[index % len(urls)]  # replicas share the clients
         with httpx.Client(timeout=600) as http:
@@ -82,23 +82,17 @@ def clients_tokens_per_second(urls: list[str], prompts: list[str], clients: int,
                 prompt = prompts[(index * per_client + r) % len(prompts)]
                 response = http.put(f"{url}/generate", json=generate_body(prompt, new))
                 if response.status_code != 200:
-                    failures.append(response.text)
+                    raise RuntimeError(f"a request failed: {response.status_code} {response.text}")
 
-    warm = threading.Thread(target=client, args=(0,))  # the first request pays one-off costs
-    warm.start()
-    warm.join()
-    best = float("inf")
-    for _ in range(rounds):
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        best = min(best, time.perf_counter() - started)
-    if failures:
-        raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
-    return clients * per_client * new / best
+    def measure() -> float:
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            started = time.perf_counter()
+            for done in [pool.submit(client, i) for i in range(clients)]:
+                done.result()
+            return clients * per_client * new / (time.perf_counter() - started)
+
+    client(0)  # the first request pays one-off costs
+    return measure
 
 
 def launch_batch(workdir: Path, recipe: str, overrides: list[str], prompts: list[str], new: int,

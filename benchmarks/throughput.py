@@ -7,11 +7,13 @@ sequence forced to its full length. Rows: fleetgen in process (Generator.generat
 generate and CTranslate2 generate_batch at batch 1 and 16; fleetgen through `launch ... mode=serve` with 1 and
 16 concurrent clients; a `launch` batch of 256 prompts end to end; the scaling table (16 clients, one thread a
 rank unless said); and launch-to-healthy of the tiny recipe. Read the ratios: the CPU is shared, so absolute
-numbers move from run to run. Prints a table and writes JSON (atomically).
+numbers move from run to run, and within a run from minute to minute; so the rows compared take turns, round
+by round, and each keeps its best round. Prints a table and writes JSON (atomically).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,7 +30,7 @@ import bench_model  # noqa: E402
 import references  # noqa: E402
 import serving  # noqa: E402
 
-FULL = {"new": 128, "scaling_new": 64, "per_client": 2, "batch_prompts": 256, "rounds": 2}
+FULL = {"new": 128, "scaling_new": 64, "per_client": 2, "batch_prompts": 256, "rounds": 3}
 QUICK = {"new": 32, "scaling_new": 16, "per_client": 1, "batch_prompts": 64, "rounds": 1}
 PROMPT_TOKENS = 32
 SECTIONS = ("in_process", "server", "scaling", "startup")
@@ -42,21 +44,38 @@ SCALING = {  # name: launch overrides; one thread a rank unless said
 }
 
 
-def in_process(model_dir: Path, prompts: list[list[int]], sizes: dict) -> dict:
+def engines(model_dir: Path, texts: list[str], ids: list[list[int]], sizes: dict, workdir: Path,
+            sections: list[str]) -> dict:
+    """The in-process engines and the server at batch 1 and 16, taking turns round by round (the server idles
+    while the others run); then the launch batch. {"in_process": {...}, "server": {...}}, as sections ask."""
     from fleetgen.model.checkpoint.hf import HFSource
     from fleetgen.model.load import build_generator
     from fleetgen.model.parallel import ParallelState
 
-    generator = build_generator(HFSource(model_dir), ParallelState.single(), "fp32", CLIENTS,
-                                PROMPT_TOKENS + sizes["new"])
-    runners = {"fleetgen": generator.generate_greedy, "transformers": references.transformers_runner(model_dir),
-               "ctranslate2": references.ctranslate2_runner(model_dir, torch.get_num_threads())}
-    out = {}
-    for batch in (1, CLIENTS):
-        for name, run in runners.items():
-            if run is not None:
-                out[f"{name}, batch {batch}"] = references.tokens_per_second(run, prompts[:batch], sizes["new"],
-                                                                              sizes["rounds"])
+    new, out = sizes["new"], {"in_process": {}, "server": {}}
+    with contextlib.ExitStack() as stack:
+        contenders = {}
+        if "in_process" in sections:
+            generator = build_generator(HFSource(model_dir), ParallelState.single(), "fp32", CLIENTS,
+                                        PROMPT_TOKENS + new)
+            runners = {"fleetgen": generator.generate_greedy,
+                       "transformers": references.transformers_runner(model_dir),
+                       "ctranslate2": references.ctranslate2_runner(model_dir, torch.get_num_threads())}
+            contenders |= {("in_process", f"{name}, batch {batch}"): references.one_round(run, ids[:batch], new)
+                           for batch in (1, CLIENTS) for name, run in runners.items() if run is not None}
+        if "server" in sections:
+            server = stack.enter_context(serving.LaunchedServer(workdir / "serve", "tiny",
+                                                                model_overrides(model_dir, new)))
+            contenders |= {("server", f"server, {clients} client{'s' * (clients > 1)}"):
+                           serving.clients_round(server.urls, texts, clients, new, sizes["per_client"])
+                           for clients in (1, CLIENTS)}
+        for (section, name), value in references.interleaved(contenders, sizes["rounds"]).items():
+            out[section][name] = value
+    if "server" in sections:
+        batch = serving.launch_batch(workdir / "batch", "tiny", model_overrides(model_dir, new),
+                                     texts[:sizes["batch_prompts"]], new, CLIENTS)
+        out["server"][f"launch batch, {sizes['batch_prompts']} prompts, {CLIENTS} in flight"] = batch["tokens_per_s"]
+        out["server"]["launch batch wall time (s, end to end)"] = batch["wall_s"]
     return out
 
 
@@ -65,28 +84,17 @@ def model_overrides(model_dir: Path, new: int) -> list[str]:
             f"model.max_seq_len={PROMPT_TOKENS + new}"]
 
 
-def through_server(model_dir: Path, texts: list[str], sizes: dict, workdir: Path) -> dict:
-    out = {}
-    with serving.LaunchedServer(workdir / "serve", "tiny", model_overrides(model_dir, sizes["new"])) as server:
-        for clients in (1, CLIENTS):
-            out[f"server, {clients} client{'s' * (clients > 1)}"] = serving.clients_tokens_per_second(
-                server.urls, texts, clients, sizes["new"], sizes["per_client"], sizes["rounds"])
-    batch = serving.launch_batch(workdir / "batch", "tiny", model_overrides(model_dir, sizes["new"]),
-                                 texts[:sizes["batch_prompts"]], sizes["new"], CLIENTS)
-    out[f"launch batch, {sizes['batch_prompts']} prompts, {CLIENTS} in flight"] = batch["tokens_per_s"]
-    out["launch batch wall time (s, end to end)"] = batch["wall_s"]
-    return out
-
-
 def scaling(model_dir: Path, texts: list[str], sizes: dict, workdir: Path) -> dict:
-    out = {}
-    for name, overrides in SCALING.items():
-        folder = workdir / ("scaling-" + name.replace(" ", "").replace(",", "-"))
-        with serving.LaunchedServer(folder, "tiny", model_overrides(model_dir, sizes["scaling_new"]) + overrides) \
-                as server:
-            out[name] = serving.clients_tokens_per_second(server.urls, texts, CLIENTS, sizes["scaling_new"],
-                                                          sizes["per_client"], sizes["rounds"])
-    return out
+    """Every layout served at once, idle but for its turn: 16 clients on each in turn, round by round."""
+    with contextlib.ExitStack() as stack:
+        contenders = {}
+        for name, overrides in SCALING.items():
+            folder = workdir / ("scaling-" + name.replace(" ", "").replace(",", "-"))
+            server = stack.enter_context(serving.LaunchedServer(
+                folder, "tiny", model_overrides(model_dir, sizes["scaling_new"]) + overrides))
+            contenders[name] = serving.clients_round(server.urls, texts, CLIENTS, sizes["scaling_new"],
+                                                     sizes["per_client"])
+        return references.interleaved(contenders, sizes["rounds"])
 
 
 def startup(workdir: Path) -> dict:
@@ -143,14 +151,13 @@ def main() -> None:
                            "platform": platform.platform(), "load_average_at_start": os.getloadavg(),
                            "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]},
                "sizes": {**sizes, "prompt_tokens": PROMPT_TOKENS, "clients": CLIENTS}}
-    for section, measure in (("in_process", lambda: in_process(model_dir, ids, sizes)),
-                             ("server", lambda: through_server(model_dir, texts, sizes, workdir)),
-                             ("scaling", lambda: scaling(model_dir, texts, sizes, workdir)),
+    if {"in_process", "server"} & set(args.sections):
+        results |= engines(model_dir, texts, ids, sizes, workdir, args.sections)
+    for section, measure in (("scaling", lambda: scaling(model_dir, texts, sizes, workdir)),
                              ("startup", lambda: startup(workdir))):
-        if section not in args.sections:
-            results[section] = {}
-            continue
-        results[section] = measure()
+        results[section] = measure() if section in args.sections else {}
+    for section in SECTIONS:
+        results.setdefault(section, {})
         print(section, {name: round(value, 2) for name, value in results[section].items() if value is not None},
               flush=True)
     results["ratios"] = ratios({**results["in_process"], **results["server"], **results["scaling"]},
