@@ -1,11 +1,14 @@
 """The decode step under torch.compile (model.compile=true) keeps the parity matrix: log-probabilities within
 1e-4 of the eager step's and greedy tokens identical to HF's, on one rank and at tensor 2 × pipeline 2
-(collectives inside the compiled step). The eager step is what tests/test_parity.py checks; the CPU default
-is eager (model.compile=auto)."""
+(collectives inside the compiled step), and stores into the KV cache in place. The eager step is what
+tests/test_parity.py checks; the CPU default is eager (model.compile=auto)."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from fleetgen.model.generate import Generator, greedy_plan
 from fleetgen.model.load import load_stage
@@ -76,3 +79,33 @@ def test_compiled_decode_matches_eager_and_hf_at_tensor_2_by_pipeline_2(referenc
     per_rank = run_ranks(_compiled_cases, 4, 2, 2, directories)
     assert [set(results) for results in per_rank] == [{"nemotron_gqa"}] * 4
     _check(per_rank, references)
+
+
+def _compiled_decode_code(rank: int, world_size: int, directory) -> tuple[list[str], tuple[int, ...], int]:
+    """The code inductor generates for a decode step of one lane of two, the lane's cache shape, and how many
+    calls of the in-place store it makes."""
+    torch.set_num_threads(1)
+    ps = ParallelState.build(1, 1)
+    generator = Generator(load_stage(ref.open_source(directory), ps, "fp32"), ps, max_batch=6, max_seq_len=45,
+                          compile=True, lanes=2)
+    tokens, lengths = padded_batch(ref.PROMPTS)
+    slots = torch.arange(len(ref.PROMPTS)) + generator.lanes[1].start  # the second lane: a view of the cache
+    first = generator.step(greedy_plan("prefill", slots, tokens, lengths)).tokens
+    _, code = run_and_get_code(generator.step, greedy_plan("decode", slots, first[:, None], lengths))
+    stores = sum(source.count("torch.ops.fleetgen.store_kv.default(") for source in code)
+    return code, tuple(generator._lane_caches[1].k.shape), stores
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_stores_into_the_kv_cache_in_place(references):
+    """Traced as indexing, a store into a view of the cache was functionalized: the compiled step copied each
+    layer's whole cache and then the lane's, every step (no more than a copy on CPU, a CUDA graph's whole
+    memory traffic on a GPU). A loop over that many elements is such a copy."""
+    code, lane_shape, stores = run_ranks(_compiled_decode_code, 1, references["nemotron_gqa"][0])[0]
+    layers = lane_shape[0]
+    layer_cache, lane_cache = math.prod(lane_shape[1:]), math.prod(lane_shape)
+    assert code
+    for size in (layer_cache, lane_cache):
+        assert not any(f"{size}L" in source for source in code), \
+            f"the compiled decode step loops over {size} elements: a copy of the KV cache"
+    assert stores == layers, f"{stores} in-place stores for {layers} layers"
