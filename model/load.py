@@ -42,8 +42,8 @@ def check_max_seq_len(config: ModelConfig, max_seq_len: int) -> None:
 def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,
                     max_seq_len: int, compile: Union[bool, str] = False, lanes: int = 1) -> Generator:
     """compile: torch.compile the decode step; "auto" does on GPUs (CUDA graphs), not on CPUs, where
-    compiling each (rows, context) bucket costs minutes and gains little over the oneDNN GEMMs. lanes: groups
-    of KV-cache slots whose steps may be in flight at once (Generator)."""
+    compiling each (rows, context) bucket costs tens of seconds and gains little: the step is its oneDNN GEMMs.
+    lanes: groups of KV-cache slots whose steps may be in flight at once (Generator)."""
     check_max_seq_len(source.config, max_seq_len)
     compiled = ps.device.type == "cuda" if compile == "auto" else bool(compile)
     return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len, compile=compiled, lanes=lanes)
