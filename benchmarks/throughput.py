@@ -69,13 +69,18 @@ def engines(model_dir: Path, texts: list[str], ids: list[list[int]], sizes: dict
             contenders |= {("server", f"server, {clients} client{'s' * (clients > 1)}"):
                            serving.clients_round(server.urls, texts, clients, new, sizes["per_client"])
                            for clients in (1, CLIENTS)}
+            walls = []
+
+            def batch_round() -> float:  # its own job, while the server idles
+                run = serving.launch_batch(workdir / "batch", "tiny", model_overrides(model_dir, new),
+                                           texts[:sizes["batch_prompts"]], new, CLIENTS)
+                walls.append(run["wall_s"])
+                return run["tokens_per_s"]
+            contenders[("server", batch_name(sizes))] = batch_round
         for (section, name), value in references.interleaved(contenders, sizes["rounds"]).items():
             out[section][name] = value
     if "server" in sections:
-        batch = serving.launch_batch(workdir / "batch", "tiny", model_overrides(model_dir, new),
-                                     texts[:sizes["batch_prompts"]], new, CLIENTS)
-        out["server"][f"launch batch, {sizes['batch_prompts']} prompts, {CLIENTS} in flight"] = batch["tokens_per_s"]
-        out["server"]["launch batch wall time (s, end to end)"] = batch["wall_s"]
+        out["server"]["launch batch wall time (s, end to end, quickest)"] = min(walls)
     return out
 
 
@@ -102,11 +107,14 @@ def startup(workdir: Path) -> dict:
         return serving.startup_breakdown(server)
 
 
-def ratios(r: dict, batch_prompts: int) -> dict:
+def batch_name(sizes: dict) -> str:
+    return f"launch batch, {sizes['batch_prompts']} prompts, {CLIENTS} in flight"
+
+
+def ratios(r: dict, sizes: dict) -> dict:
     """The issue's targets: name -> (measured ratio, target)."""
     def ratio(a: str, b: str):
         return round(r[a] / r[b], 2) if a in r and b in r else None
-    batch = f"launch batch, {batch_prompts} prompts, {CLIENTS} in flight"
     return {
         "server 16 clients / CTranslate2 batch 16": (ratio("server, 16 clients", "ctranslate2, batch 16"), 1.1),
         "server 16 clients / transformers batch 16": (ratio("server, 16 clients", "transformers, batch 16"), 1.5),
@@ -115,7 +123,7 @@ def ratios(r: dict, batch_prompts: int) -> dict:
         "pipeline 2 / 1 rank": (ratio("pipeline 2", "1 rank"), 1.25),
         "2 replicas / 1 rank": (ratio("2 replicas", "1 rank"), None),
         "1 rank 2 threads / 1 rank": (ratio("1 rank, 2 threads", "1 rank"), None),
-        "launch batch / server 16 clients": (ratio(batch, "server, 16 clients"), 0.9),
+        "launch batch / server 16 clients": (ratio(batch_name(sizes), "server, 16 clients"), 0.9),
     }
 
 
@@ -161,7 +169,7 @@ def main() -> None:
         print(section, {name: round(value, 2) for name, value in results[section].items() if value is not None},
               flush=True)
     results["ratios"] = ratios({**results["in_process"], **results["server"], **results["scaling"]},
-                               sizes["batch_prompts"])
+                               sizes)
     results["seconds"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()  # others' work on the same cores skews rows
     print(table(results))
