@@ -24,8 +24,6 @@ import torch.nn.functional as F  # noqa: E402
 import bench_model  # noqa: E402
 import references  # noqa: E402
 
-PROMPT_TOKENS = 32
-
 
 def linear_weights(generator) -> list[torch.Tensor]:
     """The weight of every linear layer of the stage, the output layer's included."""
@@ -56,8 +54,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     model_dir = bench_model.gpt2_small(Path(".fleetgen/bench/gpt2-small"))
-    prompt = bench_model.token_ids(model_dir, bench_model.prompts(1, PROMPT_TOKENS))
-    generator = build_generator(HFSource(model_dir), ParallelState.single(), "fp32", 1, PROMPT_TOKENS + args.new)
+    prompt = bench_model.token_ids(model_dir, bench_model.prompts(1, bench_model.PROMPT_TOKENS))
+    generator = build_generator(HFSource(model_dir), ParallelState.single(), "fp32", 1,
+                                bench_model.PROMPT_TOKENS + args.new)
     packed = linear_weights(generator)
     plain = [w.to_dense() if w.is_mkldnn else w for w in packed]
     runners = {"fleetgen, whole step": generator.generate_greedy,

@@ -61,6 +61,9 @@ def gpt2_small(directory: Path) -> Path:
     return directory
 
 
+PROMPT_TOKENS = 32  # the benchmarks' prompt length, in tokens (one token a letter)
+
+
 def prompts(count: int, length: int, seed: int = 0) -> list[str]:
     """count texts of length lowercase letters: length tokens each."""
     rng = random.Random(seed)

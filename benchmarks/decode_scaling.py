@@ -30,7 +30,6 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import bench_model  # noqa: E402
 
-PROMPT_TOKENS = 32
 # (tensor, pipeline, replicas); two replicas are two processes that never communicate: the ceiling of any
 # two-process layout on this machine, measured in the same run
 LAYOUTS = {"1 rank": (1, 1, 1), "2 replicas": (1, 1, 2), "tensor 2": (2, 1, 1), "pipeline 2": (1, 2, 1)}
@@ -73,7 +72,7 @@ def rank_main(rank: int, world: int, layout: tuple[int, int, int], port: int, mo
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         ps = ParallelState.build(*layout[:2])
     source = HFSource(Path(model_dir))
-    generator = build_generator(source, ps, "fp32", batch, PROMPT_TOKENS + new, lanes=ps.pp_size)
+    generator = build_generator(source, ps, "fp32", batch, bench_model.PROMPT_TOKENS + new, lanes=ps.pp_size)
     engine = Engine(generator, source.tokenizer(), ps, source.config)
     engine.warm_up()
     counts, seconds = collections.Counter(), collections.Counter()
@@ -82,7 +81,7 @@ def rank_main(rank: int, world: int, layout: tuple[int, int, int], port: int, mo
         engine.follow()
         results.put((rank, None, {k: (counts[k] / new, seconds[k] / new) for k in counts}))
     else:
-        prompts = bench_model.token_ids(Path(model_dir), bench_model.prompts(batch, PROMPT_TOKENS))
+        prompts = bench_model.token_ids(Path(model_dir), bench_model.prompts(batch, bench_model.PROMPT_TOKENS))
         full_length = Sampling(greedy=True, min_tokens=new)  # end-of-document banned: every row runs to the end
         started = time.perf_counter()
         engine.start()

@@ -32,7 +32,6 @@ import serving  # noqa: E402
 
 FULL = {"new": 128, "scaling_new": 64, "per_client": 2, "batch_prompts": 256, "rounds": 3}
 QUICK = {"new": 32, "scaling_new": 16, "per_client": 1, "batch_prompts": 64, "rounds": 1}
-PROMPT_TOKENS = 32
 SECTIONS = ("in_process", "server", "scaling", "startup")
 CLIENTS = 16
 SCALING = {  # name: launch overrides; one thread a rank unless said
@@ -57,7 +56,7 @@ def engines(model_dir: Path, texts: list[str], ids: list[list[int]], sizes: dict
         contenders = {}
         if "in_process" in sections:
             generator = build_generator(HFSource(model_dir), ParallelState.single(), "fp32", CLIENTS,
-                                        PROMPT_TOKENS + new)
+                                        bench_model.PROMPT_TOKENS + new)
             runners = {"fleetgen": generator.generate_greedy,
                        "transformers": references.transformers_runner(model_dir),
                        "ctranslate2": references.ctranslate2_runner(model_dir, torch.get_num_threads())}
@@ -86,7 +85,7 @@ def engines(model_dir: Path, texts: list[str], ids: list[list[int]], sizes: dict
 
 def model_overrides(model_dir: Path, new: int) -> list[str]:
     return [f"model.checkpoint={model_dir}", f"model.max_batch={CLIENTS}",
-            f"model.max_seq_len={PROMPT_TOKENS + new}"]
+            f"model.max_seq_len={bench_model.PROMPT_TOKENS + new}"]
 
 
 def scaling(model_dir: Path, texts: list[str], sizes: dict, workdir: Path) -> dict:
@@ -152,13 +151,13 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     workdir = args.workdir.resolve()
     model_dir = bench_model.gpt2_small(workdir / "gpt2-small")
-    texts = bench_model.prompts(sizes["batch_prompts"], PROMPT_TOKENS)
+    texts = bench_model.prompts(sizes["batch_prompts"], bench_model.PROMPT_TOKENS)
     ids = bench_model.token_ids(model_dir, texts)
     started = time.monotonic()
     results = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                            "platform": platform.platform(), "load_average_at_start": os.getloadavg(),
                            "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]},
-               "sizes": {**sizes, "prompt_tokens": PROMPT_TOKENS, "clients": CLIENTS}}
+               "sizes": {**sizes, "prompt_tokens": bench_model.PROMPT_TOKENS, "clients": CLIENTS}}
     if {"in_process", "server"} & set(args.sections):
         results |= engines(model_dir, texts, ids, sizes, workdir, args.sections)
     for section, measure in (("scaling", lambda: scaling(model_dir, texts, sizes, workdir)),
