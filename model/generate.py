@@ -4,10 +4,11 @@ Every rank of a replica runs each step with the same StepPlan, in the same order
 activations from the previous one (or embeds the tokens), runs its layers against its own KV cache and passes
 the result on; prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold,
 micro-batches of threshold // seq rows) so the stages overlap. A decode step runs over slot rows [0, rows) of
-its lane up to a context length, attention reading the KV cache in place; compiled, rows and context come from
-power-of-two buckets, static shapes that torch.compile (and CUDA graphs) capture once each, while an eager step
-reads no more cache than its longest row needs. The last stage's TP rank 0 (the output rank) turns the
-logits into tokens and log-probabilities; greedy-only steps never gather the logits.
+its lane up to a context length, attention reading the KV cache in place. On a GPU, rows and context come from
+a few buckets, one CUDA graph each, captured at warm-up (cuda_graphs.py); on a CPU a step reads no more cache
+than its longest row needs. model.compile compiles each layer's parts around attention (once for every layer).
+The last stage's TP rank 0 (the output rank) turns the logits into tokens and log-probabilities, on the
+device; greedy-only steps never gather the logits. A step copies only its outputs to the host.
 
 Two ways to run a step. step(plan) shares the outputs with every rank and returns when the whole replica is
 done: what generate_greedy and tests use. launch(plan) returns as soon as this rank's stage is done and its
@@ -20,36 +21,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
-from collections.abc import Callable
 
 import torch
 
+from fleetgen.model.cuda_graphs import DecodeGraphs, StepInputs, context_buckets, row_buckets
 from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, recv_from_output_rank,
                                      recv_from_prev_pipeline_rank, send_to_first_rank, send_to_next_pipeline_rank,
                                      vocab_parallel_argmax)
 from fleetgen.model.sampling import ban_tokens, history_mask, sample
-from fleetgen.model.transformer import DecoderStage
+from fleetgen.model.transformer import DecoderStage, LayerParts, decode_mask
 
 MICROBATCH_THRESHOLD = 512  # Megatron's inference_batch_times_seqlen_threshold
-MIN_CONTEXT = 64  # the smallest context bucket of a decode step
 
 
-def bucket(n: int, limit: int, smallest: int = 1) -> int:
-    """The smallest power of two >= n (and >= smallest), at most limit: decode shapes come from few buckets."""
-    size = smallest
-    while size < n:
-        size *= 2
-    return min(size, limit)
+def compiled_layer_parts() -> LayerParts:
+    """torch.compile of a layer's two parts around attention: inductor's kernels (C++ on CPU, Triton on GPU)
+    fuse the norms, rotations, activations and residual adds between the matrix products. Their shapes depend
+    on the rows alone and every layer runs the same code on its own weights, so one compilation serves every
+    layer and (dynamic after the first) every row count."""
+    return LayerParts(torch.compile(_before_attention), torch.compile(_after_attention))
 
 
-def compile_decode(decode_layers: Callable, device: torch.device) -> Callable:
-    """torch.compile of the decode step: inductor's C++ kernels on CPU, CUDA graphs on GPU. One graph per
-    (rows, context) bucket, compiled on first use."""
-    # powers of two up to max_batch × up to max_seq_len: far fewer than this many (rows, context) pairs
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(decode_layers, mode=mode, dynamic=False)
+def _before_attention(block, x: torch.Tensor, rope):
+    return block.before_attention(x, rope)
+
+
+def _after_attention(block, x: torch.Tensor, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    return block.after_attention(x, h, attended)
 
 
 @dataclass
@@ -92,6 +91,12 @@ class Flight:
     pending: list[tuple[object, torch.Tensor]]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A plan's CPU tensor on the device without waiting for the device: torch's blocking copy would first
+    wait for every step already queued, and the host would no longer run ahead of the GPU."""
+    return tensor.to(device, non_blocking=True)
+
+
 def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> StepPlan:
     """A plan that takes the argmax for every row."""
     n = slots.numel()
@@ -103,10 +108,12 @@ def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: t
 
 class Generator:
     def __init__(self, stage: DecoderStage, ps: ParallelState, max_batch: int, max_seq_len: int,
-                 microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False, lanes: int = 1):
+                 microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False, lanes: int = 1,
+                 graphs: Optional[bool] = None):
+        """graphs: decode through bucketed graphs (cuda_graphs.py) once capture_graphs() has run; None: on a GPU.
+        On a CPU they are not captured but run as they are, which tests use."""
         self.stage, self.ps, self.config = stage, ps, stage.config
-        self._decode_layers = compile_decode(stage.decode_layers, ps.device) if compile else stage.decode_layers
-        self._static_shapes = compile
+        self._parts = compiled_layer_parts() if compile else None
         self.max_batch, self.max_seq_len, self.microbatch_threshold = max_batch, max_seq_len, microbatch_threshold
         self.cache = KVCache(len(stage.layers), max_batch, max_seq_len, stage.kv_heads, self.config.head_dim,
                              stage.dtype, ps.device)
@@ -118,11 +125,41 @@ class Generator:
         self.history = torch.zeros(max_batch, max_seq_len, dtype=torch.long, device=ps.device)
         self.history_len = torch.zeros(max_batch, dtype=torch.long, device=ps.device)
         self.rngs: list[Optional[torch.Generator]] = [None] * max_batch
+        self.use_graphs = ps.device.type == "cuda" if graphs is None else graphs
+        self._graphs: list[Optional[DecodeGraphs]] = [None] * len(self.lanes)  # capture_graphs() fills them
         self.is_output_rank = ps.world_rank == ps.output_rank
         self.is_leader = ps.world_rank == ps.first_rank
 
     def lane_of(self, slot: int) -> int:
         return slot // self.lane_size
+
+    def capture_graphs(self) -> int:
+        """GPU: capture every lane's decode graphs (cuda_graphs.py); from now on decode steps replay them.
+        Collective within each stage, after an eager step (which creates the NCCL communicators). Returns the
+        number of graphs."""
+        if not self.use_graphs:
+            return 0
+        contexts = context_buckets(self.max_seq_len)
+        for lane, slots in enumerate(self.lanes):
+            inputs = StepInputs(len(slots), self.cache.scratch, self.ps.device)
+            h_in = None if self.ps.is_first_stage else torch.zeros(
+                len(slots), 1, self.config.hidden_size, dtype=self.stage.dtype, device=self.ps.device)
+            graphs = DecodeGraphs(self._graph_step(lane, inputs, h_in), inputs, h_in, row_buckets(len(slots)),
+                                  contexts)
+            graphs.capture()
+            self._graphs[lane] = graphs
+        return sum(len(g) for g in self._graphs)
+
+    def _graph_step(self, lane: int, inputs: StepInputs, h_in: Optional[torch.Tensor]):
+        """What one decode graph of a lane runs: the stage's layers over the lane's first rows rows."""
+        cache = self._lane_caches[lane]
+
+        def step(rows: int, context: int) -> torch.Tensor:
+            ids, positions, writes = inputs.view(rows)
+            mask = decode_mask(positions, context, self.stage.dtype)  # [rows, 1, 1, context]
+            h = self.stage.embed(ids, positions) if h_in is None else h_in[:rows]
+            return self.stage.decode_layers(h, positions, writes, mask, cache, self._parts)
+        return step
 
     def step(self, plan: StepPlan) -> StepOutput:
         """Collective over the replica: every rank calls it with the same plan and gets the same outputs."""
@@ -179,7 +216,7 @@ class Generator:
         elsewhere). Also returns the sends to the next stage still under way, with the tensors they read."""
         self._check(plan)
         device = self.ps.device
-        slots, tokens, lengths = plan.slots.to(device), plan.tokens.to(device), plan.lengths.to(device)
+        slots, tokens, lengths = (to_device(t, device) for t in (plan.slots, plan.tokens, plan.lengths))
         every = self._wants_all(plan)
         if plan.kind == "prefill":
             self._start(plan, slots, tokens, lengths)
@@ -240,15 +277,15 @@ class Generator:
     def _decode(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
                 sends: list) -> Optional[torch.Tensor]:
         """Last stage: hidden states [n, 1, H] of the plan's rows. The step runs over the slot rows
-        [0, rows) of the plan's lane whatever the plan's slots, so that attention reads the cache in place;
-        compiled, at bucketed rows and context, so that its shapes come from a few buckets (what torch.compile
-        and CUDA graphs need). Rows without a token of this plan store at the cache's scratch position."""
-        ps, stage, device = self.ps, self.stage, tokens.device
+        [0, rows) of the plan's lane whatever the plan's slots, so that attention reads the cache in place: a
+        captured graph at bucketed rows and context on a GPU, an eager step on exactly what it needs on a CPU.
+        Rows without a token of this plan store at the cache's scratch position."""
         lane = self.lane_of(int(plan.slots.min()))  # from the plan's CPU copies: no device sync
-        first, cache = self.lanes[lane].start, self._lane_caches[lane]
+        first = self.lanes[lane].start
         rows, context = int(plan.slots.max()) + 1 - first, int(plan.lengths.max()) + 1
-        if self._static_shapes:
-            rows, context = bucket(rows, len(self.lanes[lane])), bucket(context, self.max_seq_len, MIN_CONTEXT)
+        if self._graphs[lane] is not None:
+            return self._replay(lane, plan, rows, context, sends)
+        ps, stage, device, cache = self.ps, self.stage, tokens.device, self._lane_caches[lane]
         rows_of = slots - first  # each slot's row in its lane
         ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         ids[rows_of] = tokens
@@ -256,16 +293,30 @@ class Generator:
         positions[rows_of] = lengths[:, None]
         writes = torch.full((rows, 1), cache.scratch, dtype=torch.long, device=device)
         writes[rows_of] = lengths[:, None]
-        mask = (torch.arange(context, device=device) <= positions)[:, None, None, :]  # [rows, 1, 1, context]
+        mask = decode_mask(positions, context, stage.dtype)  # [rows, 1, 1, context]
         if ps.is_first_stage:
             h = stage.embed(ids, positions)  # [rows, 1, H]
         else:
             h = recv_from_prev_pipeline_rank((rows, 1, self.config.hidden_size), stage.dtype, ps)
-        h = self._decode_layers(h, positions, writes, mask, cache)
+        h = stage.decode_layers(h, positions, writes, mask, cache, self._parts)
         if not ps.is_last_stage:
             sends.append((send_to_next_pipeline_rank(h, ps), h))
             return None
         return h[rows_of]
+
+    def _replay(self, lane: int, plan: StepPlan, rows: int, context: int, sends: list) -> Optional[torch.Tensor]:
+        graphs, ps = self._graphs[lane], self.ps
+        rows_of = plan.slots - self.lanes[lane].start
+        graphs.inputs.fill(rows_of, plan.tokens[:, 0], plan.lengths)
+        rows, context = graphs.bucket(rows, context)
+        if not ps.is_first_stage:
+            graphs.h_in[:rows].copy_(recv_from_prev_pipeline_rank((rows, 1, self.config.hidden_size),
+                                                                  self.stage.dtype, ps))
+        h = graphs.replay(rows, context)  # [rows, 1, H], the graph's own buffer until this lane's next replay
+        if not ps.is_last_stage:
+            sends.append((send_to_next_pipeline_rank(h, ps), h))
+            return None
+        return h.index_select(0, graphs.inputs.rows_of(plan.n))
 
     @staticmethod
     def _argmax_only(plan: StepPlan) -> bool:
@@ -277,7 +328,7 @@ class Generator:
         logits, start = self.stage.local_logits(h)  # [n, padded_vocab / TP], columns [start, ...)
         eos = self.config.eos_id
         if plan.ban_eos.any() and start <= eos < start + logits.shape[-1]:
-            logits[plan.ban_eos.to(logits.device), eos - start] = float("-inf")
+            logits[to_device(plan.ban_eos, logits.device), eos - start] = float("-inf")
         best, index = logits.max(dim=-1)  # first maximum, like argmax
         return vocab_parallel_argmax(best, index + start, self.ps)
 
@@ -304,13 +355,12 @@ class Generator:
     def _sample(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         device = logits.device
         if plan.ban_eos.any():
-            logits = ban_tokens(logits, plan.ban_eos.to(device), self.config.eos_id)
+            logits = ban_tokens(logits, to_device(plan.ban_eos, device), self.config.eos_id)
         penalised = ~plan.greedy & (plan.repetition_penalty != 1)
         seen = history_mask(self.history[slots], self.history_len[slots], logits.shape[-1]) \
             if penalised.any() else None
-        return sample(logits, greedy=plan.greedy.to(device), temperature=plan.temperature.to(device),
-                      top_k=plan.top_k.to(device), top_p=plan.top_p.to(device),
-                      repetition_penalty=plan.repetition_penalty.to(device), seen=seen,
+        return sample(logits, greedy=plan.greedy, temperature=plan.temperature, top_k=plan.top_k, top_p=plan.top_p,
+                      repetition_penalty=plan.repetition_penalty, seen=seen,
                       generators=[self.rngs[s] for s in plan.slots.tolist()])
 
     def _share(self, plan: StepPlan, outputs: dict[str, torch.Tensor]) -> StepOutput:

@@ -11,18 +11,6 @@ from __future__ import annotations
 import torch
 
 
-def _store(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-           k: torch.Tensor, v: torch.Tensor) -> None:
-    k_cache[rows, positions] = k
-    v_cache[rows, positions] = v
-
-
-@torch.library.custom_op("fleetgen::store_kv", mutates_args=("k_cache", "v_cache"))
-def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor) -> None:
-    _store(k_cache, v_cache, rows, positions, k, v)
-
-
 class KVCache:
     def __init__(self, num_layers: int, max_batch: int, max_seq_len: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -34,9 +22,6 @@ class KVCache:
         self.k, self.v = k, v
         self.max_batch, self.max_seq_len = k.shape[1], max_seq_len
         self.scratch = max_seq_len  # the position padding rows write to
-        if k.device.type == "cuda":  # fixed addresses, so CUDA graphs may update them in place
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
 
     def slots(self, first: int, count: int) -> KVCache:
         """Slots [first, first + count) as a cache of their own, slot first being its slot 0: views of this
@@ -49,10 +34,10 @@ class KVCache:
                v: torch.Tensor) -> None:
         """Store k, v [n, s, kv_heads, head_dim] of slots [n] at positions [n, s], in place."""
         rows = slots[:, None]  # [n, 1] broadcasts against positions [n, s]
-        # compiled: an opaque in-place op. Traced as indexing, the store into a view of the cache is
-        # functionalized and inductor copies the layer's whole cache, and the lane's again at the end: every step
-        store = store_kv if torch.compiler.is_compiling() else _store
-        store(self.k[layer], self.v[layer], rows, positions, k, v)
+        # never compiled (model/generate.py): traced, a store into a view of the cache is functionalized into
+        # a copy of the whole cache
+        self.k[layer][rows, positions] = k
+        self.v[layer][rows, positions] = v
 
     def window(self, layer: int, rows: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots [0, rows) at positions [0, context): views of the cache, no copy,

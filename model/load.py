@@ -1,7 +1,7 @@
 """Build this rank's shard of the decoder from a checkpoint source, and the generator around it."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -40,13 +40,17 @@ def check_max_seq_len(config: ModelConfig, max_seq_len: int) -> None:
 
 
 def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,
-                    max_seq_len: int, compile: Union[bool, str] = False, lanes: int = 1) -> Generator:
-    """compile: torch.compile the decode step; "auto" does on GPUs (CUDA graphs), not on CPUs, where
-    compiling each (rows, context) bucket costs tens of seconds and gains little: the step is its oneDNN GEMMs.
-    lanes: groups of KV-cache slots whose steps may be in flight at once (Generator)."""
+                    max_seq_len: int, compile: Union[bool, str] = False, lanes: int = 1,
+                    graphs: Optional[bool] = None) -> Generator:
+    """compile: torch.compile each layer's parts around attention (Generator); "auto" does not, on any device:
+    on a CPU the step is its oneDNN GEMMs, and on a GPU the decode graphs (captured either way) already remove
+    the launch overhead that compiling fuses away, without compiling's start-up time.
+    lanes: groups of KV-cache slots whose steps may be in flight at once (Generator).
+    graphs: decode through captured graphs; None: on a GPU (model/cuda_graphs.py)."""
     check_max_seq_len(source.config, max_seq_len)
-    compiled = ps.device.type == "cuda" if compile == "auto" else bool(compile)
-    return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len, compile=compiled, lanes=lanes)
+    compiled = False if compile == "auto" else bool(compile)
+    return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len, compile=compiled, lanes=lanes,
+                     graphs=graphs)
 
 
 def startup_report(generator: Generator) -> str:

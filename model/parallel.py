@@ -114,7 +114,24 @@ class ParallelState:
 
     def describe(self) -> str:
         return (f"rank {self.world_rank} replica {self.replica} tp {self.tp_rank}/{self.tp_size} "
-                f"pp {self.pp_rank}/{self.pp_size} on {self.device} ({self.backend})")
+                f"pp {self.pp_rank}/{self.pp_size} on {device_name(self.device)} ({self.backend})")
+
+
+def device_name(device: torch.device) -> str:
+    """"cuda:0 (NVIDIA H200)" or "cpu": what the rank log and /health say a rank runs on."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def describe_replica_devices(ps: ParallelState) -> list[str]:
+    """Collective over the replica: every rank's device_name, in replica rank order."""
+    mine = f"rank {ps.world_rank}: {device_name(ps.device)}"
+    if len(ps.replica_ranks) == 1:
+        return [mine]
+    every: list = [None] * len(ps.replica_ranks)
+    dist.all_gather_object(every, mine, group=ps.replica_group)
+    return every
 
 
 def cpu_threads(cpus_per_task: Optional[int], ranks_per_node: int) -> int:

@@ -59,7 +59,8 @@ def multinomial(probs: torch.Tensor, generators: Sequence[Optional[torch.Generat
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
-        out[shared] = torch.multinomial(probs[shared], 1).squeeze(1)
+        index = torch.tensor(shared).to(probs.device, non_blocking=True)
+        out[index] = torch.multinomial(probs.index_select(0, index), 1).squeeze(1)
     for i, g in enumerate(generators):
         if g is not None:
             out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
@@ -69,15 +70,22 @@ def multinomial(probs: torch.Tensor, generators: Sequence[Optional[torch.Generat
 def sample(logits: torch.Tensor, *, greedy: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, repetition_penalty: torch.Tensor, seen: Optional[torch.Tensor],
            generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
-    """Token ids [n] from logits [n, vocab] (already -inf where banned). seen: history_mask, or None when no
-    row has a repetition penalty."""
+    """Token ids [n] from logits [n, vocab] (already -inf where banned), on logits' device. The settings [n]
+    are the plan's CPU tensors, so which rows sample is known without waiting for the device. seen:
+    history_mask on the device, or None when no row has a repetition penalty."""
     tokens = logits.argmax(dim=-1)
-    rows = (~greedy).nonzero().squeeze(1).tolist()
-    if not rows:
+    rows = (~greedy.cpu()).nonzero().squeeze(1)
+    if not rows.numel():
         return tokens
-    x = logits[rows] / temperature[rows, None]
+    device = logits.device
+    index = rows.to(device, non_blocking=True)
+
+    def chosen(setting: torch.Tensor) -> torch.Tensor:
+        return setting.cpu()[rows].to(device, non_blocking=True)
+
+    x = logits.index_select(0, index) / chosen(temperature)[:, None]
     if seen is not None:
-        x = apply_repetition_penalty(x, repetition_penalty[rows], seen[rows])
-    x = apply_top_p(apply_top_k(x, top_k[rows]), top_p[rows])
-    tokens[rows] = multinomial(x.softmax(dim=-1), [generators[i] for i in rows])
+        x = apply_repetition_penalty(x, chosen(repetition_penalty), seen.index_select(0, index))
+    x = apply_top_p(apply_top_k(x, chosen(top_k)), chosen(top_p))
+    tokens[index] = multinomial(x.softmax(dim=-1), [generators[i] for i in rows.tolist()])
     return tokens

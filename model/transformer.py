@@ -7,6 +7,8 @@ calls: embed -> prefill_layers or decode_layers -> logits, with activations pass
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,21 @@ from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.layers import (ACTIVATIONS, ColumnParallelLinear, LayerNorm, RowParallelLinear,
                                    VocabParallelEmbedding, apply_rotary, divide, linear, rotary_tables, swiglu)
 from fleetgen.model.parallel import ParallelState, SplitError
+
+
+def decode_mask(positions: torch.Tensor, context: int, dtype: torch.dtype) -> torch.Tensor:
+    """[n, 1, 1, context]: 0 where a row at positions [n, 1] sees a cached position, -inf elsewhere. Made once a
+    step in the attention's dtype, so no layer converts a boolean mask again."""
+    visible = torch.arange(context, device=positions.device) <= positions  # [n, context]
+    return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(
+        ~visible, float("-inf"))[:, None, None, :]
+
+
+class LayerParts(NamedTuple):
+    """How a decode step runs each layer's parts around attention: (block, x, rope) -> (normed x, q, k, v)
+    and (block, x, normed x, attended) -> the layer's output."""
+    before_attention: Callable
+    after_attention: Callable
 
 
 def stage_layers(config: ModelConfig, pp_size: int, pp_rank: int) -> range:
@@ -77,21 +94,26 @@ class ParallelAttention(nn.Module):
         self.linear_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                              ps=ps, bias=config.proj_bias, input_is_parallel=True, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rope, mask, cache: KVCache, layer: int, slots: torch.Tensor,
-                writes: torch.Tensor) -> torch.Tensor:
-        n, s, _ = x.shape
+    def project(self, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of the normed input h [n, s, H], rotated: [n, s, heads | kv_heads, d]."""
+        n, s, _ = h.shape
         d = self.config.head_dim
-        qkv = self.linear_qkv(x)  # [n, s, (heads + 2 * kv_heads) * d]
-        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q, k, v = q.view(n, s, self.heads, d), k.view(n, s, self.kv_heads, d), v.view(n, s, self.kv_heads, d)
-        if rope is not None:
-            q = apply_rotary(q, *rope, self.config.rotary_interleaved)
-            k = apply_rotary(k, *rope, self.config.rotary_interleaved)
+        qkv = self.linear_qkv(h)  # [n, s, (heads + 2 * kv_heads) * d]
+        qk, v = qkv.split([(self.heads + self.kv_heads) * d, self.kv_heads * d], dim=-1)
+        qk = qk.view(n, s, self.heads + self.kv_heads, d)
+        if rope is not None:  # queries and keys in one rotation: half the small kernels of a decode step
+            qk = apply_rotary(qk, *rope, self.config.rotary_interleaved)
+        q, k = qk.split([self.heads, self.kv_heads], dim=2)
+        return q, k, v.view(n, s, self.kv_heads, d)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, cache: KVCache, layer: int,
+               slots: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
+        """Store k, v in the cache, then attend: [n, s, heads * d], before the output projection."""
+        n, s = q.shape[:2]
         cache.update(layer, slots, writes, k, v)
         if mask is not None:  # decode: row i is slot i and attends to its cached positions, read in place
             k, v = cache.window(layer, n, mask.shape[-1])  # [n, context, kv_heads, d]
-        out = self._attend(q, k, v, mask)
-        return self.linear_proj(out.reshape(n, s, self.heads * d))
+        return self._attend(q, k, v, mask).reshape(n, s, self.heads * self.config.head_dim)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
         """mask None: causal over fresh keys (prefill starts every row at position 0)."""
@@ -133,8 +155,18 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope, mask, cache: KVCache, layer: int, slots: torch.Tensor,
                 writes: torch.Tensor) -> torch.Tensor:
+        h, q, k, v = self.before_attention(x, rope)
+        return self.after_attention(x, h, self.self_attention.attend(q, k, v, mask, cache, layer, slots, writes))
+
+    # A layer in three parts: the two whose shapes depend only on the rows, which a compiled decode step
+    # compiles once for every layer (model/generate.py), and between them the attention over the cache.
+    def before_attention(self, x: torch.Tensor, rope):
+        """The normed input and its rotated queries, keys and values."""
         h = self.input_layernorm(x)
-        attention = self.self_attention(h, rope, mask, cache, layer, slots, writes)
+        return (h, *self.self_attention.project(h, rope))
+
+    def after_attention(self, x: torch.Tensor, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        attention = self.self_attention.linear_proj(attended)
         if self.parallel_residual:  # GPT-J: attention and MLP both read ln_1(x)
             return x + attention + self.mlp(h)
         x = x + attention
@@ -184,12 +216,20 @@ class DecoderStage(nn.Module):
         return self._layers(h, self._rope(positions), None, cache, slots, positions)
 
     def decode_layers(self, h: torch.Tensor, positions: torch.Tensor, writes: torch.Tensor, mask: torch.Tensor,
-                      cache: KVCache) -> torch.Tensor:
+                      cache: KVCache, parts: Optional[LayerParts] = None) -> torch.Tensor:
         """One token for each of slots [0, n): h [n, 1, H] at positions [n, 1], stored at writes [n, 1];
-        mask [n, 1, 1, context] says which cached positions each row sees. Shapes depend only on (n, context),
-        so this is the step torch.compile captures (model/generate.py)."""
+        mask [n, 1, 1, context] (decode_mask) says which cached positions each row sees. Shapes depend only on
+        (n, context), so a GPU captures this step once per bucket (model/cuda_graphs.py). parts: each layer's
+        parts around attention, compiled (model/generate.py); None runs the layers as they are."""
         slots = torch.arange(h.shape[0], device=h.device)
-        return self._layers(h, self._rope(positions), mask, cache, slots, writes)
+        rope = self._rope(positions)
+        if parts is None:
+            return self._layers(h, rope, mask, cache, slots, writes)
+        for layer, block in enumerate(self.layers):
+            normed, q, k, v = parts.before_attention(block, h, rope)
+            attended = block.self_attention.attend(q, k, v, mask, cache, layer, slots, writes)
+            h = parts.after_attention(block, h, normed, attended)
+        return h
 
     def _rope(self, positions: torch.Tensor):
         if self.config.position_embedding != "rope":

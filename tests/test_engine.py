@@ -119,7 +119,7 @@ def test_cancelled_sequence_frees_its_slot(engine):
     long.cancel()
     others = [engine.submit(SequenceRequest(prompt_of(engine, t), 3, GREEDY)) for t in ("a", "b")]
     assert [len(f.result(60).tokens) for f in others] == [3, 3]
-    assert engine._active == {} and not engine._waiting
+    assert not engine.scheduler.busy
 
 
 def test_stop_fails_what_is_queued_and_refuses_new_work(checkpoint):

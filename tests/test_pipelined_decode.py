@@ -32,8 +32,8 @@ def _serve_and_time(rank: int, world_size: int, checkpoint: str):
         return flight
     engine.generator.launch = timed
     if ps.is_last_stage:
-        layers = engine.generator._decode_layers
-        engine.generator._decode_layers = lambda *args: time.sleep(LAST_STAGE_DELAY_S) or layers(*args)
+        layers = engine.generator.stage.decode_layers
+        engine.generator.stage.decode_layers = lambda *args: time.sleep(LAST_STAGE_DELAY_S) or layers(*args)
         engine.follow()
         return times, None
     engine.start()

@@ -59,9 +59,17 @@ def test_health_says_loading_until_attached_and_ready_after(checkpoint):
     assert early.status_code == 503 and "not ready: loading" in early.json()["error"]
     ps = ParallelState.single()
     engine = make_engine(checkpoint, ps)
-    engine.warm_up()
-    server.attach(engine)
-    assert requests.get(f"{url}/health").json() == {"status": "ready"} and requests.put(url).status_code == 200
+    capturing, captured = threading.Event(), threading.Event()
+    capture = engine.generator.capture_graphs
+    engine.generator.capture_graphs = lambda: capturing.set() or captured.wait(30) and capture()
+    server.attach(engine)  # the engine warms up on its own thread
+    assert capturing.wait(30)
+    assert (requests.get(f"{url}/health").status_code, requests.put(url).json()) == (503, {"status": "warming up"})
+    captured.set()
+    assert engine.wait_ready(30)
+    health = requests.get(f"{url}/health").json()
+    assert health["status"] == "ready" and health["devices"] == ["rank 0: cpu"] and requests.put(url).status_code == 200
+    assert set(health["startup_s"]) == {"warm_up", "capture"}
     server.shutdown()
     server.wait()
 

@@ -1,12 +1,14 @@
 """Continuous batching on a replica's leader, and the loop its followers run.
 
-The leader's step thread owns the generator. The KV-cache slots are split into lanes, one per pipeline stage
-(generate.py). Each lane with no step in flight gets one: it either admits waiting sequences into its free
-slots (a prefill step) or advances its active slots by one token (a decode step). Then the oldest step in
-flight lands and the sequences that reached their token budget or a stop condition finish; a finished slot is
-refilled by its lane's next step. So with two stages, one runs a step of lane 0 while the other runs lane 1's.
-Every step goes to the other ranks (protocol.py) before it runs, since every rank runs every step.
-HTTP handlers only submit sequences and wait on their futures; they never touch the model.
+The split is vLLM v1's: the scheduler (scheduler.py, no torch) picks each lane's next step, the model runner
+(model/generate.py, the Generator) runs it, and output processing (output.py) turns its outputs into tokens,
+finished sequences and results. The engine's step thread owns all three. Each lane with no step in flight gets
+one; then the oldest step in flight lands. So with two pipeline stages, one runs a step of lane 0 while the
+other runs lane 1's. Every step goes to the other ranks (protocol.py) before it runs, since every rank runs
+every step. HTTP handlers only submit sequences and wait on their futures; they never touch the model.
+
+The step thread starts by warming up: an eager step on every rank, then the GPU's decode graphs, captured by
+the thread that replays them (model/cuda_graphs.py). The engine is ready only then.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Optional
 
@@ -25,8 +27,10 @@ import torch
 from fleetgen.model.serve import protocol
 from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.generate import Flight, Generator, StepOutput, StepPlan, greedy_plan
-from fleetgen.model.parallel import ParallelState
+from fleetgen.model.generate import Flight, Generator, StepPlan, greedy_plan
+from fleetgen.model.parallel import ParallelState, describe_replica_devices
+from fleetgen.model.serve.output import OutputProcessor, SequenceResult  # noqa: F401 (SequenceResult: API)
+from fleetgen.model.serve.scheduler import ScheduledStep, Scheduler, SequenceState
 
 log = logging.getLogger(__name__)
 
@@ -72,36 +76,15 @@ class SequenceRequest:
     full_logprobs: bool = False     # whole log-softmax rows at those positions
 
 
-@dataclass
-class SequenceResult:
-    prompt: list[int]
-    tokens: list[int]               # generated, the stopping token included
-    finish_reason: str              # "stop" | "length"
-    logprobs: Optional[list[float]] = None       # len(prompt) + len(tokens) - 1
-    full_logprobs: Optional[torch.Tensor] = None  # [len(prompt) + len(tokens) - 1, vocab]
-
-
-@dataclass
-class _InFlight:
-    lane: int
-    flight: Flight
-    sequences: list            # [_Sequence], in the plan's row order
-    started: float             # time.monotonic() at launch
-
-
 class EngineUnavailable(RuntimeError):
     """The engine is not running (stopped, or failed): a request cannot be served."""
 
 
-@dataclass(eq=False)
-class _Sequence:
-    request: SequenceRequest
-    future: Future
-    on_token: Optional[Callable[[int], None]]
-    slot: int = -1
-    tokens: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    rows: list = field(default_factory=list)    # full log-softmax blocks, [k, vocab] each
+@dataclass
+class _InFlight:
+    step: ScheduledStep
+    flight: Flight
+    started: float             # time.monotonic() at launch
 
 
 class Engine:
@@ -111,33 +94,60 @@ class Engine:
         self.eos_id: Optional[int] = config.eos_id
         self.vocab_size: int = config.vocab_size
         self.max_seq_len: int = generator.max_seq_len
-        self.max_prefill_tokens = max_prefill_tokens
         self.error: Optional[str] = None            # why the step loop died, if it did
         self.step_started: Optional[float] = None   # monotonic launch time of the oldest step in flight (watchdog)
         self.idle_signal_s = idle_signal_s          # an idle leader tells its followers this often (protocol)
+        self.ready = threading.Event()              # warmed up: every rank can serve
+        self.devices: list[str] = []                # each rank's device, in replica rank order (warm_up)
+        self.startup_s: dict[str, float] = {}       # seconds each start-up phase took (the worker adds its own)
+        self.scheduler = Scheduler(generator.lanes, max_prefill_tokens)
+        self.outputs = OutputProcessor(tokenizer)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting: deque[_Sequence] = deque()
-        self._active: dict[int, _Sequence] = {}     # slot -> sequence
         self._flights: deque[_InFlight] = deque()   # launched, not landed: oldest first, at most one a lane
         self._commands = protocol.Commands(ps, generator.max_batch)
         self._lock = threading.Lock()               # orders submissions against stop()
         self._stopping = False
+        self._warmed = False
         self._thread: Optional[threading.Thread] = None
 
     def warm_up(self) -> None:
-        """Collective: one tiny prefill and decode on every rank, so a broken replica fails before serving."""
+        """Collective, once: one tiny eager prefill and decode on every rank, so a broken replica fails before
+        serving; then, on a GPU, the decode graphs, on the calling thread (the leader's step thread, a
+        follower's main thread)."""
+        if self._warmed:
+            return
+        started = time.monotonic()
+        self.devices = describe_replica_devices(self.ps)
         token = self.eos_id or 0
         slots, lengths = torch.tensor([0]), torch.tensor([2])
         first = self.generator.step(greedy_plan("prefill", slots, torch.tensor([[token, token]]), lengths))
         self.generator.step(greedy_plan("decode", slots, first.tokens[:, None], lengths))
+        captured = time.monotonic()
+        graphs = self.generator.capture_graphs()
+        self.startup_s.update(warm_up=captured - started, capture=time.monotonic() - captured)
+        if graphs:
+            log.info("captured %d decode graphs in %.1f s", graphs, self.startup_s["capture"])
+        self._warmed = True
 
     def start(self) -> None:
-        """Leader: start the step loop."""
+        """Leader: start the step thread, which warms up (ready is set then) and serves."""
+        if self._warmed:  # warmed up by the caller already
+            self.ready.set()
         self._thread = threading.Thread(target=self._run, name="fleetgen-engine", daemon=True)
         self._thread.start()
 
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """Leader: block until warmed up or failed; whether it is ready."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ready.wait(0.05):
+            if self.error or not self.running or (deadline is not None and time.monotonic() > deadline):
+                return self.ready.is_set()
+        return True
+
     def follow(self) -> None:
-        """Follower ranks: run the leader's steps until it sends shutdown, a step of every lane in flight."""
+        """Follower ranks: warm up, then run the leader's steps until it sends shutdown, a step of every lane in
+        flight."""
+        self.warm_up()
         flights: deque[Flight] = deque()
         while (plan := self._commands.receive()) is not None:
             flights.append(self.generator.launch(plan))
@@ -158,7 +168,7 @@ class Engine:
             if self._stopping or self.error:
                 raise EngineUnavailable(self.error or "the engine has stopped")
             future: Future = Future()
-            self._inbox.put(_Sequence(request, future, on_token))
+            self._inbox.put(SequenceState(request, future, on_token))
             return future
 
     def stop(self) -> None:
@@ -179,12 +189,14 @@ class Engine:
         if self.ps.device.type == "cuda":
             torch.cuda.set_device(self.ps.device)  # the current device is per thread; NCCL needs this rank's
         try:
+            self.warm_up()
+            self.ready.set()
             while not self._stopping:
-                busy = self._waiting or self._active or self._flights
+                busy = self.scheduler.busy or self._flights
                 if not self._take_submissions(block=not busy):
                     self._commands.send_idle()
                     continue
-                self._drop_cancelled()
+                self.scheduler.drop_cancelled()
                 self._launch_idle_lanes()
                 if self._flights:
                     self._land_oldest()
@@ -208,119 +220,56 @@ class Engine:
         try:
             while True:
                 if item is not None:
-                    self._waiting.append(item)
+                    self.scheduler.add(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return True
 
-    def _drop_cancelled(self) -> None:
-        """A cancelled sequence leaves at once; a step in flight that still has its row is landed without it."""
-        self._waiting = deque(s for s in self._waiting if not s.future.cancelled())
-        for slot in [slot for slot, s in self._active.items() if s.future.cancelled()]:
-            del self._active[slot]
-
     def _launch_idle_lanes(self) -> None:
-        busy = {f.lane for f in self._flights}
+        busy = {f.step.lane for f in self._flights}
         for lane in range(len(self.generator.lanes)):
-            if lane not in busy and (step := self._next_step(lane)) is not None:
-                plan, sequences = step
+            if lane not in busy and (step := self.scheduler.next_step(lane)) is not None:
+                plan = self._plan(step)
                 started = time.monotonic()
                 if not self._flights:
                     self.step_started = started
                 self._commands.send_step(plan)
-                self._flights.append(_InFlight(lane, self.generator.launch(plan), sequences, started))
+                self._flights.append(_InFlight(step, self.generator.launch(plan), started))
 
     def _land_oldest(self) -> None:
         done = self._flights.popleft()
         out = self.generator.land(done.flight)
         self.step_started = self._flights[0].started if self._flights else None
-        for row, seq in enumerate(done.sequences):
-            if self._active.get(seq.slot) is not seq:  # cancelled while its step was in flight
+        for row, sequence in enumerate(done.step.sequences):
+            if not self.scheduler.is_running(sequence):  # cancelled while its step was in flight
                 continue
-            self._record(seq, row, done.flight.plan.kind, out)
-            reason = self._finish_reason(seq)
+            self.outputs.record(done.step, row, sequence, out)
+            reason = self.outputs.finish_reason(sequence)
             if reason:
-                self._finish(seq, reason)
+                self.scheduler.finish(sequence)
+                self.outputs.finish(sequence, reason)
 
-    def _next_step(self, lane: int) -> Optional[tuple[StepPlan, list[_Sequence]]]:
-        """Admitting waiting sequences comes first, so a freed slot is refilled at once."""
-        slots = self.generator.lanes[lane]
-        free = [slot for slot in slots if slot not in self._active]
-        if self._waiting and free:
-            return self._prefill(free)
-        running = [self._active[slot] for slot in slots if slot in self._active]
-        return self._decode(running) if running else None
-
-    def _prefill(self, free: list[int]) -> tuple[StepPlan, list[_Sequence]]:
-        admitted, width = [], 0
-        while self._waiting and len(admitted) < len(free):
-            wider = max(width, len(self._waiting[0].request.prompt))
-            if admitted and wider * (len(admitted) + 1) > self.max_prefill_tokens:
-                break
-            admitted.append(self._waiting.popleft())
-            width = wider
-        tokens = torch.zeros(len(admitted), width, dtype=torch.long)  # [n, L] right-padded
-        for row, (seq, slot) in enumerate(zip(admitted, free)):
-            seq.slot = slot
-            self._active[slot] = seq
-            tokens[row, :len(seq.request.prompt)] = torch.tensor(seq.request.prompt)
-        lengths = torch.tensor([len(s.request.prompt) for s in admitted])
-        return self._plan("prefill", admitted, tokens, lengths), admitted
-
-    def _decode(self, running: list[_Sequence]) -> tuple[StepPlan, list[_Sequence]]:
-        tokens = torch.tensor([[s.tokens[-1]] for s in running])  # [n, 1]
-        lengths = torch.tensor([len(s.request.prompt) + len(s.tokens) - 1 for s in running])
-        return self._plan("decode", running, tokens, lengths), running
-
-    def _plan(self, kind: str, seqs: list[_Sequence], tokens: torch.Tensor, lengths: torch.Tensor) -> StepPlan:
-        sampling = [s.request.sampling for s in seqs]
-        seeds = [x.seed if kind == "prefill" and x.seed is not None else -1 for x in sampling]
+    def _plan(self, step: ScheduledStep) -> StepPlan:
+        """The runner's plan for a scheduled step: its tokens right-padded, each row's sampling settings."""
+        sequences = step.sequences
+        width = max(len(t) for t in step.tokens)
+        tokens = torch.tensor([t + [0] * (width - len(t)) for t in step.tokens])  # [n, width]
+        sampling = [s.request.sampling for s in sequences]
+        seeds = [x.seed if step.kind == "prefill" and x.seed is not None else -1 for x in sampling]
         return StepPlan(
-            kind=kind, slots=torch.tensor([s.slot for s in seqs]), tokens=tokens, lengths=lengths,
+            kind=step.kind, slots=torch.tensor(step.slots), tokens=tokens, lengths=torch.tensor(step.lengths),
             temperature=torch.tensor([x.temperature for x in sampling], dtype=torch.float32),
             top_k=torch.tensor([min(x.top_k, self.vocab_size) for x in sampling]),
             top_p=torch.tensor([x.top_p for x in sampling], dtype=torch.float32),
             greedy=torch.tensor([x.greedy for x in sampling]),
             repetition_penalty=torch.tensor([x.repetition_penalty for x in sampling], dtype=torch.float32),
             ban_eos=torch.tensor([self.eos_id is not None and len(s.tokens) < x.min_tokens
-                                  for s, x in zip(seqs, sampling)]),
-            seed=torch.tensor(seeds), logprobs=any(s.request.logprobs for s in seqs),
-            full_logprobs=any(s.request.full_logprobs for s in seqs))
-
-    def _record(self, seq: _Sequence, row: int, kind: str, out: StepOutput) -> None:
-        token, prompt_len = int(out.tokens[row]), len(seq.request.prompt)
-        seq.tokens.append(token)
-        if seq.request.logprobs:
-            if kind == "prefill":
-                seq.logprobs += out.prompt_logprobs[row, :prompt_len - 1].tolist()
-            seq.logprobs.append(float(out.logprobs[row]))
-        if seq.request.full_logprobs:
-            # prefill: rows 0..len-1 predict prompt tokens 1.. and the first new token; decode: one row
-            seq.rows.append(out.full_logprobs[row, :prompt_len if kind == "prefill" else 1].clone())
-        if seq.on_token is not None:
-            seq.on_token(token)
-
-    def _finish_reason(self, seq: _Sequence) -> Optional[str]:
-        if seq.request.stop.reached(seq.tokens, self.tokenizer):
-            return "stop"
-        return "length" if len(seq.tokens) >= seq.request.max_new_tokens else None
-
-    def _finish(self, seq: _Sequence, reason: str) -> None:
-        del self._active[seq.slot]
-        rows = torch.cat(seq.rows) if seq.request.full_logprobs else None
-        result = SequenceResult(list(seq.request.prompt), seq.tokens, reason,
-                                seq.logprobs if seq.request.logprobs else None, rows)
-        try:
-            seq.future.set_result(result)
-        except InvalidStateError:  # cancelled by its client meanwhile: nobody is waiting
-            pass
+                                  for s, x in zip(sequences, sampling)]),
+            seed=torch.tensor(seeds), logprobs=any(s.request.logprobs for s in sequences),
+            full_logprobs=any(s.request.full_logprobs for s in sequences))
 
     def _fail_all(self, error: Exception) -> None:
         self._take_submissions(block=False)
-        for seq in [*self._waiting, *self._active.values()]:
-            try:
-                seq.future.set_exception(error)
-            except InvalidStateError:
-                pass
-        self._waiting.clear()
-        self._active.clear()
+        for sequence in self.scheduler.every_sequence():
+            self.outputs.fail(sequence, error)
+        self.scheduler.clear()

@@ -1,7 +1,8 @@
 """The replica leader's HTTP front: a FastAPI app served by uvicorn on a thread of its own.
 
 The server listens from construction on, so a job is visibly alive while its ranks load: /health answers
-503 "loading" until attach(engine), then 200 "ready"; once the replica has failed, 503 "failed" with the
+503 "loading" until attach(engine), "warming up" until the engine is (model/serve/engine.py), then 200
+"ready" with each rank's device and the start-up's phases; once the replica has failed, 503 "failed" with the
 reason. Handlers turn requests into sequences for the engine and await their futures on the event loop; the
 model itself runs only on the engine's step thread. Errors are JSON: {"error": "..."} on NeMo's routes,
 OpenAI's error object on /v1/*.
@@ -71,7 +72,7 @@ class Server:
             time.sleep(0.01)
 
     def attach(self, engine: Engine) -> None:
-        """The model is loaded and warmed up on every rank: start the engine and serve."""
+        """The model is loaded on every rank: start the engine, which serves once it has warmed up."""
         engine.start()
         self._engine = engine
 
@@ -116,7 +117,10 @@ class Server:
             return 503, {"status": "stopping"}
         if self._engine is None:
             return 503, {"status": "loading"}
-        return 200, {"status": "ready"}
+        if not self._engine.ready.is_set():
+            return 503, {"status": "warming up"}
+        return 200, {"status": "ready", "devices": self._engine.devices,
+                     "startup_s": {phase: round(s, 2) for phase, s in self._engine.startup_s.items()}}
 
     def _close(self) -> None:
         self._stop_requested.set()

@@ -21,7 +21,7 @@ from fleetgen.conf.schema import LaunchConfig, Model
 from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.serve.engine import Engine
 from fleetgen.model.load import build_generator, startup_report
-from fleetgen.model.parallel import ParallelState, cpu_threads
+from fleetgen.model.parallel import ParallelState, cpu_threads, device_name
 from fleetgen.model.serve.liveness import Liveness
 from fleetgen.model.serve.server import Server
 from fleetgen.slurm.control_token import read_token
@@ -34,6 +34,8 @@ IDLE_SIGNALS_PER_TIMEOUT = 4  # an idle leader signals its followers this often 
 
 def run_rank(cfg: LaunchConfig, folder: str) -> None:
     """The function submitit runs on every task, with the launcher's validated config."""
+    entered = time.monotonic()
+    startup_s = {"imports": time.time() - psutil.Process().create_time()}  # the interpreter, torch, fleetgen
     env = RankEnvironment.detect()
     torch.set_num_threads(cpu_threads(cfg.cluster.cpus_per_task, cfg.ranks_per_node))
     job_folder = Path(folder) / str(env.job_id)
@@ -44,18 +46,18 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
                             rank=env.global_rank, world_size=env.world_size,
                             timeout=timedelta(seconds=cfg.server.dist_timeout_s))
     ps = ParallelState.build(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.server.dist_timeout_s)
+    startup_s["rendezvous"] = time.monotonic() - entered
     node = env.hostnames[env.node_rank] if env.cluster == "slurm" else socket.gethostname()
-    _log(ps, f"on node {node} ({env.cluster} job {env.job_id}), started "
-             f"{time.time() - psutil.Process().create_time():.1f} s after its process, {torch.get_num_threads()} "
-             "threads")
+    _log(ps, f"on node {node} ({env.cluster} job {env.job_id}), device {device_name(ps.device)}, started "
+             f"{startup_s['imports']:.1f} s after its process, {torch.get_num_threads()} threads")
     liveness = Liveness.start(ps, node, _reachable_host(cfg, env), cfg.server.heartbeat_timeout_s,
                               cfg.server.step_timeout_s, job_folder)
     try:
         if ps.world_rank == ps.first_rank:
-            _lead(cfg, ps, env, job_folder, liveness)
+            _lead(cfg, ps, env, job_folder, liveness, startup_s)
         else:
-            engine = _build_engine(cfg, ps)
-            engine.follow()
+            engine = _build_engine(cfg, ps, startup_s)
+            engine.follow()  # warms up first
     except Exception as e:  # the traceback goes to this rank's stderr; the reason to the replica and launcher
         traceback.print_exc()
         liveness.fail(f"rank {ps.world_rank} on {node}: {type(e).__name__}: {e}")
@@ -64,7 +66,8 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
     write_exit(job_folder, ps.world_rank, node, None)
 
 
-def _build_engine(cfg: LaunchConfig, ps: ParallelState) -> Engine:
+def _build_engine(cfg: LaunchConfig, ps: ParallelState, startup_s: dict[str, float]) -> Engine:
+    """Load this rank's shard; the engine warms up (and captures its GPU graphs) on the thread that serves."""
     model: Model = cfg.model
     started = time.monotonic()
     source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
@@ -74,14 +77,14 @@ def _build_engine(cfg: LaunchConfig, ps: ParallelState) -> Engine:
     _log(ps, startup_report(generator))
     engine = Engine(generator, source.tokenizer(), ps, source.config,
                     idle_signal_s=cfg.server.dist_timeout_s / IDLE_SIGNALS_PER_TIMEOUT)
-    loaded = time.monotonic()
-    engine.warm_up()
-    _log(ps, f"loaded in {loaded - started:.1f} s, warmed up in {time.monotonic() - loaded:.1f} s")
+    startup_s["load"] = time.monotonic() - started
+    engine.startup_s.update(startup_s)
+    _log(ps, f"loaded in {startup_s['load']:.1f} s")
     return engine
 
 
 def _lead(cfg: LaunchConfig, ps: ParallelState, env: RankEnvironment, job_folder: Path,
-          liveness: Liveness) -> None:
+          liveness: Liveness, startup_s: dict[str, float]) -> None:
     """The leader answers /health (503) while every rank loads, so clients see the job is alive."""
     port = cfg.server.port + ps.replica if cfg.server.port else 0  # replicas may share a node
     server = Server(cfg.server.host, port, api_key=cfg.server.api_key, max_body_bytes=cfg.server.max_body_bytes,
@@ -90,10 +93,12 @@ def _lead(cfg: LaunchConfig, ps: ParallelState, env: RankEnvironment, job_folder
     liveness.on_failure = server.fail
     _write_atomically(job_folder / f"server-{ps.replica}.json",
                       json.dumps({"url": f"http://{_reachable_host(cfg, env)}:{server.port}", "replica": ps.replica}))
-    engine = _build_engine(cfg, ps)
+    engine = _build_engine(cfg, ps, startup_s)
     liveness.engine = engine
     server.attach(engine)
-    _log(ps, f"serving on port {server.port}")
+    if engine.wait_ready():
+        phases = ", ".join(f"{phase} {s:.1f} s" for phase, s in engine.startup_s.items())
+        _log(ps, f"serving on port {server.port}; devices: {'; '.join(engine.devices)}; start-up: {phases}")
     server.wait(on_engine_failure=liveness.fail_engine)
 
 
