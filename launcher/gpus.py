@@ -1,5 +1,5 @@
-"""The GPUs this machine shows the launcher, found without torch: importing it (and initialising CUDA) takes
-seconds and memory the launcher does not need, and would claim a context on the GPUs the ranks are about to use.
+"""The GPUs this machine shows the launcher, found without torch: the launcher needs no model code, and
+importing torch would cost it seconds and hundreds of MB before every submission.
 
 Each source is a parameter, so tests fake them: the environment, the nvidia-smi runner, the /proc folder.
 """
