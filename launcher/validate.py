@@ -25,9 +25,10 @@ def place_local_ranks(cfg: LaunchConfig, machine: Callable[[], MachineGpus] = ma
         cluster.gpus_per_node, cluster.visible_gpus = 0, None
         return
     if par.world_size > len(gpus.names):
+        fewer = "use fewer ranks, or " if gpus.names else ""
         raise LaunchError(f"parallel.tensor × parallel.pipeline × parallel.replicas = {par.tensor} × {par.pipeline} "
                           f"× {par.replicas} = {par.world_size} ranks, one GPU each, but this machine has {gpus}: "
-                          "use fewer ranks, or cluster.gpus_per_node=0 to run them on CPU")
+                          f"{fewer}cluster.gpus_per_node=0 to run them on CPU")
     cluster.gpus_per_node, cluster.visible_gpus = par.world_size, list(gpus.names[:par.world_size])
 
 

@@ -119,8 +119,8 @@ def test_more_local_gpu_ranks_than_gpus_are_refused_naming_the_counts_and_the_ke
 
 
 def test_a_gpu_count_asked_for_on_a_machine_without_gpus_is_refused_not_run_on_cpu():
-    with pytest.raises(LaunchError, match=r"= 1 ranks, one GPU each, but this machine has no GPUs "
-                                          r"\(CUDA_VISIBLE_DEVICES unset.*cluster.gpus_per_node=0 to run them on CPU"):
+    with pytest.raises(LaunchError, match=r"= 1 ranks, one GPU each, but this machine has no GPUs \(CUDA_VISIBLE_"
+                                          r"DEVICES unset[^)]*\): cluster.gpus_per_node=0 to run them on CPU$"):
         place_local_ranks(composed("cluster.gpus_per_node=1"), no_gpu)
 
 
