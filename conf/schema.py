@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -12,7 +12,8 @@ class _Strict(BaseModel):
 
 class Cluster(_Strict):
     kind: Literal["local", "slurm"]
-    gpus_per_node: int = Field(0, ge=0)
+    gpus_per_node: Optional[int] = Field(None, ge=0)  # None (local only): one GPU a rank if the machine has any
+    visible_gpus: Optional[list[str]] = None  # local: the GPUs ranks 0, 1, ... drive (CUDA_VISIBLE_DEVICES entries)
     time_min: int = Field(60, ge=1)
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -26,6 +27,12 @@ class Cluster(_Strict):
     env: dict[str, str | int | float] = {}  # numbers too: NCCL_DEBUG=1 on the command line is an int
     sbatch_args: dict[str, Any] = {}
     srun_args: list[str] = []
+
+    @field_validator("visible_gpus", mode="before")
+    @classmethod
+    def _gpu_names_are_text(cls, names):
+        # cluster.visible_gpus=[2,3] on the command line gives numbers; CUDA_VISIBLE_DEVICES entries are text
+        return [str(name) for name in names] if isinstance(names, list) else names
 
 
 class Container(_Strict):
@@ -152,10 +159,12 @@ class LaunchConfig(_Strict):
         """One rank per GPU (or per cluster.tasks_per_node CPU slot): the allocation is exactly the ranks."""
         par, cluster = self.parallel, self.cluster
         if cluster.kind == "local":
-            if par.nodes != 1:
-                raise ValueError(f"parallel.nodes={par.nodes} but cluster=local runs on this one machine; "
-                                 "use cluster=slurm for several nodes")
-            return self
+            return self._local_ranks_fit()
+        if cluster.gpus_per_node is None:
+            raise ValueError("cluster.gpus_per_node is null (one GPU a rank, as this machine has them), which only "
+                             "cluster=local can settle: give Slurm the GPUs per node (0 for CPU ranks)")
+        if cluster.visible_gpus is not None:
+            raise ValueError("cluster.visible_gpus is set, but Slurm chooses a node's GPUs: it is for cluster=local")
         if cluster.gpus_per_node:
             per_node, what = cluster.gpus_per_node, "cluster.gpus_per_node"
         elif cluster.tasks_per_node:
@@ -167,6 +176,20 @@ class LaunchConfig(_Strict):
                              f"{par.pipeline} × {par.replicas} = {par.world_size} ranks, but parallel.nodes × "
                              f"{what} = {par.nodes} × {per_node} = {par.nodes * per_node}: they must be equal "
                              "(one rank per GPU)")
+        return self
+
+    def _local_ranks_fit(self):
+        par, cluster = self.parallel, self.cluster
+        if par.nodes != 1:
+            raise ValueError(f"parallel.nodes={par.nodes} but cluster=local runs on this one machine; "
+                             "use cluster=slurm for several nodes")
+        if cluster.gpus_per_node and cluster.gpus_per_node != par.world_size:
+            raise ValueError(f"cluster.gpus_per_node={cluster.gpus_per_node} but parallel.tensor × parallel.pipeline "
+                             f"× parallel.replicas = {par.tensor} × {par.pipeline} × {par.replicas} = "
+                             f"{par.world_size} ranks: a local run puts one rank on each GPU (null: as many GPUs "
+                             "as ranks; 0: CPU)")
+        if cluster.gpus_per_node == 0 and cluster.visible_gpus:
+            raise ValueError(f"cluster.visible_gpus={cluster.visible_gpus} but cluster.gpus_per_node=0 runs on CPU")
         return self
 
     @model_validator(mode="after")

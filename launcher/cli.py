@@ -14,7 +14,7 @@ from fleetgen.launcher.config import compose_recipe, parse_config, recipes
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
 from fleetgen.conf.schema import LaunchConfig
-from fleetgen.launcher.validate import fit_to_model, open_model
+from fleetgen.launcher.validate import fit_to_model, open_model, place_local_ranks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +59,7 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
     cfg = _with_absolute_paths(parse_config(OmegaConf.to_container(compose_recipe(recipe, overrides))))
     if dry_run:
         return _print_dry_run(cfg, overrides)
+    place_local_ranks(cfg)
     source = open_model(cfg)
     fit_to_model(cfg, source.config, overrides)
     plan = batch.prepare(cfg) if cfg.mode == "batch" else None
@@ -115,11 +116,13 @@ def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:
 
 
 def _print_dry_run(cfg: LaunchConfig, overrides: list[str]) -> int:
-    """The checkpoint is often only on the cluster: a dry run reports it unreadable instead of failing."""
-    try:
-        fit_to_model(cfg, open_model(cfg).config, overrides)
-    except LaunchError as e:
-        print(f"# warning: {e}")
+    """The checkpoint is often only on the cluster: a dry run reports it unreadable instead of failing, and
+    reports the same way local ranks this machine has no GPUs for."""
+    for check in (lambda: place_local_ranks(cfg), lambda: fit_to_model(cfg, open_model(cfg).config, overrides)):
+        try:
+            check()
+        except LaunchError as e:
+            print(f"# warning: {e}")
     print(OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump())))
     if cfg.cluster.kind == "slurm":
         from fleetgen.slurm.submission import render_sbatch

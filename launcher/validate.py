@@ -1,11 +1,35 @@
 """Checks that need more than one field, or the checkpoint itself: all run before anything is submitted."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from fleetgen.launcher.errors import LaunchError
+from fleetgen.launcher.gpus import MachineGpus, machine_gpus
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.model.config import ModelConfig
+
+
+def place_local_ranks(cfg: LaunchConfig, machine: Callable[[], MachineGpus] = machine_gpus) -> None:
+    """cluster=local: settle cluster.gpus_per_node (null: one GPU a rank if this machine has GPUs, else 0, CPU)
+    and cluster.visible_gpus, the GPUs ranks 0, 1, ... drive. More GPU ranks than GPUs is refused: moving them to
+    CPU instead would run a GPU-sized job there without a word."""
+    cluster, par = cfg.cluster, cfg.parallel
+    if cluster.kind != "local" or cluster.gpus_per_node == 0:
+        return
+    if cluster.visible_gpus is None:
+        gpus = machine()
+    else:
+        gpus = MachineGpus(tuple(cluster.visible_gpus), f"cluster.visible_gpus={cluster.visible_gpus}")
+    if cluster.gpus_per_node is None and not gpus.names:
+        cluster.gpus_per_node, cluster.visible_gpus = 0, None
+        return
+    if par.world_size > len(gpus.names):
+        fewer = "use fewer ranks, or " if gpus.names else ""
+        raise LaunchError(f"parallel.tensor × parallel.pipeline × parallel.replicas = {par.tensor} × {par.pipeline} "
+                          f"× {par.replicas} = {par.world_size} ranks, one GPU each, but this machine has {gpus}: "
+                          f"{fewer}cluster.gpus_per_node=0 to run them on CPU")
+    cluster.gpus_per_node, cluster.visible_gpus = par.world_size, list(gpus.names[:par.world_size])
 
 
 def fit_to_model(cfg: LaunchConfig, model: ModelConfig, overrides: list[str]) -> None:

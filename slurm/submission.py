@@ -42,9 +42,7 @@ def executor_parameters(cfg: LaunchConfig, job_folder: Path | str, overlay: Path
     cluster = cfg.cluster
     common = {"tasks_per_node": cfg.ranks_per_node, "timeout_min": cluster.time_min, "name": cfg.job.name}
     if cluster.kind == "local":
-        # The local executor hides every GPU (CUDA_VISIBLE_DEVICES="") unless asked for some.
-        gpus = {"gpus_per_node": cluster.gpus_per_node} if cluster.gpus_per_node else {}
-        return {**common, "nodes": 1, **gpus}
+        return {**common, "nodes": 1, **_local_gpus(cluster)}
     container_args = container_srun_args(cfg.container, job_folder, read_only_paths(cfg, overlay))
     params = {
         "slurm_partition": cluster.partition,
@@ -67,6 +65,19 @@ def executor_parameters(cfg: LaunchConfig, job_folder: Path | str, overlay: Path
     return {key: value for key, value in params.items() if value is not None}
 
 
+def _local_gpus(cluster: Cluster) -> dict:
+    """The local executor sets the job's CUDA_VISIBLE_DEVICES to the first gpus_per_node of visible_gpus (of
+    0, 1, ... without them), replacing the launcher's own, and to "" (no GPU) unless asked for some: so rank k,
+    which drives cuda:k, runs on visible_gpus[k]."""
+    if cluster.gpus_per_node is None:
+        raise ValueError("cluster.gpus_per_node is null: the launcher settles it for this machine "
+                         "(launcher/validate.py place_local_ranks) before submission")
+    if not cluster.gpus_per_node:
+        return {}
+    names = {"visible_gpus": tuple(cluster.visible_gpus)} if cluster.visible_gpus is not None else {}
+    return {"gpus_per_node": cluster.gpus_per_node, **names}
+
+
 def signal_delay_s(cfg: LaunchConfig) -> int:
     """How long before the time limit Slurm sends USR2. Rank 0 unwinds as after a shutdown request, with the
     same grace; a detached job first drains its batch (in-flight items get batch.drain_timeout_s), then requeues."""
@@ -80,7 +91,7 @@ def make_executor(cfg: LaunchConfig, job_folder: Path | str) -> submitit.Executo
     With a container image this is the moment of submission: the image is probed where the runtime allows and
     the overlay of what it lacks is built or reused (slurm/container.py), so a bad image fails here."""
     if cfg.cluster.kind == "local":
-        executor = QuietLocalExecutor(folder=job_folder, max_num_timeout=cfg.job.max_requeues)
+        executor = FleetgenLocalExecutor(folder=job_folder, max_num_timeout=cfg.job.max_requeues)
         executor.update_parameters(**executor_parameters(cfg, job_folder))
         return executor
     overlay = prepare_container(cfg, job_folder)
@@ -92,12 +103,24 @@ def make_executor(cfg: LaunchConfig, job_folder: Path | str) -> submitit.Executo
     return executor
 
 
-class QuietLocalExecutor(LocalExecutor):
-    """submitit's local executor, its job controller writing to the jobs folder instead of the terminal.
+class FleetgenLocalExecutor(LocalExecutor):
+    """submitit's local executor, changed twice.
 
-    submitit starts the controller in the caller's process group, so a Ctrl-C at the terminal reaches it as
-    well as `launch`, and it dies with a KeyboardInterrupt traceback: in CONTROLLER_LOG, not on the user's
-    screen. (The ranks write to their own log files already.)"""
+    Its job controller writes to the jobs folder instead of the terminal: submitit starts the controller in the
+    caller's process group, so a Ctrl-C at the terminal reaches it as well as `launch`, and it dies with a
+    KeyboardInterrupt traceback: in CONTROLLER_LOG, not on the user's screen. (The ranks write to their own log
+    files already.)
+
+    And visible_gpus may name GPUs by UUID (GPU-..., MIG-...) as well as by index: submitit refuses all but
+    integers, though it only joins them into CUDA_VISIBLE_DEVICES, which takes either."""
+
+    def _internal_update_parameters(self, **kwargs) -> None:
+        names = kwargs.pop("visible_gpus", None)
+        super()._internal_update_parameters(**kwargs)
+        if names is not None:
+            if len(names) < self.parameters.get("gpus_per_node", 0):
+                raise ValueError(f"{self.parameters['gpus_per_node']} GPUs asked for, but visible_gpus={names}")
+            self.parameters["visible_gpus"] = tuple(names)
 
     def _submit_command(self, command: str):
         with _output_to(mount_folder(self.folder) / CONTROLLER_LOG):

@@ -1,6 +1,7 @@
 """Golden files: the texts the golden tests compare, made here so that tools/regold.py writes the same texts
 (after an intended change) and no test ever writes its own expectation."""
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -17,6 +18,8 @@ GOLDEN = Path(__file__).parent / "golden"
 JOB_FOLDER = Path("/shared/fleetgen/jobs/%j")
 SEED_RECIPES = ["gpt2b_001", "gptj_6b", "megatron_gpt2_345m", "nemotron4_340b_h200", "nemotron4_340b_h100",
                 "nemotron4_340b_a100"]
+ANY_CHECKPOINT_RECIPES = ["gpu1", "gpu8_node"]
+FAKE_MACHINE = {"CUDA_VISIBLE_DEVICES": "0"}  # local recipes settle their GPUs the same on every machine: 1 GPU
 FIXED = ["job.folder=/jobs", "batch.output=/out/results.jsonl", "batch.input=/in/prompts.jsonl"]
 
 CASES = {
@@ -54,7 +57,7 @@ def submission_text(name: str) -> str:
 
 def dry_run(recipe: str, *overrides: str) -> str:
     result = subprocess.run([sys.executable, "-m", "fleetgen.launcher", recipe, "--dry-run", *FIXED, *overrides],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **FAKE_MACHINE})
     if result.returncode:
         raise RuntimeError(f"launch {recipe} --dry-run failed: {result.stderr}")
     # local runs use this interpreter: its path is the machine's, not the recipe's
@@ -63,8 +66,9 @@ def dry_run(recipe: str, *overrides: str) -> str:
 
 
 def recipe_text(recipe: str) -> str:
-    """recipes/RECIPE.txt: the recipe's dry run (the seed recipes with a checkpoint path, which they leave unset)."""
-    return dry_run(recipe, *([f"model.checkpoint=/models/{recipe}"] if recipe in SEED_RECIPES else []))
+    """recipes/RECIPE.txt: the recipe's dry run (with a checkpoint path where the recipe leaves it unset)."""
+    unset = recipe in SEED_RECIPES + ANY_CHECKPOINT_RECIPES
+    return dry_run(recipe, *([f"model.checkpoint=/models/{recipe}"] if unset else []))
 
 
 def all_goldens() -> dict[Path, str]:

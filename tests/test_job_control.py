@@ -15,7 +15,7 @@ from fleetgen.slurm.rank_exit import write_exit
 pytestmark = pytest.mark.slow
 
 CLUSTERS = {
-    "local": ({"kind": "local"}, {"tensor": 2}),
+    "local": ({"kind": "local", "gpus_per_node": 0}, {"tensor": 2}),
     "slurm": ({"kind": "slurm", "partition": "debug", "gpus_per_node": 0, "tasks_per_node": 1, "time_min": 5},
               {"nodes": 2, "tensor": 2}),
 }

@@ -18,7 +18,7 @@ def test_dry_run_matches_its_golden_file(recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", SEED_RECIPES + ["tiny_slurm"])
+@pytest.mark.parametrize("recipe", SEED_RECIPES + ["gpu8_node", "tiny_slurm"])
 def test_sbatch_test_only_accepts_the_recipes_script(recipe, tmp_path):
     """The local cluster has 2 GPUs per node and partition debug: only those counts are changed."""
     text = dry_run(recipe, f"model.checkpoint=/models/{recipe}", "cluster.partition=debug")

@@ -28,10 +28,11 @@ def test_ranks_per_node():
 
 
 def test_local_parameters():
-    assert executor_parameters(composed("parallel.tensor=2", "cluster.time_min=7"), JOB_FOLDER) == {
-        "tasks_per_node": 2, "timeout_min": 7, "name": "fleetgen", "nodes": 1}
+    assert executor_parameters(composed("parallel.tensor=2", "cluster.time_min=7", "cluster.gpus_per_node=0"),
+                               JOB_FOLDER) == {"tasks_per_node": 2, "timeout_min": 7, "name": "fleetgen", "nodes": 1}
     # A local GPU run must ask for its GPUs: the local executor hides the rest.
-    assert executor_parameters(composed("cluster.gpus_per_node=2"), JOB_FOLDER)["gpus_per_node"] == 2
+    assert executor_parameters(composed("cluster.gpus_per_node=2", "parallel.tensor=2"),
+                               JOB_FOLDER)["gpus_per_node"] == 2
 
 
 def test_container_args():
