@@ -39,9 +39,14 @@ def run_rank(cfg: LaunchConfig, folder: str) -> None:
     env = RankEnvironment.detect()
     torch.set_num_threads(cpu_threads(cfg.cluster.cpus_per_task, cfg.ranks_per_node))
     job_folder = Path(folder) / str(env.job_id)
-    if torch.cuda.is_available():
+    on_gpu = bool(cfg.cluster.gpus_per_node)  # the launcher placed one rank on each GPU (launcher/gpus.py)
+    if on_gpu and torch.cuda.device_count() <= env.local_rank:  # never fall back to the CPU unasked
+        raise RuntimeError(f"cluster.gpus_per_node={cfg.cluster.gpus_per_node}: local rank {env.local_rank} needs "
+                           f"cuda:{env.local_rank}, but CUDA shows {torch.cuda.device_count()} GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    if on_gpu:
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+    dist.init_process_group("nccl" if on_gpu else "gloo",
                             init_method=rendezvous(job_folder, env, timeout_s=cfg.server.health_timeout_s),
                             rank=env.global_rank, world_size=env.world_size,
                             timeout=timedelta(seconds=cfg.server.dist_timeout_s))
