@@ -12,12 +12,19 @@ def transformers_runner(directory: Path) -> Callable[[list[list[int]], int], Non
     import torch
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()
+    return generate_runner(GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval())
+
+
+def generate_runner(model) -> Callable[[list[list[int]], int], None]:
+    """A transformers model's generate, on whatever device and dtype the model has."""
+    import torch
 
     def run(prompts: list[list[int]], new: int) -> None:
         with torch.no_grad():  # equal lengths: no padding, so no attention mask to build
-            model.generate(torch.tensor(prompts), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           pad_token_id=0)
+            model.generate(torch.tensor(prompts, device=model.device), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
     return run
 
 

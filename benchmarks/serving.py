@@ -22,10 +22,13 @@ LOGS = re.compile(r"logs in (\S+)")
 
 
 class LaunchedServer:
-    """`launch RECIPE mode=serve OVERRIDES` until stopped; .urls once healthy, .healthy_s after the launch."""
+    """`launch RECIPE mode=serve OVERRIDES` until stopped; .urls once healthy, .healthy_s after the launch.
+    stop_signal: what stop() sends the launcher (SIGTERM and SIGINT both tear its job down)."""
 
-    def __init__(self, workdir: Path, recipe: str, overrides: list[str], timeout_s: float = 900):
+    def __init__(self, workdir: Path, recipe: str, overrides: list[str], timeout_s: float = 900,
+                 stop_signal: signal.Signals = signal.SIGTERM):
         workdir.mkdir(parents=True, exist_ok=True)
+        self.stop_signal, self.returncode = stop_signal, None
         self.stderr_path = workdir / "launcher.err"
         started = time.monotonic()
         self.process = subprocess.Popen(
@@ -51,10 +54,10 @@ class LaunchedServer:
         return next(folder.glob(f"*_{rank}_log.out")).read_text()
 
     def stop(self) -> None:
-        """SIGTERM: the launcher tears its job down, as on Ctrl-C."""
-        self.process.send_signal(signal.SIGTERM)
+        """The stop signal: the launcher tears its job down, as on Ctrl-C."""
+        self.process.send_signal(self.stop_signal)
         try:
-            self.process.wait(timeout=120)
+            self.returncode = self.process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

@@ -67,14 +67,16 @@ def train_gpt2_bpe(directory: Path, vocab_size: int = 320) -> Path:
 
 # ---- canonical tensors ----------------------------------------------------------------------------------
 
-def canonical_tensors(config: ModelConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random global tensors under the canonical names; the embedding has exactly vocab_size rows."""
-    g = torch.Generator().manual_seed(seed)
+def canonical_tensors(config: ModelConfig, seed: int = 0, dtype=torch.float32,
+                      device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
+    """Random global tensors under the canonical names; the embedding has exactly vocab_size rows. device: where
+    they are drawn and kept (a GPU draws billions in a blink; the CPU's generator takes seconds a billion)."""
+    g = torch.Generator(device or "cpu").manual_seed(seed)
     h, f, v = config.hidden_size, config.ffn_hidden_size, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_query_groups * config.head_dim
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
 
     out = {"embedding.word_embeddings.weight": rand(v, h), "final_layernorm.weight": rand(h),
            "final_layernorm.bias": rand(h)}

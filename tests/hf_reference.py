@@ -107,9 +107,9 @@ def stablelm_source(directory: Path) -> StateDictSource:
 
 
 def reference_logits(model: torch.nn.Module, prompts=PROMPTS) -> list[torch.Tensor]:
-    """Each prompt alone: [len, vocab] fp32 logits."""
+    """Each prompt alone: [len, vocab] fp32 logits, on the CPU (the model may be on any device)."""
     with torch.no_grad():
-        return [model(torch.tensor([p])).logits[0].float() for p in prompts]
+        return [model(torch.tensor([p], device=model.device)).logits[0].float().cpu() for p in prompts]
 
 
 def reference_greedy(model: torch.nn.Module, new_tokens: int, prompts=PROMPTS) -> list[list[int]]:
@@ -117,7 +117,7 @@ def reference_greedy(model: torch.nn.Module, new_tokens: int, prompts=PROMPTS) -
     out = []
     with torch.no_grad():
         for p in prompts:
-            ids = model.generate(torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=0,
+            ids = model.generate(torch.tensor([p], device=model.device), max_new_tokens=new_tokens, min_new_tokens=0,
                                  do_sample=False, pad_token_id=0)
             out.append(ids[0, len(p):].tolist())
     return out
