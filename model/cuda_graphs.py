@@ -60,15 +60,19 @@ class StepInputs:
         self.device_buffer = torch.zeros(len(INPUT_ROWS), rows, dtype=torch.long, device=device)
         self.device_buffer[2].fill_(scratch)
 
-    def fill(self, rows_of: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
-        """rows_of [n]: each sequence's row in its lane; tokens [n], lengths [n]: its token and position."""
+    def fill(self, rows_of: torch.Tensor, lengths: torch.Tensor) -> None:
+        """rows_of [n]: each sequence's row in its lane; lengths [n]: the position of its token (set_ids)."""
         host = torch.zeros_like(self.device_buffer, device="cpu")
         host[2] = self.scratch
-        host[0, rows_of] = tokens
         host[1, rows_of] = lengths
         host[2, rows_of] = lengths
         host[3, :rows_of.numel()] = rows_of
         self.device_buffer.copy_(host, non_blocking=True)
+
+    def set_ids(self, tokens: torch.Tensor) -> None:
+        """The sequences' tokens [n], on the device (copied from the plan, or the last step's outputs): into their
+        rows, after fill. Other rows keep earlier ids, which are valid ids: such a row's output is never read."""
+        self.device_buffer[0].index_copy_(0, self.device_buffer[3, :tokens.numel()], tokens)
 
     def view(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids, positions, writes of the first rows rows, [rows, 1] each: views of the device buffer."""

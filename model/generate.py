@@ -19,6 +19,7 @@ no stage waits for another.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +33,7 @@ from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, r
 from fleetgen.model.sampling import ban_tokens, history_mask, sample
 from fleetgen.model.transformer import DecoderStage, LayerParts, decode_mask
 
+HOST_TOKEN_BUFFERS = 4  # pinned buffers the tokens of steps in flight (two at most) are copied into, in turn
 MICROBATCH_THRESHOLD = 512  # Megatron's inference_batch_times_seqlen_threshold
 
 
@@ -85,10 +87,13 @@ class StepOutput:
 @dataclass
 class Flight:
     """A step this rank launched and has not landed: the output rank's results (on the leader, the buffers
-    they arrive in) and the sends and receives still under way, each with the tensor it uses."""
+    they arrive in) and the sends and receives still under way, each with the tensor it uses. A lone rank on a
+    GPU also has its tokens' copy to the host under way (host_tokens, done at copied)."""
     plan: StepPlan
     outputs: dict[str, torch.Tensor]
     pending: list[tuple[object, torch.Tensor]]
+    host_tokens: Optional[torch.Tensor] = None
+    copied: Optional[torch.cuda.Event] = None
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -125,6 +130,12 @@ class Generator:
         self.history = torch.zeros(max_batch, max_seq_len, dtype=torch.long, device=ps.device)
         self.history_len = torch.zeros(max_batch, dtype=torch.long, device=ps.device)
         self.rngs: list[Optional[torch.Generator]] = [None] * max_batch
+        # a lone rank's next decode step may take its tokens from the last step's outputs, still on the device
+        # (launch(feed=)), so that the host prepares step t + 1 while the device runs step t
+        self.can_feed = len(ps.replica_ranks) == 1
+        self._host_tokens = [torch.zeros(max_batch, dtype=torch.long, pin_memory=ps.device.type == "cuda")
+                             for _ in range(HOST_TOKEN_BUFFERS)]
+        self._host_turn = 0
         self.use_graphs = ps.device.type == "cuda" if graphs is None else graphs
         self._graphs: list[Optional[DecodeGraphs]] = [None] * len(self.lanes)  # capture_graphs() fills them
         self.is_output_rank = ps.world_rank == ps.output_rank
@@ -168,20 +179,31 @@ class Generator:
             work.wait()
         return self._share(plan, outputs)
 
-    def launch(self, plan: StepPlan) -> Flight:
+    def launch(self, plan: StepPlan, feed: Optional[Flight] = None) -> Flight:
         """This rank's share of a step, returning once its activations are on their way to the next stage.
-        Every rank launches the same plans in the same order and lands each of them (land), oldest first."""
+        Every rank launches the same plans in the same order and lands each of them (land), oldest first.
+        feed (a lone rank, a decode plan): the step in flight whose tokens this step feeds, on the device;
+        plan.tokens is then ignored. Every slot of plan must be a row of feed."""
+        if feed is not None and not (self.can_feed and plan.kind == "decode"):
+            raise ValueError("launch(feed=...): only a lone rank's decode step takes its tokens on the device")
         shapes = self._output_shapes(plan)
         received: dict[str, torch.Tensor] = {}
         if self.is_leader and not self.is_output_rank:  # posted before the output rank sends
             received = {name: torch.empty(shape, dtype=dtype, device=self.ps.device)
                         for name, (shape, dtype) in shapes.items()}
         pending = [(recv_from_output_rank(tensor, self.ps), tensor) for tensor in received.values()]
-        outputs, sends = self._run(plan)
+        outputs, sends = self._run(plan, feed)
         if self.is_output_rank and not self.is_leader:
             replies = [outputs[name].contiguous() for name in shapes]
             pending += [(send_to_first_rank(tensor, self.ps), tensor) for tensor in replies]
-        return Flight(plan, received or outputs, pending + sends)
+        flight = Flight(plan, received or outputs, pending + sends)
+        if self.can_feed and self.ps.device.type == "cuda":  # the tokens start home at once; land() waits for them
+            flight.host_tokens = self._host_tokens[self._host_turn][:plan.n]
+            self._host_turn = (self._host_turn + 1) % HOST_TOKEN_BUFFERS
+            flight.host_tokens.copy_(outputs["tokens"], non_blocking=True)
+            flight.copied = torch.cuda.Event()
+            flight.copied.record()
+        return flight
 
     def land(self, flight: Flight) -> Optional[StepOutput]:
         """Wait for a launched step's sends and receives; the leader gets its outputs, CPU tensors."""
@@ -189,10 +211,18 @@ class Generator:
             work.wait()
         if not self.is_leader:
             return None
-        return StepOutput(**{name: flight.outputs[name].cpu() for name in self._output_shapes(flight.plan)})
+        outputs = {}
+        for name in self._output_shapes(flight.plan):
+            if name == "tokens" and flight.copied is not None:
+                flight.copied.synchronize()  # not the whole stream: a later step may be running
+                outputs[name] = flight.host_tokens.clone()  # its buffer serves a later step
+            else:
+                outputs[name] = flight.outputs[name].cpu()
+        return StepOutput(**outputs)
 
     def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Collective. Exactly max_new_tokens argmax tokens per prompt (no stop at eos), without the prompt."""
+        """Collective. Exactly max_new_tokens argmax tokens per prompt (no stop at eos), without the prompt. A
+        lone rank feeds each decode step the last one's tokens on the device, a step ahead of the host."""
         longest = max((len(p) for p in prompts), default=0)
         if max_new_tokens and longest + max_new_tokens - 1 > self.max_seq_len:
             raise ValueError(f"generate_greedy: a {longest}-token prompt + {max_new_tokens} new tokens exceed "
@@ -205,18 +235,39 @@ class Generator:
             for row, prompt in enumerate(chunk):
                 tokens[row, :len(prompt)] = torch.tensor(prompt)
             slots = torch.arange(len(chunk))
-            out = [self.step(greedy_plan("prefill", slots, tokens, lengths)).tokens] if max_new_tokens else []
-            for i in range(max_new_tokens - 1):
-                out.append(self.step(greedy_plan("decode", slots, out[-1][:, None], lengths + i)).tokens)
+            prefill = greedy_plan("prefill", slots, tokens, lengths)
+            if not max_new_tokens:
+                out = []
+            elif self.can_feed:
+                out = self._greedy_fed(prefill, max_new_tokens)
+            else:
+                out = [self.step(prefill).tokens]
+                for i in range(max_new_tokens - 1):
+                    out.append(self.step(greedy_plan("decode", slots, out[-1][:, None], lengths + i)).tokens)
             results += torch.stack(out, dim=1).tolist() if out else [[] for _ in chunk]
         return results
 
-    def _run(self, plan: StepPlan) -> tuple[dict[str, torch.Tensor], list[tuple[object, torch.Tensor]]]:
+    def _greedy_fed(self, prefill: StepPlan, max_new_tokens: int) -> list[torch.Tensor]:
+        """A lone rank's greedy steps, each launched before the last one lands and fed its tokens on the device."""
+        flights = deque([self.launch(prefill)])
+        out = []
+        placeholder = torch.zeros(prefill.n, 1, dtype=torch.long)
+        for i in range(max_new_tokens - 1):
+            plan = greedy_plan("decode", prefill.slots, placeholder, prefill.lengths + i)
+            flights.append(self.launch(plan, feed=flights[-1]))
+            out.append(self.land(flights.popleft()).tokens)
+        out.append(self.land(flights.popleft()).tokens)
+        return out
+
+    def _run(self, plan: StepPlan, feed: Optional[Flight] = None
+             ) -> tuple[dict[str, torch.Tensor], list[tuple[object, torch.Tensor]]]:
         """This rank's share of a step: its stage's layers, and on the output rank the step's outputs (empty
         elsewhere). Also returns the sends to the next stage still under way, with the tensors they read."""
         self._check(plan)
         device = self.ps.device
         slots, tokens, lengths = (to_device(t, device) for t in (plan.slots, plan.tokens, plan.lengths))
+        if feed is not None:
+            tokens = self._fed_tokens(plan, feed)
         every = self._wants_all(plan)
         if plan.kind == "prefill":
             self._start(plan, slots, tokens, lengths)
@@ -235,6 +286,15 @@ class Generator:
                 logits = self.stage.logits(h if every else h[:, 0]) if self.ps.is_last_stage else None
             outputs = self._outputs(plan, logits, slots, tokens, lengths) if self.is_output_rank else {}
         return outputs, sends
+
+    def _fed_tokens(self, plan: StepPlan, feed: Flight) -> torch.Tensor:
+        """[n, 1] on the device: each slot's token from the step in flight that feeds this one."""
+        rows = {slot: row for row, slot in enumerate(feed.plan.slots.tolist())}
+        missing = [slot for slot in plan.slots.tolist() if slot not in rows]
+        if missing:
+            raise ValueError(f"launch(feed=...): slots {missing} are not in the feeding step")
+        index = to_device(torch.tensor([rows[slot] for slot in plan.slots.tolist()]), self.ps.device)
+        return feed.outputs["tokens"].index_select(0, index)[:, None]
 
     def _start(self, plan: StepPlan, slots: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
         """A prefill starts each slot afresh: its history and its seeded generator."""
@@ -284,7 +344,7 @@ class Generator:
         first = self.lanes[lane].start
         rows, context = int(plan.slots.max()) + 1 - first, int(plan.lengths.max()) + 1
         if self._graphs[lane] is not None:
-            return self._replay(lane, plan, rows, context, sends)
+            return self._replay(lane, plan, tokens, rows, context, sends)
         ps, stage, device, cache = self.ps, self.stage, tokens.device, self._lane_caches[lane]
         rows_of = slots - first  # each slot's row in its lane
         ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -304,10 +364,11 @@ class Generator:
             return None
         return h[rows_of]
 
-    def _replay(self, lane: int, plan: StepPlan, rows: int, context: int, sends: list) -> Optional[torch.Tensor]:
+    def _replay(self, lane: int, plan: StepPlan, tokens: torch.Tensor, rows: int, context: int,
+                sends: list) -> Optional[torch.Tensor]:
         graphs, ps = self._graphs[lane], self.ps
-        rows_of = plan.slots - self.lanes[lane].start
-        graphs.inputs.fill(rows_of, plan.tokens[:, 0], plan.lengths)
+        graphs.inputs.fill(plan.slots - self.lanes[lane].start, plan.lengths)
+        graphs.inputs.set_ids(tokens[:, 0])
         rows, context = graphs.bucket(rows, context)
         if not ps.is_first_stage:
             graphs.h_in[:rows].copy_(recv_from_prev_pipeline_rank((rows, 1, self.config.hidden_size),
@@ -385,15 +446,18 @@ class Generator:
         return shapes
 
     def _check(self, plan: StepPlan) -> None:
+        """Every rule a plan must keep, in plain Python over its CPU columns: it runs on the host before every
+        step, while the device may be idle."""
         n = plan.n
         if plan.kind not in ("prefill", "decode"):
             raise ValueError(f"StepPlan.kind={plan.kind!r} is not 'prefill' or 'decode'")
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"StepPlan: {n} slots, expected 1 to max_batch={self.max_batch}")
-        if plan.slots.unique().numel() != n or plan.slots.min() < 0 or plan.slots.max() >= self.max_batch:
-            raise ValueError(f"StepPlan.slots={plan.slots.tolist()} must be distinct and in [0, {self.max_batch})")
-        if plan.kind == "decode" and self.lane_of(int(plan.slots.min())) != self.lane_of(int(plan.slots.max())):
-            raise ValueError(f"StepPlan.slots={plan.slots.tolist()}: a decode step's slots must lie in one lane "
+        slots = plan.slots.tolist()
+        if len(set(slots)) != n or min(slots) < 0 or max(slots) >= self.max_batch:
+            raise ValueError(f"StepPlan.slots={slots} must be distinct and in [0, {self.max_batch})")
+        if plan.kind == "decode" and self.lane_of(min(slots)) != self.lane_of(max(slots)):
+            raise ValueError(f"StepPlan.slots={slots}: a decode step's slots must lie in one lane "
                              f"of {self.lane_size} slots")
         width = plan.tokens.shape[1] if plan.tokens.dim() == 2 else -1
         if plan.tokens.shape[0] != n or (plan.kind == "decode" and width != 1) or width < 1:
@@ -404,25 +468,25 @@ class Generator:
             if tuple(getattr(plan, name).shape) != (n,):
                 raise ValueError(f"StepPlan.{name} has shape {tuple(getattr(plan, name).shape)}, expected [{n}]")
         self._check_positions(plan, width)
-        if (~plan.greedy & (plan.temperature <= 0)).any():
+        if any(t <= 0 and not g for t, g in zip(plan.temperature.tolist(), plan.greedy.tolist())):
             raise ValueError("StepPlan.temperature must be > 0 where greedy is false")
         eos = self.config.eos_id
-        if plan.ban_eos.any() and (eos is None or not 0 <= eos < self.config.vocab_size):
+        if any(plan.ban_eos.tolist()) and (eos is None or not 0 <= eos < self.config.vocab_size):
             raise ValueError(f"StepPlan.ban_eos is set but the model's eos_id={eos} is not a vocabulary id")
 
     def _check_positions(self, plan: StepPlan, width: int) -> None:
-        lengths = plan.lengths
+        lengths = plan.lengths.tolist()
         if plan.kind == "prefill":
-            if width > self.max_seq_len or lengths.min() < 1 or lengths.max() > width:
-                raise ValueError(f"StepPlan.lengths={lengths.tolist()} must be in [1, {width}] and the prompt "
+            if width > self.max_seq_len or min(lengths) < 1 or max(lengths) > width:
+                raise ValueError(f"StepPlan.lengths={lengths} must be in [1, {width}] and the prompt "
                                  f"width {width} at most max_seq_len={self.max_seq_len}")
-            inside = torch.arange(width, device=lengths.device) < lengths[:, None]
+            inside = torch.arange(width) < plan.lengths[:, None]
             ids = plan.tokens[inside]
         else:
-            if lengths.min() < 1 or lengths.max() >= self.max_seq_len:
-                raise ValueError(f"StepPlan.lengths={lengths.tolist()} must be in [1, {self.max_seq_len}) "
-                                 f"for decode")
+            if min(lengths) < 1 or max(lengths) >= self.max_seq_len:
+                raise ValueError(f"StepPlan.lengths={lengths} must be in [1, {self.max_seq_len}) for decode")
             ids = plan.tokens
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+        low, high = ids.aminmax() if ids.numel() else (0, 0)
+        if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"StepPlan.tokens: ids must be in [0, {self.config.vocab_size}), got "
-                             f"{int(ids.min())}..{int(ids.max())}")
+                             f"{int(low)}..{int(high)}")

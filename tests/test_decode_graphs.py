@@ -39,12 +39,13 @@ def test_buckets_cover_every_size_with_little_waste():
 
 def test_step_inputs_put_each_sequence_in_its_row_and_the_rest_at_scratch():
     inputs = StepInputs(rows=6, scratch=99, device=torch.device("cpu"))
-    inputs.fill(torch.tensor([3, 0]), tokens=torch.tensor([7, 5]), lengths=torch.tensor([10, 4]))
+    inputs.fill(torch.tensor([3, 0]), lengths=torch.tensor([10, 4]))
+    inputs.set_ids(torch.tensor([7, 5]))
     ids, positions, writes = inputs.view(4)
     assert ids[:, 0].tolist() == [5, 0, 0, 7] and positions[:, 0].tolist() == [4, 0, 0, 10]
     assert writes[:, 0].tolist() == [4, 99, 99, 10]
     assert inputs.rows_of(2).tolist() == [3, 0]
-    inputs.fill(torch.tensor([1]), tokens=torch.tensor([2]), lengths=torch.tensor([3]))  # nothing left over
+    inputs.fill(torch.tensor([1]), lengths=torch.tensor([3]))  # no position or store left over
     assert inputs.view(6)[2][:, 0].tolist() == [99, 3, 99, 99, 99, 99]
 
 

@@ -29,9 +29,9 @@ class StepLog:
         self.plans, self._launch = [], generator.launch
         generator.launch = self
 
-    def __call__(self, plan):
-        self.plans.append((plan.kind, plan.slots.tolist()))
-        return self._launch(plan)
+    def __call__(self, plan, feed=None):
+        self.plans.append((plan.kind, plan.slots.tolist()) + (("fed",) if feed else ()))
+        return self._launch(plan, feed=feed)
 
 
 class FlightLog:
@@ -41,9 +41,9 @@ class FlightLog:
         self.events, self._launch, self._land = [], generator.launch, generator.land
         generator.launch, generator.land = self.launch, self.land
 
-    def launch(self, plan):
+    def launch(self, plan, feed=None):
         self.events.append(("launch", plan.kind, plan.slots.tolist()))
-        return self._launch(plan)
+        return self._launch(plan, feed=feed)
 
     def land(self, flight):
         self.events.append(("land", flight.plan.kind, flight.plan.slots.tolist()))
@@ -56,6 +56,7 @@ def prompt_of(engine, text):
 
 def test_more_sequences_than_slots_share_decode_steps_and_refill_freed_slots(checkpoint, reference):
     engine = make_engine(checkpoint, ParallelState.single(), max_batch=2)
+    engine.run_ahead = False  # one step at a time (run-ahead steps: the next test)
     log = StepLog(engine.generator)
     texts, budgets = ["def encode(self, o):", "import re", "class JSONDecoder(object):"], [2, 5, 3]
     futures = [engine.submit(SequenceRequest(prompt_of(engine, t), n, GREEDY)) for t, n in zip(texts, budgets)]
@@ -72,8 +73,37 @@ def test_more_sequences_than_slots_share_decode_steps_and_refill_freed_slots(che
         assert result.finish_reason == "length"
 
 
+def test_decode_steps_run_ahead_fed_on_the_device_and_a_stopped_rows_extra_token_is_dropped(checkpoint,
+                                                                                             reference):
+    """Each decode step is launched before the last one lands, its tokens fed from the last one's outputs on
+    the device; a sequence's budget is known ahead, its stop token only once its step lands, so a stopped row
+    has run one step more, whose token is dropped."""
+    engine = make_engine(checkpoint, ParallelState.single(), max_batch=2)
+    log = StepLog(engine.generator)
+    texts, budgets = ["def encode(self, o):", "import re", "class JSONDecoder(object):"], [2, 6, 5]
+    prompts = [prompt_of(engine, t) for t in texts]
+    full = reference_greedy(reference, list(prompts[2]), 5)
+    stop_at = full[2]
+    stopped = full[:full.index(stop_at) + 1]  # the third stops before its budget, here at its second token
+    assert 2 <= len(stopped) < 5
+    futures = [engine.submit(SequenceRequest(p, n, GREEDY, StopCondition(frozenset({stop_at})) if i == 2 else
+                                             StopCondition()))
+               for i, (p, n) in enumerate(zip(prompts, budgets))]
+    engine.start()
+    wait(futures, timeout=60)
+    engine.stop()
+    assert log.plans[:3] == [("prefill", [0, 1]), ("decode", [0, 1], "fed"),  # launched before the prefill landed
+                             ("decode", [1], "fed")]                          # the first's budget ends at 2
+    assert ("prefill", [0]) in log.plans  # the third takes the freed slot
+    for prompt, budget, future in zip(prompts[:2], budgets, futures):
+        assert future.result().tokens == reference_greedy(reference, list(prompt), budget)
+    third = futures[2].result()
+    assert third.tokens == stopped and third.finish_reason == "stop"
+
+
 def test_every_lane_keeps_a_step_in_flight_and_the_oldest_lands_first(checkpoint, reference):
     engine = make_engine(checkpoint, ParallelState.single(), max_batch=4, lanes=2)  # lanes [0, 1] and [2, 3]
+    engine.run_ahead = False  # one step a lane: what several pipeline stages do
     log = FlightLog(engine.generator)
     texts, budgets = ["def encode(self, o):", "import re", "class JSONDecoder(object):", "x = 1"], [2, 3, 3, 3]
     futures = [engine.submit(SequenceRequest(prompt_of(engine, t), n, GREEDY)) for t, n in zip(texts, budgets)]

@@ -25,9 +25,9 @@ def _serve_and_time(rank: int, world_size: int, checkpoint: str):
     engine.warm_up()
     times, launch = [], engine.generator.launch
 
-    def timed(plan):
+    def timed(plan, feed=None):
         started = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of this machine
-        flight = launch(plan)
+        flight = launch(plan, feed)
         times.append((started, time.monotonic()))
         return flight
     engine.generator.launch = timed

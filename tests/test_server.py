@@ -87,7 +87,7 @@ def test_a_failed_load_is_reported_by_health():
 def test_shutdown_answers_pending_requests_and_leaves_no_thread_or_socket(checkpoint):
     with serving(checkpoint, max_batch=1) as served:
         url, started, step = served.url, threading.Event(), served.engine.generator.launch
-        served.engine.generator.launch = lambda plan: started.set() or step(plan)
+        served.engine.generator.launch = lambda plan, feed=None: started.set() or step(plan, feed)
         with ThreadPoolExecutor(8) as pool:
             pending = [pool.submit(requests.put, f"{url}/generate", timeout=60,
                                    json={"sentences": [p], "tokens_to_generate": 100, "greedy": True})
@@ -318,7 +318,7 @@ def test_many_concurrent_requests_share_steps_and_equal_requests_sent_one_by_one
                "tokens_to_generate": 4 + i % 9, "greedy": True} for i in range(64)]
     with serving(checkpoint, max_batch=8) as served:
         sizes, step = [], served.engine.generator.launch
-        served.engine.generator.launch = lambda plan: sizes.append(plan.n) or step(plan)
+        served.engine.generator.launch = lambda plan, feed=None: sizes.append(plan.n) or step(plan, feed)
         one_by_one = [put(served, **body) for body in bodies]
         sequential_steps, sizes[:] = len(sizes), []
         with ThreadPoolExecutor(64) as pool:

@@ -46,7 +46,8 @@ def test_a_replica_over_processes_answers_like_the_reference_and_stops_on_shutdo
                                                                                   tensor, pipeline):
     replica = Replica(checkpoint, tensor, pipeline, tmp_path / "port")
     url = replica.url()
-    assert requests.get(f"{url}/health").json() == {"status": "ready"}
+    health = requests.get(f"{url}/health").json()
+    assert health["status"] == "ready" and len(health["devices"]) == tensor * pipeline  # every rank's device
     tok = load_tokenizer(checkpoint)
 
     answer = requests.put(f"{url}/generate", json={"sentences": PROMPTS, "tokens_to_generate": 6, "greedy": True,

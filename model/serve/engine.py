@@ -89,8 +89,12 @@ class _InFlight:
 
 class Engine:
     def __init__(self, generator: Generator, tokenizer: Tokenizer, ps: ParallelState, config: ModelConfig,
-                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, idle_signal_s: Optional[float] = None):
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, idle_signal_s: Optional[float] = None,
+                 run_ahead: Optional[bool] = None):
+        """run_ahead: launch each decode step before the last one lands, fed its tokens on the device
+        (Scheduler.decode_after); None: wherever the runner can (a lone rank)."""
         self.generator, self.tokenizer, self.ps, self.config = generator, tokenizer, ps, config
+        self.run_ahead = generator.can_feed if run_ahead is None else run_ahead
         self.eos_id: Optional[int] = config.eos_id
         self.vocab_size: int = config.vocab_size
         self.max_seq_len: int = generator.max_seq_len
@@ -226,15 +230,25 @@ class Engine:
             return True
 
     def _launch_idle_lanes(self) -> None:
-        busy = {f.step.lane for f in self._flights}
+        """Each lane without a step in flight gets one; a lone rank's lane with one step in flight also gets
+        the decode step after it, fed on the device (Scheduler.decode_after)."""
         for lane in range(len(self.generator.lanes)):
-            if lane not in busy and (step := self.scheduler.next_step(lane)) is not None:
-                plan = self._plan(step)
-                started = time.monotonic()
-                if not self._flights:
-                    self.step_started = started
-                self._commands.send_step(plan)
-                self._flights.append(_InFlight(step, self.generator.launch(plan), started))
+            flights = [f for f in self._flights if f.step.lane == lane]
+            if not flights and (step := self.scheduler.next_step(lane)) is not None:
+                flights.append(self._launch(step))
+            if len(flights) == 1 and self.run_ahead and \
+                    (step := self.scheduler.decode_after(flights[0].step)) is not None:
+                self._launch(step, feed=flights[0])
+
+    def _launch(self, step: ScheduledStep, feed: Optional[_InFlight] = None) -> _InFlight:
+        plan = self._plan(step)
+        started = time.monotonic()
+        if not self._flights:
+            self.step_started = started
+        self._commands.send_step(plan)
+        flight = _InFlight(step, self.generator.launch(plan, feed=feed.flight if feed else None), started)
+        self._flights.append(flight)
+        return flight
 
     def _land_oldest(self) -> None:
         done = self._flights.popleft()
@@ -250,23 +264,25 @@ class Engine:
                 self.outputs.finish(sequence, reason)
 
     def _plan(self, step: ScheduledStep) -> StepPlan:
-        """The runner's plan for a scheduled step: its tokens right-padded, each row's sampling settings."""
-        sequences = step.sequences
+        """The runner's plan for a scheduled step: its tokens right-padded, each row's sampling settings. Built
+        with a few tensors from plain lists: this runs on the host before every step."""
+        sequences, vocab, eos = step.sequences, self.vocab_size, self.eos_id
         width = max(len(t) for t in step.tokens)
-        tokens = torch.tensor([t + [0] * (width - len(t)) for t in step.tokens])  # [n, width]
+        tokens = step.tokens if width == 1 else [t + [0] * (width - len(t)) for t in step.tokens]
         sampling = [s.request.sampling for s in sequences]
-        seeds = [x.seed if step.kind == "prefill" and x.seed is not None else -1 for x in sampling]
-        return StepPlan(
-            kind=step.kind, slots=torch.tensor(step.slots), tokens=tokens, lengths=torch.tensor(step.lengths),
-            temperature=torch.tensor([x.temperature for x in sampling], dtype=torch.float32),
-            top_k=torch.tensor([min(x.top_k, self.vocab_size) for x in sampling]),
-            top_p=torch.tensor([x.top_p for x in sampling], dtype=torch.float32),
-            greedy=torch.tensor([x.greedy for x in sampling]),
-            repetition_penalty=torch.tensor([x.repetition_penalty for x in sampling], dtype=torch.float32),
-            ban_eos=torch.tensor([self.eos_id is not None and len(s.tokens) < x.min_tokens
-                                  for s, x in zip(sequences, sampling)]),
-            seed=torch.tensor(seeds), logprobs=any(s.request.logprobs for s in sequences),
-            full_logprobs=any(s.request.full_logprobs for s in sequences))
+        ints = torch.tensor([
+            step.slots, step.lengths, [min(x.top_k, vocab) for x in sampling],
+            [x.seed if step.kind == "prefill" and x.seed is not None else -1 for x in sampling],
+            [x.greedy for x in sampling],
+            [eos is not None and len(s.tokens) + step.ahead < x.min_tokens for s, x in zip(sequences, sampling)]])
+        floats = torch.tensor([[x.temperature for x in sampling], [x.top_p for x in sampling],
+                               [x.repetition_penalty for x in sampling]], dtype=torch.float32)
+        slots, lengths, top_k, seed, greedy, ban_eos = ints
+        return StepPlan(kind=step.kind, slots=slots, tokens=torch.tensor(tokens), lengths=lengths,
+                        temperature=floats[0], top_k=top_k, top_p=floats[1], greedy=greedy.bool(),
+                        repetition_penalty=floats[2], ban_eos=ban_eos.bool(), seed=seed,
+                        logprobs=any(s.request.logprobs for s in sequences),
+                        full_logprobs=any(s.request.full_logprobs for s in sequences))
 
     def _fail_all(self, error: Exception) -> None:
         self._take_submissions(block=False)

@@ -43,6 +43,7 @@ class ScheduledStep:
     sequences: list[SequenceState]     # in row order
     tokens: list[list[int]]            # prefill: each prompt; decode: [the last generated token] each
     lengths: list[int]                 # prefill: prompt lengths; decode: the position of that token
+    ahead: int = 0                     # 1: scheduled before the step feeding it landed (decode_after)
 
     @property
     def slots(self) -> list[int]:
@@ -94,6 +95,25 @@ class Scheduler:
             return None
         return ScheduledStep("decode", lane, running, [[s.tokens[-1]] for s in running],
                              [s.length - 1 for s in running])
+
+    def decode_after(self, step: ScheduledStep) -> Optional[ScheduledStep]:
+        """The decode step that follows step while step is still in flight, its tokens fed on the device
+        (model/generate.py launch(feed=)): so that the host schedules step t + 1 while the device runs step t.
+        Its sequences are step's that will still run by their token budget; one that step's token stops
+        (a stop token or string, known only once step lands) loses the row's extra token. None when step
+        is not every running sequence of its lane, when waiting sequences could be admitted instead, or when
+        nothing would run."""
+        lane = self.lanes[step.lane]
+        running = [s for s in step.sequences if self.is_running(s)]
+        if len(running) != sum(slot in self.active for slot in lane):
+            return None
+        if self.waiting and len(running) < len(lane):
+            return None
+        going_on = [s for s in running if len(s.tokens) + 1 < s.request.max_new_tokens]
+        if not going_on:
+            return None
+        return ScheduledStep("decode", step.lane, going_on, [[0] for _ in going_on], [s.length for s in going_on],
+                             ahead=1)
 
     def _prefill(self, lane: int, free: list[int]) -> ScheduledStep:
         """As many waiting sequences as fit the free slots and the step's token budget (rows × the widest
