@@ -192,6 +192,11 @@ def step_roofline(args, sizes: Sizes, workdir: Path, record: Record) -> None:
                 measured["roofline_fraction"] = None
             record[f"{prefix}batch_{batch}"] = {**measured, "seconds_with_warm_up": time.monotonic() - started}
             print(f"roofline {prefix}batch {batch}: {json.dumps(record[f'{prefix}batch_{batch}'])}", flush=True)
+        if device.type == "cuda":  # where the time goes, for the next optimisation (the JSON only)
+            try:
+                record[f"{prefix}kernels_batch_1"] = roofline.kernel_profile(generator, 1)
+            except Exception as e:  # a profiler that does not work here must not cost the measurements
+                record[f"{prefix}kernels_batch_1"] = f"{type(e).__name__}: {e}"
         del generator
 
 

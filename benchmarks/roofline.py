@@ -90,6 +90,25 @@ def _graph_ms(generator: Generator, rows: int, context: int, replays: int = 50):
     return start.elapsed_time(end) / replays
 
 
+def kernel_profile(generator: Generator, batch: int = 1, steps: int = 4, top: int = 30) -> list[dict]:
+    """The GPU kernels of a few eager decode steps (the graphs set aside: the same kernels, one by one) by
+    total time: where a decode step's time goes, for the next optimisation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, generator._graphs = generator._graphs, [None] * len(generator._graphs)
+    try:
+        prompts = [[1] * PROMPT_TOKENS] * batch
+        generator.generate_greedy(prompts, 2)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            generator.generate_greedy(prompts, steps + 1)
+            _sync(generator.ps.device)
+    finally:
+        generator._graphs = graphs
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
+    return [{"kernel": e.key[:120], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+            for e in events]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
