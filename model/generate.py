@@ -386,7 +386,7 @@ class Generator:
 
     def _greedy(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Argmax tokens [n] of h [n, H] from each TP rank's slice of the vocabulary; eos banned where asked."""
-        logits, start = self.stage.local_logits(h)  # [n, padded_vocab / TP], columns [start, ...)
+        logits, start = self.stage.local_logits(h)  # [n, <= padded_vocab / TP], columns [start, ...)
         eos = self.config.eos_id
         if plan.ban_eos.any() and start <= eos < start + logits.shape[-1]:
             logits[to_device(plan.ban_eos, logits.device), eos - start] = float("-inf")

@@ -248,12 +248,16 @@ class DecoderStage(nn.Module):
         return out[..., :self.config.vocab_size].float()
 
     def local_logits(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """This TP rank's columns of the fp32 logits, [..., padded_vocab / TP] with padding ids at -inf, and the
-        vocabulary id of its first column."""
-        out = linear(self.final_layernorm(h), self.output_layer.weight, self.output_layer.bias).float()
+        """This TP rank's columns of the logits over the real vocabulary, [..., up to padded_vocab / TP] in the
+        model's dtype (what an argmax needs: no fp32 copy of a 256k-wide row), and the vocabulary id of its first
+        column. Padding columns come last, so a rank keeps a prefix of its columns; one whose columns are all
+        padding keeps one, at -inf."""
+        out = linear(self.final_layernorm(h), self.output_layer.weight, self.output_layer.bias)
         start = self.ps.tp_rank * out.shape[-1]
-        padding = torch.arange(start, start + out.shape[-1], device=out.device) >= self.config.vocab_size
-        return out.masked_fill(padding, float("-inf")), start
+        real = min(out.shape[-1], self.config.vocab_size - start)
+        if real <= 0:
+            return out[..., :1].clone().fill_(float("-inf")), start
+        return out[..., :real], start
 
     def describe(self) -> str:
         first, last = self.layer_ids[0], self.layer_ids[-1]
