@@ -107,8 +107,11 @@ def test_the_graph_step_matches_eager_and_hf_at_tensor_2_by_pipeline_2(reference
 
 def test_continuous_batching_through_the_graph_step_gives_the_reference_tokens(checkpoint, reference):
     """More sequences than slots, of different lengths and budgets: admissions between decode steps move rows
-    and contexts across buckets."""
+    and contexts across buckets, and decode steps run ahead as on a GPU."""
     engine = make_engine(checkpoint, ParallelState.single(), max_batch=3, graphs=True)
+    engine.run_ahead = True  # as on a GPU: each decode step fed the last one's tokens on the device
+    fed, launch = [], engine.generator.launch
+    engine.generator.launch = lambda plan, feed=None: fed.append(feed is not None) or launch(plan, feed)
     texts = ["def encode(self, o):", "import re", "class JSONDecoder(object):", "x = 1", "for i in range(10):"]
     budgets = [3, 9, 5, 7, 4]
     prompts = [tuple(engine.tokenizer.encode(t)) for t in texts]
@@ -119,3 +122,4 @@ def test_continuous_batching_through_the_graph_step_gives_the_reference_tokens(c
     engine.stop()
     for prompt, budget, future in zip(prompts, budgets, futures):
         assert future.result().tokens == reference_greedy(reference, list(prompt), budget)
+    assert sum(fed) > len(fed) / 2  # most steps ran ahead

@@ -56,7 +56,6 @@ def prompt_of(engine, text):
 
 def test_more_sequences_than_slots_share_decode_steps_and_refill_freed_slots(checkpoint, reference):
     engine = make_engine(checkpoint, ParallelState.single(), max_batch=2)
-    engine.run_ahead = False  # one step at a time (run-ahead steps: the next test)
     log = StepLog(engine.generator)
     texts, budgets = ["def encode(self, o):", "import re", "class JSONDecoder(object):"], [2, 5, 3]
     futures = [engine.submit(SequenceRequest(prompt_of(engine, t), n, GREEDY)) for t, n in zip(texts, budgets)]
@@ -79,6 +78,7 @@ def test_decode_steps_run_ahead_fed_on_the_device_and_a_stopped_rows_extra_token
     the device; a sequence's budget is known ahead, its stop token only once its step lands, so a stopped row
     has run one step more, whose token is dropped."""
     engine = make_engine(checkpoint, ParallelState.single(), max_batch=2)
+    engine.run_ahead = True  # a GPU's default; the CPU's path is the same
     log = StepLog(engine.generator)
     texts, budgets = ["def encode(self, o):", "import re", "class JSONDecoder(object):"], [2, 6, 5]
     prompts = [prompt_of(engine, t) for t in texts]
@@ -103,7 +103,6 @@ def test_decode_steps_run_ahead_fed_on_the_device_and_a_stopped_rows_extra_token
 
 def test_every_lane_keeps_a_step_in_flight_and_the_oldest_lands_first(checkpoint, reference):
     engine = make_engine(checkpoint, ParallelState.single(), max_batch=4, lanes=2)  # lanes [0, 1] and [2, 3]
-    engine.run_ahead = False  # one step a lane: what several pipeline stages do
     log = FlightLog(engine.generator)
     texts, budgets = ["def encode(self, o):", "import re", "class JSONDecoder(object):", "x = 1"], [2, 3, 3, 3]
     futures = [engine.submit(SequenceRequest(prompt_of(engine, t), n, GREEDY)) for t, n in zip(texts, budgets)]

@@ -92,9 +92,12 @@ class Engine:
                  max_prefill_tokens: int = MAX_PREFILL_TOKENS, idle_signal_s: Optional[float] = None,
                  run_ahead: Optional[bool] = None):
         """run_ahead: launch each decode step before the last one lands, fed its tokens on the device
-        (Scheduler.decode_after); None: wherever the runner can (a lone rank)."""
+        (Scheduler.decode_after); None: where the runner can (a lone rank) and it pays, on a GPU. A CPU runs a
+        step while launching it, so there the host has nothing to overlap."""
         self.generator, self.tokenizer, self.ps, self.config = generator, tokenizer, ps, config
-        self.run_ahead = generator.can_feed if run_ahead is None else run_ahead
+        if run_ahead is None:
+            run_ahead = generator.can_feed and ps.device.type == "cuda"
+        self.run_ahead = run_ahead
         self.eos_id: Optional[int] = config.eos_id
         self.vocab_size: int = config.vocab_size
         self.max_seq_len: int = generator.max_seq_len
