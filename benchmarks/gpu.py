@@ -388,11 +388,11 @@ def roofline_rows(result: dict, sizes: Sizes) -> list[dict]:
                 continue
             fraction = r["roofline_fraction"]
             shown = "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+            step = f"; step {r['step_ms']:.2f} ms" if r.get("step_ms") else ""
             graph = f", graph alone {r['graph_ms']:.2f} ms" if r.get("graph_ms") else ""
             target = fraction is not None and batch == 1
-            rows.append(row(f"{what} batch {batch}",
-                            f"{r['tokens_per_s']:.0f} tokens/s, {shown} of roofline; step {r['step_ms']:.2f} ms"
-                            f"{graph}", ">= 50%" if batch == 1 else "", fraction >= 0.5 if target else None,
+            rows.append(row(f"{what} batch {batch}", f"{r['tokens_per_s']:.0f} tokens/s, {shown} of roofline"
+                            f"{step}{graph}", ">= 50%" if batch == 1 else "", fraction >= 0.5 if target else None,
                             speed=True))
     return rows
 
