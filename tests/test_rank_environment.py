@@ -139,7 +139,7 @@ def test_slurm_jobs_see_the_fake_gpus(tmp_path):
 def test_ranks_of_a_local_executor_job_all_reduce(tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["model.checkpoint=/x", "recipe=test", "parallel.tensor=2",
-                                           "cluster.time_min=5"])
+                                           "cluster.time_min=5", "cluster.gpus_per_node=0"])
     job = make_executor(LaunchConfig.model_validate(OmegaConf.to_container(cfg)), tmp_path / "%j").submit(
         rank_report, str(tmp_path))
     try:
