@@ -141,3 +141,14 @@ def step_plan(kind, slots, tokens, lengths, **changes) -> StepPlan:
             dtype = getattr(plan, name).dtype
             setattr(plan, name, torch.tensor(value, dtype=dtype).expand(n).clone())
     return plan
+
+
+def decode_logprobs(generator) -> torch.Tensor:
+    """Log-probabilities of one decode step after each of PROMPTS (what the wire protocol carries): how the
+    decode paths (eager, compiled, graphs) are compared with one another."""
+    tokens, lengths = padded_batch(PROMPTS)
+    slots = torch.arange(len(PROMPTS))
+    first = generator.step(greedy_plan("prefill", slots, tokens, lengths)).tokens
+    plan = greedy_plan("decode", slots, first[:, None], lengths)
+    plan.full_logprobs = True
+    return generator.step(plan).full_logprobs

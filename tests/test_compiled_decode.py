@@ -31,16 +31,6 @@ def references(tmp_path_factory):
     return out
 
 
-def _decode_logprobs(generator: Generator) -> torch.Tensor:
-    """Log-probabilities of one decode step after each prompt (what the wire protocol carries)."""
-    tokens, lengths = padded_batch(ref.PROMPTS)
-    slots = torch.arange(len(ref.PROMPTS))
-    first = generator.step(greedy_plan("prefill", slots, tokens, lengths)).tokens
-    plan = greedy_plan("decode", slots, first[:, None], lengths)
-    plan.full_logprobs = True
-    return generator.step(plan).full_logprobs
-
-
 def _compiled_cases(rank: int, world_size: int, tp: int, pp: int, directories: dict) -> dict:
     torch.set_num_threads(1)
     ps = ParallelState.build(tp, pp)
@@ -49,7 +39,7 @@ def _compiled_cases(rank: int, world_size: int, tp: int, pp: int, directories: d
         stage = load_stage(ref.open_source(directory), ps, "fp32")
         eager = Generator(stage, ps, max_batch=4, max_seq_len=48)
         compiled = Generator(stage, ps, max_batch=4, max_seq_len=48, compile=True)
-        results[name] = (_decode_logprobs(eager), _decode_logprobs(compiled),
+        results[name] = (ref.decode_logprobs(eager), ref.decode_logprobs(compiled),
                          compiled.generate_greedy(ref.PROMPTS, NEW_TOKENS))
     return results
 

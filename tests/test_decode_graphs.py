@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fleetgen.model.cuda_graphs import StepInputs, context_buckets, row_buckets, smallest_fit
-from fleetgen.model.generate import Generator, greedy_plan
+from fleetgen.model.generate import Generator
 from fleetgen.model.load import load_stage
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.serve.engine import Sampling, SequenceRequest
@@ -18,7 +18,6 @@ from tests import hf_reference as ref
 from tests import server_fixtures
 from tests.distributed import run_ranks
 from tests.server_fixtures import make_engine, reference_greedy
-from tests.test_parity import padded_batch
 
 NEW_TOKENS = 12
 CASES = {"gpt2": ("gpt2", 2, 4), "nemotron_gqa": ("nemotron", 2, 2)}  # learned positions; rope with GQA
@@ -58,15 +57,6 @@ def references(tmp_path_factory):
     return out
 
 
-def _decode_logprobs(generator: Generator) -> torch.Tensor:
-    tokens, lengths = padded_batch(ref.PROMPTS)
-    slots = torch.arange(len(ref.PROMPTS))
-    first = generator.step(greedy_plan("prefill", slots, tokens, lengths)).tokens
-    plan = greedy_plan("decode", slots, first[:, None], lengths)
-    plan.full_logprobs = True
-    return generator.step(plan).full_logprobs
-
-
 def _graph_cases(rank: int, world_size: int, tp: int, pp: int, directories: dict) -> dict:
     torch.set_num_threads(1)
     ps = ParallelState.build(tp, pp)
@@ -76,7 +66,7 @@ def _graph_cases(rank: int, world_size: int, tp: int, pp: int, directories: dict
         eager = Generator(stage, ps, max_batch=8, max_seq_len=80, lanes=pp)
         graphs = Generator(stage, ps, max_batch=8, max_seq_len=80, lanes=pp, graphs=True)
         captured = graphs.capture_graphs()
-        results[name] = (_decode_logprobs(eager), _decode_logprobs(graphs), graphs.generate_greedy(ref.PROMPTS,
+        results[name] = (ref.decode_logprobs(eager), ref.decode_logprobs(graphs), graphs.generate_greedy(ref.PROMPTS,
                                                                                                  NEW_TOKENS),
                          captured)
     return results
