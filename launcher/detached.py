@@ -53,7 +53,8 @@ def submit(cfg: LaunchConfig, plan: batch.BatchPlan) -> str:
     job_folder = folder / job.job_id
     write_token(job_folder)  # the ranks wait for it; the driver sends it
     write_record(folder, job_folder, {
-        "job_id": job.job_id, "kind": cfg.cluster.kind, "recipe": cfg.recipe, "output": cfg.batch.output,
+        "job_id": job.job_id, "kind": cfg.cluster.kind, "recipe": cfg.recipe, "mode": "batch", "detached": True,
+        "output": cfg.batch.output,
         "replicas": cfg.parallel.replicas, "grace_period_s": cfg.job.grace_period_s,
         "submitted": datetime.now().isoformat(timespec="seconds")})
     return job.job_id

@@ -1,7 +1,9 @@
-"""What a detached job leaves in its folder, so that `launch status|logs|cancel` work from any shell, any time.
+"""What a job leaves in its folder, so that `launch status|logs|cancel` work from any shell, any time.
 
-folder/latest            the id of the last detached job submitted with this job.folder
-folder/ID/detached.json  written at submission: job id, cluster kind, recipe, output, grace period
+folder/latest            the id of the last job submitted with this job.folder
+folder/ID/job.json       written at submission: job id, cluster kind, recipe, mode, output, grace period; for a
+                         job a launcher attends, its owner (host, pid, pid start time), so that another
+                         launcher reaps the job only once that owner is gone; "ended" once it was torn down
 folder/ID/history.jsonl  one line per event of the job's life (started, drained, finished, ...), appended
 folder/ID/driver.log     the batch driver's output
 folder/ID/cancel.request written by `launch cancel`: the driver drains, then cancels its own job
@@ -17,7 +19,7 @@ from pathlib import Path
 from fleetgen.launcher.errors import LaunchError
 
 LATEST = "latest"
-RECORD = "detached.json"
+RECORD = "job.json"
 HISTORY = "history.jsonl"
 DRIVER_LOG = "driver.log"
 CANCEL_REQUEST = "cancel.request"
@@ -41,18 +43,23 @@ def write_record(folder: Path, job_folder: Path, record: dict) -> None:
     write_atomically(folder / LATEST, record["job_id"])
 
 
+def mark_ended(job_folder: Path) -> None:
+    record = read_record(job_folder)
+    write_atomically(job_folder / RECORD, json.dumps({**record, "ended": True}, indent=1))
+
+
 def find_job(job: str | None, folder: Path) -> Path:
     """A job's folder from a job id, a job folder, or nothing (the latest job submitted from `folder`)."""
     if job is None:
         latest = folder / LATEST
         if not latest.exists():
-            raise LaunchError(f"no detached job was submitted with job.folder={folder}; give a job id or folder")
+            raise LaunchError(f"no job was submitted with job.folder={folder}; give a job id or folder")
         job = latest.read_text().strip()
     candidates = [Path(job), folder / job]
     for candidate in candidates:
         if (candidate / RECORD).is_file():
             return candidate.resolve()
-    raise LaunchError(f"{job}: not a detached job's id or folder (looked for {RECORD} in "
+    raise LaunchError(f"{job}: not a job's id or folder (looked for {RECORD} in "
                       f"{' and '.join(str(c) for c in candidates)}); --folder names job.folder")
 
 
