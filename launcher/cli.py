@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
@@ -11,10 +12,11 @@ from omegaconf import OmegaConf
 
 from fleetgen.launcher import batch, control, detached
 from fleetgen.launcher.config import compose_recipe, parse_config, recipes
+from fleetgen.launcher.batch.outputlock import OutputLock, lock_output
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
 from fleetgen.conf.schema import LaunchConfig
-from fleetgen.launcher.validate import fit_to_model, open_model, place_local_ranks
+from fleetgen.launcher.validate import check_local_ports, fit_to_model, open_model, place_local_ranks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.recipe:
             parser.error("a recipe is needed (launch --list shows them)")
-        return launch(args.recipe, args.overrides, args.dry_run)
+        return launch(args.recipe, args.overrides, args.dry_run, resume_command(argv))
     except LaunchError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
@@ -54,20 +56,42 @@ def _hear_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
+def resume_command(argv: list[str]) -> str:
+    """The command that reruns this one and resumes its batch (batch.restart=true would start it over)."""
+    kept = [arg for arg in argv if arg.lstrip("+~").replace(" ", "") not in ("batch.restart=true",
+                                                                            "batch.restart=True")]
+    return shlex.join(["launch", *kept])
+
+
+def launch(recipe: str, overrides: list[str], dry_run: bool, command: str = "") -> int:
     started = time.monotonic()
     cfg = _with_absolute_paths(parse_config(OmegaConf.to_container(compose_recipe(recipe, overrides))))
     if dry_run:
         return _print_dry_run(cfg, overrides)
-    place_local_ranks(cfg)
-    source = open_model(cfg)
-    fit_to_model(cfg, source.config, overrides)
-    plan = batch.prepare(cfg) if cfg.mode == "batch" else None
+    if cfg.mode != "batch":
+        _validate(cfg, overrides)
+        return _attended(cfg, None, recipe, started)
+    with lock_output(Path(cfg.batch.output)) as lock:  # first: a second run is refused at once, and before
+        _validate(cfg, overrides)                     # prepare(), since batch.restart=true removes files
+        plan = batch.prepare(cfg)
+        plan.command = command
+        if cfg.detach:
+            return _submit_detached(cfg, plan)  # the job's driver takes the lock for the run
+        return _attended(cfg, plan, recipe, started, lock)
 
-    if cfg.detach:
-        return _submit_detached(cfg, plan)
+
+def _validate(cfg: LaunchConfig, overrides: list[str]) -> None:
+    place_local_ranks(cfg)
+    check_local_ports(cfg)
+    fit_to_model(cfg, open_model(cfg).config, overrides)
+
+
+def _attended(cfg: LaunchConfig, plan: batch.BatchPlan | None, recipe: str, started: float,
+              lock: OutputLock | None = None) -> int:
     raise_on_sigterm()
     job = submit(cfg)
+    if lock is not None:
+        lock.note(job_id=job.job_id)
     try:
         urls = job.wait_until_healthy()
         if cfg.mode == "serve":
@@ -75,9 +99,10 @@ def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
                   "Ctrl-C stops it", flush=True)
             job.wait_for_end()  # leaves only by Ctrl-C / SIGTERM, or by raising when the job ends by itself
         summary = batch.run(plan, urls, job.token)
-        if not summary.complete:
+        if not summary.complete and not summary.stop_reason.startswith("interrupted"):
             if job.control.ended():
-                raise LaunchError(f"the batch stopped: {summary.stop_reason}\n{job.end_report()}")
+                raise LaunchError(f"the batch stopped: {summary.stop_reason}; once fixed, `{summary.resume}` "
+                                  f"resumes it\n{job.end_report()}")
             failures = job.failure_report()
             if failures:
                 print(f"launch: ranks that exited: {failures}", file=sys.stderr)

@@ -195,4 +195,4 @@ def test_outside_a_terminal_progress_is_a_plain_line(tmp_path, stubs, monkeypatc
     monkeypatch.setattr(progress, "PLAIN_LINE_EVERY_S", 0.1)
     go(tmp_path, prompts(30), [stubs(delay_s=0.05)], concurrency=1, prompts_per_request=1)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch: ")]
-    assert lines and "/30 items" in lines[-1] and "tokens/s, ETA" in lines[-1] and "1/1 servers healthy" in lines[-1]
+    assert lines and "/30 items" in lines[-1] and "tokens/s, ETA" in lines[-1] and "1/1 server healthy" in lines[-1]
