@@ -125,6 +125,9 @@ def _reporting_errors(command) -> int:
     except LaunchError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `launch logs -f` is left by Ctrl-C; the job goes on
+        print(file=sys.stderr)
+        return 130
 
 
 def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:

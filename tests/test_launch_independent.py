@@ -131,3 +131,29 @@ def test_progress_on_a_terminal_of_no_columns_is_the_plain_line(tmp_path):
     records = sum(1 for line in (DATA_DIR / "tiny_prompts.jsonl").read_text().splitlines() if line.strip())
     assert f"batch: 0/{records} items (0%)" in text, text
     assert "\r" not in text.replace("\r\n", "\n") and "\x1b[" not in text, text
+
+
+def test_status_logs_and_cancel_work_on_a_job_a_launcher_attends(tmp_path):
+    proc, url = serve(tmp_path)
+    try:
+        def command(*args, **options):
+            return subprocess.run([*LAUNCH, *args, "--folder", "jobs"], cwd=tmp_path, capture_output=True,
+                                  text=True, **options)
+
+        shown = command("status", timeout=60)  # no job named: the latest
+        assert shown.returncode == 0 and f"serving at {url}" in shown.stdout and "ETA" not in shown.stdout
+        assert f"attended by launch pid {proc.pid} on " in shown.stdout and "output:" not in shown.stdout
+        follow = subprocess.Popen([*LAUNCH, "logs", "-f", "--folder", "jobs"], cwd=tmp_path, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(3)
+        follow.send_signal(signal.SIGINT)
+        out, err = follow.communicate(timeout=30)
+        assert follow.returncode == 130 and "Traceback" not in err and "serving on port" in out, err
+        cancelled = command("cancel", timeout=180)
+        assert cancelled.returncode == 0 and "tore it down; state ENDED" in cancelled.stdout, cancelled.stderr
+        assert proc.wait(timeout=60) == 130
+        assert "ETA" not in command("status", timeout=60).stdout
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert our_processes(str(tmp_path)) == []
