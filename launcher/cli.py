@@ -19,13 +19,33 @@ from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher.validate import check_local_ports, fit_to_model, open_model, place_local_ranks
 
 
+EPILOG = """\
+modes (mode=...):
+  batch                 the default: batch.input through the servers into batch.output, then tear down
+  serve                 serve until Ctrl-C (or the time limit)
+  detach=true           batch only: submit one job that runs the whole batch by itself, and return
+
+job commands (JOB: a job id or job folder; default: the latest job of --folder):
+  launch status [JOB] [--json]          state, progress, servers, history
+  launch logs [JOB] [--rank N] [-f]     the batch driver's log, or a rank's
+  launch cancel [JOB]                   drain and cancel a detached job; tear down an attended one
+
+exit codes:
+  0    every item generated (batch); a job command that did what it was asked
+  1    some items failed (OUTPUT.errors.jsonl), or the batch stopped early: the printed command resumes it
+  2    refused or failed: config, checkpoint, input, an output another run writes, a taken port, a failed job
+  130  interrupted (Ctrl-C, SIGTERM): the job was torn down; a batch prints the command that resumes it
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _hear_sigint()
     if argv and argv[0] in control.COMMANDS:  # `launch status|logs|cancel ...`: a detached job, not a recipe
         return _reporting_errors(lambda: control.main(argv))
     parser = argparse.ArgumentParser(prog="launch", description="Serve a model on Slurm or this machine and "
-                                     "run a batch of prompts through it.")
+                                     "run a batch of prompts through it.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help="a recipe name (see --list)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel.tensor=2 cluster=slurm")
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")

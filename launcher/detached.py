@@ -30,6 +30,7 @@ import submitit
 
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher import batch
+from fleetgen.launcher.batch.progress import plural
 from fleetgen.launcher.driver import Driver
 from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, append_event, write_record)
 from fleetgen.slurm.control_token import write_token
@@ -158,7 +159,7 @@ class _RunningDriver:
         append_event(self.job_folder, "finished" if summary.complete else "stopped", **_counts(summary), **outcome)
         if code:  # the batch path's exit code 1: the job fails, and says why
             raise RuntimeError(f"the batch {'stopped: ' + summary.stop_reason if not summary.complete else 'ended'}"
-                               f" with {summary.failed} failed item(s) of {summary.items}; see {DRIVER_LOG}")
+                               f" with {summary.failed} of {plural(summary.items, 'item')} failed; see {DRIVER_LOG}")
 
     def drain_for_requeue(self) -> None:
         """On submitit's signal (main thread): stop the driver within the grace period, record why."""
