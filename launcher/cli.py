@@ -113,7 +113,13 @@ def _attended(cfg: LaunchConfig, plan: batch.BatchPlan | None, recipe: str, star
     if lock is not None:
         lock.note(job_id=job.job_id)
     try:
-        urls = job.wait_until_healthy()
+        try:
+            urls = job.wait_until_healthy()
+        except KeyboardInterrupt:
+            if plan is not None:
+                print(f"launch: the batch did not start; to run it, run: {plan.command or 'the same command'}",
+                      file=sys.stderr)
+            raise
         if cfg.mode == "serve":
             print(f"serving {recipe} at {' '.join(urls)} (PUT /generate, POST /v1/completions); "
                   "Ctrl-C stops it", flush=True)

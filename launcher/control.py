@@ -15,8 +15,8 @@ from fleetgen.launcher.batch.plan import summary_path
 from fleetgen.launcher.batch.progress import progress_path
 from fleetgen.launcher import owner
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, find_job, read_history, read_record,
-                                         server_urls, write_atomically)
+from fleetgen.launcher.jobrecord import find_job, read_history, read_record, server_urls
+from fleetgen.slurm.job_folder import CANCEL_REQUEST, DRIVER_LOG, JobPaths, write_atomically
 from fleetgen.slurm.job_control import control_class
 
 COMMANDS = ("status", "logs", "cancel")
@@ -150,7 +150,7 @@ def logs(job_folder: Path, rank: int | None, follow: bool) -> int:
         paths = [job_folder / DRIVER_LOG]
     else:
         rank = rank or 0
-        paths = [job_folder / f"{record['job_id']}_{rank}_log.{kind}" for kind in ("out", "err")]
+        paths = [JobPaths(job_folder).rank_log(record["job_id"], rank, kind) for kind in ("out", "err")]
         if not any(path.exists() for path in paths):
             raise LaunchError(f"no log of rank {rank} in {job_folder} (yet)")
     offsets = dict.fromkeys(paths, 0)

@@ -32,7 +32,8 @@ from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher import batch
 from fleetgen.launcher.batch.progress import plural
 from fleetgen.launcher.driver import Driver
-from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, append_event, write_record)
+from fleetgen.launcher.jobrecord import append_event, write_record
+from fleetgen.slurm.job_folder import CANCEL_REQUEST, DRIVER_LOG, JobPaths
 from fleetgen.slurm.control_token import write_token
 from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.job_control import JobControl, control_class
@@ -126,7 +127,7 @@ class _RunningDriver:
 
     def run(self) -> None:
         self.job_folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.job_folder.glob("server-*.json"), *self.job_folder.glob("rank-*.exit.json")]:
+        for stale in [*JobPaths(self.job_folder).servers(), *JobPaths(self.job_folder).rank_exits()]:
             stale.unlink()  # an earlier attempt's addresses and last words
         rank0 = _start_rank(self.cfg, self.folder)  # from the main thread: PDEATHSIG follows this thread
         _redirect_output(self.job_folder / DRIVER_LOG)

@@ -15,9 +15,10 @@ import psutil
 from fleetgen.launcher import owner
 from fleetgen.launcher.control import ACTIVE_STATES
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.jobrecord import RECORD, mark_ended, server_urls, write_record
+from fleetgen.launcher.jobrecord import mark_ended, server_urls, write_record
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.control_token import write_token
+from fleetgen.slurm.job_folder import RECORD, JobPaths
 from fleetgen.slurm.job_control import JobControl, control_class
 
 CANCEL_WAIT_S = 60
@@ -141,7 +142,7 @@ class RunningJob:
     def error_tail(self, lines: int = 25) -> str:
         """The last lines of every rank's stderr that has something to say."""
         tails = []
-        for path in sorted(self.job_folder.glob("*_log.err")):
+        for path in JobPaths(self.job_folder).error_logs():
             text = path.read_text(errors="replace").strip().splitlines()
             if text:
                 tails.append(f"--- {path} (last {min(lines, len(text))} lines)\n" + "\n".join(text[-lines:]))

@@ -1,13 +1,7 @@
-"""What a job leaves in its folder, so that `launch status|logs|cancel` work from any shell, any time.
-
-folder/latest            the id of the last job submitted with this job.folder
-folder/ID/job.json       written at submission: job id, cluster kind, recipe, mode, output, grace period; for a
-                         job a launcher attends, its owner (host, pid, pid start time), so that another
-                         launcher reaps the job only once that owner is gone; "ended" once it was torn down
-folder/ID/history.jsonl  one line per event of the job's life (started, drained, finished, ...), appended
-folder/ID/driver.log     the batch driver's output
-folder/ID/cancel.request written by `launch cancel`: the driver drains, then cancels its own job
-folder/ID/server-R.json  written by replica R's leader once it listens: its URL (any job, detached or not)
+"""A job's record and history in its folder, so that `launch status|logs|cancel` work from any shell, any time;
+the folder's files are named in slurm/job_folder.py. job.json holds the job id, cluster kind, recipe, mode, output
+and grace period; for a job a launcher attends, its owner (host, pid, pid start time), so that another launcher
+reaps the job only once that owner is gone; and "ended" once it was torn down.
 """
 from __future__ import annotations
 
@@ -17,24 +11,13 @@ import time
 from pathlib import Path
 
 from fleetgen.launcher.errors import LaunchError
-
-LATEST = "latest"
-RECORD = "job.json"
-HISTORY = "history.jsonl"
-DRIVER_LOG = "driver.log"
-CANCEL_REQUEST = "cancel.request"
+from fleetgen.slurm.job_folder import HISTORY, LATEST, RECORD, JobPaths, write_atomically
 
 
 def server_urls(job_folder: Path, replicas: int) -> list[str]:
     """The URLs of the replicas whose leaders have published one so far."""
-    paths = (job_folder / f"server-{replica}.json" for replica in range(replicas))
+    paths = (JobPaths(job_folder).server(replica) for replica in range(replicas))
     return [json.loads(path.read_text())["url"] for path in paths if path.exists()]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_record(folder: Path, job_folder: Path, record: dict) -> None:

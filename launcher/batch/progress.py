@@ -14,16 +14,14 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from fleetgen.slurm.job_folder import write_atomically
+
 SNAPSHOT_EVERY_S = 2.0
 PLAIN_LINE_EVERY_S = 30.0
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def progress_path(output: Path) -> Path:
