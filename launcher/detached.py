@@ -49,9 +49,10 @@ def submit(cfg: LaunchConfig, plan: batch.BatchPlan) -> str:
     folder.chmod(0o700)  # job folders hold control tokens, and submitit's pickles pass through here
     with _outliving_this_terminal(cfg, folder):
         job = JobControl.submit(cfg, folder, DetachedRun(), plan, str(folder))
-    placeholder = folder / "%j"  # submitit creates the folder pattern itself, unformatted
-    if placeholder.is_dir() and not any(placeholder.iterdir()):
-        placeholder.rmdir()
+    try:
+        (folder / "%j").rmdir()  # submitit creates the folder pattern itself, unformatted
+    except OSError:
+        pass  # not empty, or gone already: another launcher submitting from the same job.folder
     job_folder = folder / job.job_id
     write_token(job_folder)  # the ranks wait for it; the driver sends it
     write_record(folder, job_folder, {

@@ -67,6 +67,10 @@ def lock_output(output: Path) -> OutputLock:
         os.close(fd)
         raise LaunchError(f"batch.output={output} is being written by another run ({holder}); wait until it "
                           "ends, or give another batch.output") from None
+    except OSError as e:  # a file system without locks (some NFS mounts)
+        os.close(fd)
+        raise LaunchError(f"batch.output={output}: cannot lock {path} ({e.strerror}); put the output on a file "
+                          "system that supports flock") from None
     _held[path] = OutputLock(path, fd)
     return _held[path]
 
