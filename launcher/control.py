@@ -103,9 +103,10 @@ def describe(report: dict) -> str:
     def known(value, fmt="{}"):
         return "?" if value is None else fmt.format(value)
 
-    attended = f", attended by launch {report['attended_by']}" if report.get("attended_by") else ""
-    lines = [f"job {report['job_id']} ({report['kind']}, recipe {report['recipe']}, {report.get('mode', 'batch')}"
-             f"{attended}): {report['state']}"]
+    details = [report["kind"], f"recipe {report['recipe']}"]
+    if report.get("attended_by"):  # a detached job is always a batch, and attends itself
+        details += [report["mode"], f"attended by launch {report['attended_by']}"]
+    lines = [f"job {report['job_id']} ({', '.join(details)}): {report['state']}"]
     if report["servers"]:
         lines.append(f"  serving at {' '.join(report['servers'])}")
     if report["total"] is not None:

@@ -141,7 +141,7 @@ def test_status_logs_and_cancel_work_on_a_job_a_launcher_attends(tmp_path):
                                   text=True, **options)
 
         shown = command("status", timeout=60)  # no job named: the latest
-        assert shown.returncode == 0 and f"serving at {url}" in shown.stdout and "ETA" not in shown.stdout
+        assert shown.returncode == 0 and f"serving at {url}" in shown.stdout and ", serve, attended by" in shown.stdout
         assert f"attended by launch pid {proc.pid} on " in shown.stdout and "output:" not in shown.stdout
         follow = subprocess.Popen([*LAUNCH, "logs", "-f", "--folder", "jobs"], cwd=tmp_path, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
