@@ -47,21 +47,24 @@ class Container(_Strict):
 
 
 class Model(_Strict):
-    checkpoint: str
+    checkpoint: str  # a directory or .nemo file; its format and architecture are read from it
     format: Literal["auto", "hf", "nemo", "megatron", "distckpt"] = "auto"
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = None  # override the checkpoint's tokenizer (a .model, vocab.json dir or tokenizer.json)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    max_batch: int = Field(16, ge=1)
-    max_seq_len: Optional[int] = Field(None, ge=2)  # None: the checkpoint's context length
+    max_batch: int = Field(16, ge=1)  # KV-cache slots: sequences decoded together
+    # KV-cache length per slot (prompt + generated); None: the checkpoint's context length. A recipe's value is an
+    # upper bound; one given on the command line must fit the model
+    max_seq_len: Optional[int] = Field(None, ge=2)
+    # torch.compile each layer's parts around attention (model/generate.py); auto: on GPUs only
     compile: Union[bool, Literal["auto"]] = "auto"
-    architecture: dict[str, Any] = {}
+    architecture: dict[str, Any] = {}  # expected architecture fields (num_layers: 96); a contradiction fails
 
 
 class Parallel(_Strict):
     nodes: int = Field(1, ge=1)
     tensor: int = Field(1, ge=1)
     pipeline: int = Field(1, ge=1)
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1)  # independent model instances, each tensor × pipeline ranks with its own server
 
     @property
     def world_size(self) -> int:
@@ -70,13 +73,14 @@ class Parallel(_Strict):
 
 class Server(_Strict):
     host: str = "0.0.0.0"
-    port: int = Field(0, ge=0, le=65535)
-    api_key: Optional[str] = None
+    port: int = Field(0, ge=0, le=65535)  # replica r serves on port + r; 0: free ports, read from the job folder
+    api_key: Optional[str] = None  # when set, generation requests need `Authorization: Bearer <api_key>` (or the token)
     max_body_bytes: int = Field(4 << 20, ge=1024)
-    health_timeout_s: float = Field(900, gt=0)
+    health_timeout_s: float = Field(900, gt=0)  # launcher: give up (and cancel the job) if not healthy by then
+    # torch.distributed timeout of one collective (idle followers are signalled well within it)
     dist_timeout_s: float = Field(18000, gt=0)
-    step_timeout_s: float = Field(120, gt=0)
-    heartbeat_timeout_s: float = Field(30, gt=0)
+    step_timeout_s: float = Field(120, gt=0)  # a step running longer fails its replica (an idle server is never timed)
+    heartbeat_timeout_s: float = Field(30, gt=0)  # a rank silent this long (dead or hung) fails its replica
 
 
 MAX_SENTENCES = 128                     # NeMo's limit of sentences per /generate request
@@ -105,31 +109,34 @@ class Generation(BaseModel):
 
 
 class Batch(_Strict):
-    input: Optional[str] = None
+    input: Optional[str] = None  # JSONL: fleetgen's {"prompt", "id"?, generation fields?} or OpenAI's batch format
     output: str = "results.jsonl"
-    concurrency: int = Field(8, ge=1)
-    prompts_per_request: int = Field(4, ge=1, le=MAX_SENTENCES)
-    samples: int = Field(1, ge=1)
-    seed: int = Field(0, ge=0)
-    restart: bool = False
-    max_error_fraction: float = Field(0.1, ge=0, le=1)
-    max_retries: int = Field(5, ge=0)
-    request_timeout_s: float = Field(120, gt=0)
+    concurrency: int = Field(8, ge=1)  # requests in flight at once, per server (replica)
+    prompts_per_request: int = Field(4, ge=1, le=MAX_SENTENCES)  # greedy records (or a record's samples) a request
+    samples: int = Field(1, ge=1)  # completions per record; sample j of record k is seeded with hash(seed, k) + j
+    seed: int = Field(0, ge=0)  # the batch's seed (a record's own random_seed wins); greedy runs use none
+    restart: bool = False  # true: drop OUTPUT's ledger and start over (else a rerun resumes from it)
+    max_error_fraction: float = Field(0.1, ge=0, le=1)  # stop once more of all items than this failed
+    max_retries: int = Field(5, ge=0)  # attempts per item after a server failure (connection lost, 5xx, timeout)
+    request_timeout_s: float = Field(120, gt=0)  # per request: this + timeout_per_token_s × tokens asked
     timeout_per_token_s: float = Field(0.1, ge=0)
-    replica_wait_s: float = Field(300, ge=0)
-    drain_timeout_s: float = Field(60, ge=0)
+    replica_wait_s: float = Field(300, ge=0)  # every server failed: wait this long for one to come back, then stop
+    drain_timeout_s: float = Field(60, ge=0)  # when draining (preemption, cancel), how long requests in flight get
 
 
 class Job(_Strict):
-    folder: str = ".fleetgen/jobs"
+    folder: str = ".fleetgen/jobs"  # one folder per job beneath: logs, server addresses, token, job.json
     name: str = "fleetgen"
+    # after a shutdown request, wait this long before cancelling the job; Slurm warns a job (USR2) this long
+    # before its time limit, a detached job batch.drain_timeout_s earlier still
     grace_period_s: float = Field(30, ge=0)
-    max_requeues: int = Field(3, ge=0)
+    max_requeues: int = Field(3, ge=0)  # detached jobs: requeues at the time limit (preemptions requeue without limit)
 
 
 class LaunchConfig(_Strict):
-    recipe: str
-    description: str = ""
+    recipe: str  # set by the launcher to the recipe's name
+    description: str = ""  # one line, shown by `launch --list`
+    # batch: run batch.input through the servers, then tear down | serve: serve until Ctrl-C
     mode: Literal["batch", "serve"] = "batch"
     cluster: Cluster
     container: Container = Container()
@@ -139,7 +146,7 @@ class LaunchConfig(_Strict):
     generation: Generation = Generation()
     batch: Batch = Batch()
     job: Job = Job()
-    detach: bool = False
+    detach: bool = False  # batch only: submit one job that runs the whole batch by itself; `launch status` follows it
 
     @model_validator(mode="after")
     def _detached_jobs_run_batches(self):

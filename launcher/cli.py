@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
@@ -11,10 +12,30 @@ from omegaconf import OmegaConf
 
 from fleetgen.launcher import batch, control, detached
 from fleetgen.launcher.config import compose_recipe, parse_config, recipes
+from fleetgen.launcher.batch.outputlock import OutputLock, lock_output
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
 from fleetgen.conf.schema import LaunchConfig
-from fleetgen.launcher.validate import fit_to_model, open_model, place_local_ranks
+from fleetgen.launcher.validate import check_local_ports, fit_to_model, open_model, place_local_ranks
+
+
+EPILOG = """\
+modes (mode=...):
+  batch                 the default: batch.input through the servers into batch.output, then tear down
+  serve                 serve until Ctrl-C (or the time limit)
+  detach=true           batch only: submit one job that runs the whole batch by itself, and return
+
+job commands (JOB: a job id or job folder; default: the latest job of --folder):
+  launch status [JOB] [--json]          state, progress, servers, history
+  launch logs [JOB] [--rank N] [-f]     the batch driver's log, or a rank's
+  launch cancel [JOB]                   drain and cancel a detached job; tear down an attended one
+
+exit codes:
+  0    every item generated (batch); a job command that did what it was asked
+  1    some items failed (OUTPUT.errors.jsonl), or the batch stopped early: the printed command resumes it
+  2    refused or failed: config, checkpoint, input, an output another run writes, a taken port, a failed job
+  130  interrupted (Ctrl-C, SIGTERM): the job was torn down; a batch prints the command that resumes it
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in control.COMMANDS:  # `launch status|logs|cancel ...`: a detached job, not a recipe
         return _reporting_errors(lambda: control.main(argv))
     parser = argparse.ArgumentParser(prog="launch", description="Serve a model on Slurm or this machine and "
-                                     "run a batch of prompts through it.")
+                                     "run a batch of prompts through it.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help="a recipe name (see --list)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel.tensor=2 cluster=slurm")
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
@@ -37,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.recipe:
             parser.error("a recipe is needed (launch --list shows them)")
-        return launch(args.recipe, args.overrides, args.dry_run)
+        return launch(args.recipe, args.overrides, args.dry_run, resume_command(argv))
     except LaunchError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
@@ -54,30 +76,59 @@ def _hear_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def launch(recipe: str, overrides: list[str], dry_run: bool) -> int:
+def resume_command(argv: list[str]) -> str:
+    """The command that reruns this one and resumes its batch (batch.restart=true would start it over)."""
+    kept = [arg for arg in argv if arg.lstrip("+~").replace(" ", "") not in ("batch.restart=true",
+                                                                            "batch.restart=True")]
+    return shlex.join(["launch", *kept])
+
+
+def launch(recipe: str, overrides: list[str], dry_run: bool, command: str = "") -> int:
     started = time.monotonic()
     cfg = _with_absolute_paths(parse_config(OmegaConf.to_container(compose_recipe(recipe, overrides))))
     if dry_run:
         return _print_dry_run(cfg, overrides)
-    place_local_ranks(cfg)
-    source = open_model(cfg)
-    fit_to_model(cfg, source.config, overrides)
-    plan = batch.prepare(cfg) if cfg.mode == "batch" else None
+    if cfg.mode != "batch":
+        _validate(cfg, overrides)
+        return _attended(cfg, None, recipe, started)
+    with lock_output(Path(cfg.batch.output)) as lock:  # first: a second run is refused at once, and before
+        _validate(cfg, overrides)                     # prepare(), since batch.restart=true removes files
+        plan = batch.prepare(cfg)
+        plan.command = command
+        if cfg.detach:
+            return _submit_detached(cfg, plan)  # the job's driver takes the lock for the run
+        return _attended(cfg, plan, recipe, started, lock)
 
-    if cfg.detach:
-        return _submit_detached(cfg, plan)
+
+def _validate(cfg: LaunchConfig, overrides: list[str]) -> None:
+    place_local_ranks(cfg)
+    check_local_ports(cfg)
+    fit_to_model(cfg, open_model(cfg).config, overrides)
+
+
+def _attended(cfg: LaunchConfig, plan: batch.BatchPlan | None, recipe: str, started: float,
+              lock: OutputLock | None = None) -> int:
     raise_on_sigterm()
     job = submit(cfg)
+    if lock is not None:
+        lock.note(job_id=job.job_id)
     try:
-        urls = job.wait_until_healthy()
+        try:
+            urls = job.wait_until_healthy()
+        except KeyboardInterrupt:
+            if plan is not None:
+                print(f"launch: the batch did not start; to run it, run: {plan.command or 'the same command'}",
+                      file=sys.stderr)
+            raise
         if cfg.mode == "serve":
             print(f"serving {recipe} at {' '.join(urls)} (PUT /generate, POST /v1/completions); "
                   "Ctrl-C stops it", flush=True)
             job.wait_for_end()  # leaves only by Ctrl-C / SIGTERM, or by raising when the job ends by itself
         summary = batch.run(plan, urls, job.token)
-        if not summary.complete:
+        if not summary.complete and not summary.stop_reason.startswith("interrupted"):
             if job.control.ended():
-                raise LaunchError(f"the batch stopped: {summary.stop_reason}\n{job.end_report()}")
+                raise LaunchError(f"the batch stopped: {summary.stop_reason}; once fixed, `{summary.resume}` "
+                                  f"resumes it\n{job.end_report()}")
             failures = job.failure_report()
             if failures:
                 print(f"launch: ranks that exited: {failures}", file=sys.stderr)
@@ -100,6 +151,9 @@ def _reporting_errors(command) -> int:
     except LaunchError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `launch logs -f` is left by Ctrl-C; the job goes on
+        print(file=sys.stderr)
+        return 130
 
 
 def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:

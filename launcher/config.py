@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 import fleetgen.conf
 import fleetgen.recipes
-from fleetgen.conf.schema import Generation, LaunchConfig
+from fleetgen.conf import schema_defaults
+from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher.errors import LaunchError
 
 CONF_DIR = Path(fleetgen.conf.__path__[0])
@@ -71,10 +72,9 @@ def _explain_override_error(message: str, overrides: list[str]) -> str:
 
 
 def _keys_under(dotted: str) -> list[str]:
-    node = OmegaConf.load(CONF_DIR / "config.yaml")
+    node = OmegaConf.create({k: v for k, v in schema_defaults().items() if k not in ("cluster", "container")})
     for group in ("cluster", "container"):  # groups' keys, as composed by default
         node[group] = OmegaConf.merge(*(OmegaConf.load(p) for p in sorted((CONF_DIR / group).glob("*.yaml"))))
-    node["generation"] = Generation().model_dump()
     node = OmegaConf.select(node, dotted) if dotted else node
     return sorted(k for k in node.keys() if k != "defaults") if isinstance(node, DictConfig) else []
 

@@ -1,8 +1,11 @@
-"""`launch status|logs|cancel`: follow and steer a detached job from any shell, from its folder alone."""
+"""`launch status|logs|cancel`: follow and steer a job, detached or attended by a launcher, from any shell, from its
+folder alone."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -10,9 +13,10 @@ from pathlib import Path
 from fleetgen.conf.schema import Job
 from fleetgen.launcher.batch.plan import summary_path
 from fleetgen.launcher.batch.progress import progress_path
+from fleetgen.launcher import owner
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, find_job, read_history, read_record,
-                                         write_atomically)
+from fleetgen.launcher.jobrecord import find_job, read_history, read_record, server_urls
+from fleetgen.slurm.job_folder import CANCEL_REQUEST, DRIVER_LOG, JobPaths, write_atomically
 from fleetgen.slurm.job_control import control_class
 
 COMMANDS = ("status", "logs", "cancel")
@@ -23,14 +27,14 @@ POLL_S = 1.0
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"launch {argv[0]}")
-    parser.add_argument("job", nargs="?" if argv[0] == "status" else None,
-                        help="a job id or job folder" + (" (default: the latest job)" if argv[0] == "status" else ""))
+    parser.add_argument("job", nargs="?", help="a job id or job folder (default: the latest job of --folder)")
     parser.add_argument("--folder", default=Job().folder, help="job.folder the job was submitted with "
                         "(default: %(default)s)")
     if argv[0] == "status":
         parser.add_argument("--json", action="store_true", help="print the status as JSON")
     if argv[0] == "logs":
-        parser.add_argument("--rank", type=int, help="show this rank's log instead of the batch driver's")
+        parser.add_argument("--rank", type=int, help="show this rank's log instead of the batch driver's (a job "
+                            "without a driver, one a launcher attends, shows rank 0's)")
         parser.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     args = parser.parse_args(argv[1:])
     job_folder = find_job(args.job, Path(args.folder))
@@ -50,6 +54,8 @@ def job_state(record: dict, history: list[dict]) -> str:
     state = control_class(record["kind"]).state_of(record["job_id"])
     if state is not None:
         return state
+    if record.get("owner"):  # attended: its launcher tore it down, or was killed and left it to be reaped
+        return "ENDED" if record.get("ended") else "ENDED (its launcher did not record how)"
     last = history[-1]["event"] if history else ""
     return {"finished": "COMPLETED", "cancelled": "CANCELLED"}.get(last, "FAILED")
 
@@ -62,15 +68,18 @@ def _active(state: str) -> bool:
 
 def status(job_folder: Path) -> dict:
     record, history = read_record(job_folder), read_history(job_folder)
-    output = Path(record["output"])
-    progress = _read_json(progress_path(output))
-    summary = _read_json(summary_path(output))
+    output = Path(record["output"]) if record.get("output") else None
+    progress = _read_json(progress_path(output)) if output else None
+    summary = _read_json(summary_path(output)) if output else None
+    state = job_state(record, history)
     counts = progress or summary or {}
     replicas = progress.get("replicas", []) if progress else []
     starts = [event for event in history if event["event"] == "started"]
     return {
         "job_id": record["job_id"], "kind": record["kind"], "recipe": record["recipe"],
-        "job_folder": str(job_folder), "state": job_state(record, history),
+        "job_folder": str(job_folder), "state": state, "mode": record.get("mode", "batch"),
+        "attended_by": owner.describe(record["owner"]) if record.get("owner") else None,
+        "servers": server_urls(job_folder, record.get("replicas", 1)) if _active(state) else [],
         **{key: counts.get(key) for key in ("total", "done", "failed", "retried", "tokens_per_s", "eta_s")},
         "complete": bool(summary and summary["complete"]),  # the output written and audited
         "replicas": replicas,
@@ -78,7 +87,7 @@ def status(job_folder: Path) -> dict:
         "lost_replicas": [r for r in replicas if r.get("state") == "failed"],
         "requeues": max(len(starts) - 1, 0),  # each start after the first: drained and requeued, or killed
         "history": history,
-        "output": str(output),
+        "output": str(output) if output and output.exists() else None,
         "summary": str(summary_path(output)) if summary else None,
     }
 
@@ -94,16 +103,25 @@ def describe(report: dict) -> str:
     def known(value, fmt="{}"):
         return "?" if value is None else fmt.format(value)
 
-    lines = [f"job {report['job_id']} ({report['kind']}, recipe {report['recipe']}): {report['state']}",
-             f"  items: {known(report['done'])}/{known(report['total'])} done, {known(report['failed'])} failed, "
-             f"{known(report['retried'])} retried; {known(report['tokens_per_s'], '{:.1f}')} tokens/s; "
-             f"ETA {_duration(report['eta_s'])}" + ("; complete" if report["complete"] else "")]
+    details = [report["kind"], f"recipe {report['recipe']}"]
+    if report.get("attended_by"):  # a detached job is always a batch, and attends itself
+        details += [report["mode"], f"attended by launch {report['attended_by']}"]
+    lines = [f"job {report['job_id']} ({', '.join(details)}): {report['state']}"]
+    if report["servers"]:
+        lines.append(f"  serving at {' '.join(report['servers'])}")
+    if report["total"] is not None:
+        eta = f"; ETA {_duration(report['eta_s'])}" if _active(report["state"]) and not report["complete"] else ""
+        lines.append(f"  items: {known(report['done'])}/{known(report['total'])} done, {known(report['failed'])} "
+                     f"failed, {known(report['retried'])} retried; {known(report['tokens_per_s'], '{:.1f}')} "
+                     f"tokens/s{eta}" + ("; complete" if report["complete"] else ""))
     if report["replicas"]:
         lines.append(f"  replicas: {report['healthy_replicas']}/{len(report['replicas'])} healthy")
         lines += [f"    lost: {r.get('url')}: {r.get('reason')}" for r in report["lost_replicas"]]
-    lines.append(f"  requeues: {report['requeues']}")
-    lines += [f"    {_clock(event['time'])} {_event_text(event)}" for event in report["history"]]
-    lines.append(f"  output: {report['output']}" + (f" (summary: {report['summary']})" if report["summary"] else ""))
+    if report["history"]:
+        lines.append(f"  requeues: {report['requeues']}")
+        lines += [f"    {_clock(event['time'])} {_event_text(event)}" for event in report["history"]]
+    if report["output"] or report["summary"]:
+        lines.append("  " + ", ".join(f"{name}: {report[name]}" for name in ("output", "summary") if report[name]))
     lines.append(f"  logs: launch logs {report['job_folder']} [--rank N] [-f]")
     return "\n".join(lines)
 
@@ -129,10 +147,11 @@ def _duration(seconds: float | None) -> str:
 
 def logs(job_folder: Path, rank: int | None, follow: bool) -> int:
     record = read_record(job_folder)
-    if rank is None:
+    if rank is None and ((job_folder / DRIVER_LOG).exists() or not record.get("owner")):
         paths = [job_folder / DRIVER_LOG]
     else:
-        paths = [job_folder / f"{record['job_id']}_{rank}_log.{kind}" for kind in ("out", "err")]
+        rank = rank or 0
+        paths = [JobPaths(job_folder).rank_log(record["job_id"], rank, kind) for kind in ("out", "err")]
         if not any(path.exists() for path in paths):
             raise LaunchError(f"no log of rank {rank} in {job_folder} (yet)")
     offsets = dict.fromkeys(paths, 0)
@@ -166,6 +185,8 @@ def cancel(job_folder: Path) -> int:
     if not _active(state):
         print(f"job {record['job_id']} has already ended: {state}")
         return 0
+    if record.get("owner"):
+        return _cancel_attended(record, job_folder)
     write_atomically(job_folder / CANCEL_REQUEST, str(time.time()))
     drained = state.startswith("RUNNING") and _ended_within(record, job_folder, record["grace_period_s"] + 60)
     if not drained:
@@ -176,6 +197,23 @@ def cancel(job_folder: Path) -> int:
     done = [e for e in read_history(job_folder) if e["event"] == "cancelled"]
     how = f"drained ({_event_text(done[-1])})" if done else "cancelled without draining (it was not running)"
     print(f"job {record['job_id']}: {how}; state {job_state(record, read_history(job_folder))}")
+    return 0
+
+
+def _cancel_attended(record: dict, job_folder: Path) -> int:
+    """A launcher on this host is asked to tear its job down, as SIGTERM asks it (a batch writes its summary);
+    a job whose launcher is elsewhere or gone is cancelled through the scheduler."""
+    who = record["owner"]
+    if owner.is_alive_here(who):
+        os.kill(who["pid"], signal.SIGTERM)
+        how = f"its launcher ({owner.describe(who)}) tore it down"
+    else:
+        control_class(record["kind"]).cancel_id(record["job_id"])
+        how = "cancelled through the scheduler"
+    if not _ended_within(record, job_folder, record["grace_period_s"] + 60):
+        raise LaunchError(f"job {record['job_id']} did not end after it was cancelled; check "
+                          f"`squeue -j {record['job_id']}`")
+    print(f"job {record['job_id']}: {how}; state {job_state(read_record(job_folder), [])}")
     return 0
 
 

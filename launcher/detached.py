@@ -30,8 +30,10 @@ import submitit
 
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher import batch
+from fleetgen.launcher.batch.progress import plural
 from fleetgen.launcher.driver import Driver
-from fleetgen.launcher.jobrecord import (CANCEL_REQUEST, DRIVER_LOG, append_event, write_record)
+from fleetgen.launcher.jobrecord import append_event, write_record
+from fleetgen.slurm.job_folder import CANCEL_REQUEST, DRIVER_LOG, JobPaths
 from fleetgen.slurm.control_token import write_token
 from fleetgen.slurm.environment import RankEnvironment
 from fleetgen.slurm.job_control import JobControl, control_class
@@ -47,13 +49,15 @@ def submit(cfg: LaunchConfig, plan: batch.BatchPlan) -> str:
     folder.chmod(0o700)  # job folders hold control tokens, and submitit's pickles pass through here
     with _outliving_this_terminal(cfg, folder):
         job = JobControl.submit(cfg, folder, DetachedRun(), plan, str(folder))
-    placeholder = folder / "%j"  # submitit creates the folder pattern itself, unformatted
-    if placeholder.is_dir() and not any(placeholder.iterdir()):
-        placeholder.rmdir()
+    try:
+        (folder / "%j").rmdir()  # submitit creates the folder pattern itself, unformatted
+    except OSError:
+        pass  # not empty, or gone already: another launcher submitting from the same job.folder
     job_folder = folder / job.job_id
     write_token(job_folder)  # the ranks wait for it; the driver sends it
     write_record(folder, job_folder, {
-        "job_id": job.job_id, "kind": cfg.cluster.kind, "recipe": cfg.recipe, "output": cfg.batch.output,
+        "job_id": job.job_id, "kind": cfg.cluster.kind, "recipe": cfg.recipe, "mode": "batch", "detached": True,
+        "output": cfg.batch.output,
         "replicas": cfg.parallel.replicas, "grace_period_s": cfg.job.grace_period_s,
         "submitted": datetime.now().isoformat(timespec="seconds")})
     return job.job_id
@@ -124,7 +128,7 @@ class _RunningDriver:
 
     def run(self) -> None:
         self.job_folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.job_folder.glob("server-*.json"), *self.job_folder.glob("rank-*.exit.json")]:
+        for stale in [*JobPaths(self.job_folder).servers(), *JobPaths(self.job_folder).rank_exits()]:
             stale.unlink()  # an earlier attempt's addresses and last words
         rank0 = _start_rank(self.cfg, self.folder)  # from the main thread: PDEATHSIG follows this thread
         _redirect_output(self.job_folder / DRIVER_LOG)
@@ -157,7 +161,7 @@ class _RunningDriver:
         append_event(self.job_folder, "finished" if summary.complete else "stopped", **_counts(summary), **outcome)
         if code:  # the batch path's exit code 1: the job fails, and says why
             raise RuntimeError(f"the batch {'stopped: ' + summary.stop_reason if not summary.complete else 'ended'}"
-                               f" with {summary.failed} failed item(s) of {summary.items}; see {DRIVER_LOG}")
+                               f" with {summary.failed} of {plural(summary.items, 'item')} failed; see {DRIVER_LOG}")
 
     def drain_for_requeue(self) -> None:
         """On submitit's signal (main thread): stop the driver within the grace period, record why."""

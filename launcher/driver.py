@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from fleetgen.launcher import batch
+from fleetgen.launcher.batch.progress import plural
 from fleetgen.launcher.jobrecord import server_urls
 from fleetgen.slurm.control_token import read_token
 from fleetgen.slurm.rank_exit import read_exits
@@ -35,7 +36,7 @@ class Driver:
             token = read_token(self.job_folder, self.cfg.server.health_timeout_s)
             urls = self._wait_until_healthy()
             if urls is not None:
-                print(f"driver: {len(urls)} replica(s) healthy: {' '.join(urls)}", flush=True)
+                print(f"driver: {plural(len(urls), 'replica')} healthy: {' '.join(urls)}", flush=True)
                 self.summary = batch.run(self.plan, urls, token, self.drain)
         except Exception as e:  # reported by the task's main thread, which fails the job with it
             self.error = e

@@ -6,17 +6,21 @@ import signal
 import sys
 import time
 import typing
+from datetime import datetime
 from pathlib import Path
 
 import httpx
+import psutil
 
+from fleetgen.launcher import owner
+from fleetgen.launcher.control import ACTIVE_STATES
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.jobrecord import server_urls
+from fleetgen.launcher.jobrecord import mark_ended, server_urls, write_record
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.slurm.control_token import write_token
+from fleetgen.slurm.job_folder import RECORD, JobPaths
 from fleetgen.slurm.job_control import JobControl, control_class
 
-ACTIVE_FILE = "active.json"  # the job this folder's launcher is running; left behind only by a crash
 CANCEL_WAIT_S = 60
 FAILED_JOB_END_S = 10  # a failed replica's ranks exit by themselves within this; a stopped one never does
 
@@ -25,31 +29,63 @@ def submit(cfg: LaunchConfig) -> RunningJob:
     folder = Path(cfg.job.folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # job folders hold control tokens, and submitit's pickles pass through here
-    reap_stale_job(folder)
+    reap_stale_jobs(folder)
     from fleetgen.model.serve.worker import run_rank  # imported here: the launcher itself needs no model code
 
     control = JobControl.submit(cfg, folder, run_rank, cfg, str(folder))
     _remove_if_empty(folder / "%j")  # submitit creates the folder pattern itself, unformatted
     token = write_token(control.folder)
-    (folder / ACTIVE_FILE).write_text(json.dumps({"kind": cfg.cluster.kind, "job_id": control.job_id}))
-    print(f"submitted job {control.job_id} ({cfg.cluster.kind}, {cfg.parallel.world_size} ranks); "
+    write_record(folder, control.folder, {
+        "job_id": control.job_id, "kind": cfg.cluster.kind, "recipe": cfg.recipe, "mode": cfg.mode,
+        "output": cfg.batch.output if cfg.mode == "batch" else None, "replicas": cfg.parallel.replicas,
+        "grace_period_s": cfg.job.grace_period_s, "submitted": datetime.now().isoformat(timespec="seconds"),
+        "owner": owner.identity(), "job_started": _local_job_started(cfg.cluster.kind, control.job_id)})
+    ranks = cfg.parallel.world_size
+    print(f"submitted job {control.job_id} ({cfg.cluster.kind}, {ranks} rank{'s' if ranks != 1 else ''}); "
           f"logs in {control.folder}", file=sys.stderr)
     return RunningJob(control, cfg, folder, token)
 
 
 def _remove_if_empty(path: Path) -> None:
-    if path.is_dir() and not any(path.iterdir()):
+    try:
         path.rmdir()
+    except OSError:
+        pass  # not empty, or gone already: another launcher submitting from the same job.folder
 
 
-def reap_stale_job(folder: Path) -> None:
-    """A launcher that crashed left its job running: cancel it before starting another."""
-    active = folder / ACTIVE_FILE
-    if not active.exists():
-        return
-    stale = json.loads(active.read_text())
-    control_class(stale["kind"]).reap(stale["job_id"])
-    active.unlink()
+def _local_job_started(kind: str, job_id: str) -> float | None:
+    """A local job's id is its controller's pid: its start time tells a reused pid from the job."""
+    if kind != "local":
+        return None
+    try:
+        return psutil.Process(int(job_id)).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def reap_stale_jobs(folder: Path) -> None:
+    """Cancel the jobs of job.folder whose launcher is provably gone (crashed, killed) and which still run.
+    A job whose launcher lives, here or on another host, is never touched."""
+    for path in sorted(folder.glob(f"*/{RECORD}")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # being written, or not ours
+        who = record.get("owner")
+        if record.get("ended") or not who or not owner.is_gone(who):
+            continue
+        if _still_runs(record):
+            print(f"job {record['job_id']}: its launcher ({owner.describe(who)}) is gone", file=sys.stderr)
+            control_class(record["kind"]).reap(record["job_id"])
+        mark_ended(path.parent)
+
+
+def _still_runs(record: dict) -> bool:
+    if record["kind"] == "local":
+        started = _local_job_started("local", record["job_id"])
+        return started is not None and abs(started - (record.get("job_started") or 0)) <= owner.START_TIME_SLACK_S
+    state = control_class(record["kind"]).state_of(record["job_id"])
+    return state is not None and state.split()[0] in ACTIVE_STATES
 
 
 class RunningJob:
@@ -106,7 +142,7 @@ class RunningJob:
     def error_tail(self, lines: int = 25) -> str:
         """The last lines of every rank's stderr that has something to say."""
         tails = []
-        for path in sorted(self.job_folder.glob("*_log.err")):
+        for path in JobPaths(self.job_folder).error_logs():
             text = path.read_text(errors="replace").strip().splitlines()
             if text:
                 tails.append(f"--- {path} (last {min(lines, len(text))} lines)\n" + "\n".join(text[-lines:]))
@@ -148,7 +184,7 @@ class RunningJob:
             if not self._ended_within(CANCEL_WAIT_S):
                 raise LaunchError(f"job {self.job_id} did not end after it was cancelled; "
                                   f"check `squeue -j {self.job_id}`")
-        (self.folder / ACTIVE_FILE).unlink(missing_ok=True)
+        mark_ended(self.job_folder)
 
     def _ended_within(self, seconds: float) -> bool:
         """No process of the job is left by then."""

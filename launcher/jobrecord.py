@@ -1,11 +1,7 @@
-"""What a detached job leaves in its folder, so that `launch status|logs|cancel` work from any shell, any time.
-
-folder/latest            the id of the last detached job submitted with this job.folder
-folder/ID/detached.json  written at submission: job id, cluster kind, recipe, output, grace period
-folder/ID/history.jsonl  one line per event of the job's life (started, drained, finished, ...), appended
-folder/ID/driver.log     the batch driver's output
-folder/ID/cancel.request written by `launch cancel`: the driver drains, then cancels its own job
-folder/ID/server-R.json  written by replica R's leader once it listens: its URL (any job, detached or not)
+"""A job's record and history in its folder, so that `launch status|logs|cancel` work from any shell, any time;
+the folder's files are named in slurm/job_folder.py. job.json holds the job id, cluster kind, recipe, mode, output
+and grace period; for a job a launcher attends, its owner (host, pid, pid start time), so that another launcher
+reaps the job only once that owner is gone; and "ended" once it was torn down.
 """
 from __future__ import annotations
 
@@ -15,24 +11,13 @@ import time
 from pathlib import Path
 
 from fleetgen.launcher.errors import LaunchError
-
-LATEST = "latest"
-RECORD = "detached.json"
-HISTORY = "history.jsonl"
-DRIVER_LOG = "driver.log"
-CANCEL_REQUEST = "cancel.request"
+from fleetgen.slurm.job_folder import HISTORY, LATEST, RECORD, JobPaths, write_atomically
 
 
 def server_urls(job_folder: Path, replicas: int) -> list[str]:
     """The URLs of the replicas whose leaders have published one so far."""
-    paths = (job_folder / f"server-{replica}.json" for replica in range(replicas))
+    paths = (JobPaths(job_folder).server(replica) for replica in range(replicas))
     return [json.loads(path.read_text())["url"] for path in paths if path.exists()]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_record(folder: Path, job_folder: Path, record: dict) -> None:
@@ -41,18 +26,23 @@ def write_record(folder: Path, job_folder: Path, record: dict) -> None:
     write_atomically(folder / LATEST, record["job_id"])
 
 
+def mark_ended(job_folder: Path) -> None:
+    record = read_record(job_folder)
+    write_atomically(job_folder / RECORD, json.dumps({**record, "ended": True}, indent=1))
+
+
 def find_job(job: str | None, folder: Path) -> Path:
     """A job's folder from a job id, a job folder, or nothing (the latest job submitted from `folder`)."""
     if job is None:
         latest = folder / LATEST
         if not latest.exists():
-            raise LaunchError(f"no detached job was submitted with job.folder={folder}; give a job id or folder")
+            raise LaunchError(f"no job was submitted with job.folder={folder}; give a job id or folder")
         job = latest.read_text().strip()
     candidates = [Path(job), folder / job]
     for candidate in candidates:
         if (candidate / RECORD).is_file():
             return candidate.resolve()
-    raise LaunchError(f"{job}: not a detached job's id or folder (looked for {RECORD} in "
+    raise LaunchError(f"{job}: not a job's id or folder (looked for {RECORD} in "
                       f"{' and '.join(str(c) for c in candidates)}); --folder names job.folder")
 
 

@@ -1,6 +1,8 @@
 """Checks that need more than one field, or the checkpoint itself: all run before anything is submitted."""
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +32,26 @@ def place_local_ranks(cfg: LaunchConfig, machine: Callable[[], MachineGpus] = ma
                           f"× {par.replicas} = {par.world_size} ranks, one GPU each, but this machine has {gpus}: "
                           f"{fewer}cluster.gpus_per_node=0 to run them on CPU")
     cluster.gpus_per_node, cluster.visible_gpus = par.world_size, list(gpus.names[:par.world_size])
+
+
+def check_local_ports(cfg: LaunchConfig) -> None:
+    """cluster=local with a fixed server.port: replica r serves on server.port + r, on this machine, so a port
+    another process holds is found here instead of as a rank that fails to start."""
+    if cfg.cluster.kind != "local" or not cfg.server.port:
+        return
+    for replica in range(cfg.parallel.replicas):
+        port = cfg.server.port + replica
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+            try:
+                probe.bind((cfg.server.host, port))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise LaunchError(f"server.port={cfg.server.port}: cannot listen on {cfg.server.host}:{port} "
+                                      f"({e.strerror})") from None
+                which = f" (replica {replica} serves on server.port + {replica})" if replica else ""
+                raise LaunchError(f"server.port={cfg.server.port}: port {port} on this machine is taken{which}; "
+                                  "give another server.port, or server.port=0 for free ports") from None
 
 
 def fit_to_model(cfg: LaunchConfig, model: ModelConfig, overrides: list[str]) -> None:

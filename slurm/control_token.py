@@ -2,12 +2,12 @@
 the job's servers. The launcher writes it into the job folder at submission; the replicas' leaders read it."""
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
 
-TOKEN_FILE = "control-token"
+from fleetgen.slurm.job_folder import JobPaths, write_atomically
+
 POLL_S = 0.1
 
 
@@ -17,17 +17,13 @@ def write_token(job_folder: Path) -> str:
     job_folder.mkdir(parents=True, exist_ok=True)
     job_folder.chmod(0o700)
     token = secrets.token_urlsafe(32)
-    tmp = job_folder / f".{TOKEN_FILE}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, even briefly
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-    os.replace(tmp, job_folder / TOKEN_FILE)
+    write_atomically(JobPaths(job_folder).control_token, token, mode=0o600)  # never readable by others
     return token
 
 
 def read_token(job_folder: Path, timeout_s: float) -> str:
     """The job's token; a rank may start before the launcher has written it."""
-    path = job_folder / TOKEN_FILE
+    path = JobPaths(job_folder).control_token
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:

@@ -8,23 +8,21 @@ but its replica's other ranks notice and write theirs.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
+from fleetgen.slurm.job_folder import JobPaths, write_atomically
+
 
 def write_exit(job_folder: Path | str, rank: int, node: str, reason: Optional[str]) -> None:
-    path = Path(job_folder) / f"rank-{rank}.exit.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"rank": rank, "node": node, "reason": reason}))
-    os.replace(tmp, path)
+    write_atomically(JobPaths(Path(job_folder)).rank_exit(rank),
+                     json.dumps({"rank": rank, "node": node, "reason": reason}))
 
 
 def read_exits(job_folder: Path | str) -> dict[int, Optional[str]]:
     """rank -> `on NODE: reason` (None for a normal end), for every rank that has written its last word."""
     exits = {}
-    for path in Path(job_folder).glob("rank-*.exit.json"):
+    for path in JobPaths(Path(job_folder)).rank_exits():
         record = json.loads(path.read_text())
         exits[record["rank"]] = f"on {record['node']}: {record['reason']}" if record["reason"] else None
     return exits

@@ -6,12 +6,12 @@ cluster several jobs may share a node.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
 
 from fleetgen.slurm.environment import RankEnvironment
+from fleetgen.slurm.job_folder import JobPaths, write_atomically
 
 POLL_S = 0.1
 
@@ -21,11 +21,11 @@ def rendezvous(job_folder: Path, env: RankEnvironment, timeout_s: float) -> str:
 
     Rank 0 writes `<job_folder>/rendezvous-<job_id>.json`; the other ranks wait for it up to timeout_s.
     """
-    path = Path(job_folder) / f"rendezvous-{env.job_id}.json"
+    path = JobPaths(Path(job_folder)).rendezvous(env.job_id)
     if env.global_rank == 0:
         host = f"[{env.first_host}]" if ":" in env.first_host else env.first_host  # IPv6 literal
         init_method = f"tcp://{host}:{free_port()}"
-        _write_atomically(path, {"init_method": init_method, "restart_count": env.restart_count})
+        write_atomically(path, json.dumps({"init_method": init_method, "restart_count": env.restart_count}))
         return init_method
     return _wait_for(path, env, timeout_s)
 
@@ -35,14 +35,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
-
-
-def _write_atomically(path: Path, record: dict) -> None:
-    """Readers never see a half-written file: they find the old name absent or the whole new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
 
 
 def _wait_for(path: Path, env: RankEnvironment, timeout_s: float) -> str:

@@ -1,7 +1,6 @@
 """A serving `launch` in a subprocess, its job's rank processes, and what the fault tests check on the way out."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -31,7 +30,7 @@ class Serving:
         line = self.proc.stdout.readline()
         assert line.startswith("serving"), (line, self.stderr())
         self.urls = line.split(" at ")[1].split(" (")[0].split()
-        self.job_id = json.loads((tmp_path / "jobs" / "active.json").read_text())["job_id"]
+        self.job_id = (tmp_path / "jobs" / "latest").read_text().strip()
         self.job_folder = tmp_path / "jobs" / self.job_id
 
     def stderr(self) -> str:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fleetgen.launcher.batch import prepare, run
+from fleetgen.launcher.batch import prepare, report, run
 from tests.batch_stub import StubServer, batch_config, read_jsonl, stub_completion, write_jsonl
 
 
@@ -73,12 +73,17 @@ def test_a_refused_record_goes_to_the_errors_file_and_the_rest_is_done(tmp_path,
     assert len(summary.first_errors) == 2
 
 
-def test_a_run_failing_wholesale_stops_early_with_the_first_errors(tmp_path, stubs):
+def test_a_run_failing_wholesale_stops_early_with_the_first_errors(tmp_path, stubs, capsys):
     stub = stubs()
     summary = go(tmp_path, prompts(200, bad=set(range(200))), [stub], concurrency=1, prompts_per_request=1,
                  max_error_fraction=0.05)
     assert not summary.complete and summary.stop_reason.startswith("aborted: 11 of 200 items failed")
     assert stub.requests < 20 and len(summary.first_errors) == 5
+    summary.resume = "launch tiny batch.input=in.jsonl"
+    assert report(summary, 1.0) == 1
+    told = capsys.readouterr().err
+    assert "stopped (aborted: 11 of 200 items failed" in told and "the summary is in " in told
+    assert "To go on anyway, run: launch tiny batch.input=in.jsonl batch.max_error_fraction=0.2" in told
 
 
 def test_samples_have_their_own_seeds_whatever_the_grouping(tmp_path, stubs):
@@ -181,11 +186,13 @@ def test_the_bearer_token_is_sent_and_a_refused_one_stops_the_run(tmp_path, stub
 
 def test_a_finished_run_rerun_changes_nothing(tmp_path, stubs):
     stub = stubs()
-    go(tmp_path, prompts(10), [stub])
+    first = go(tmp_path, prompts(10), [stub])
     before, requests = (tmp_path / "out.jsonl").read_text(), stub.requests
     time.sleep(0.01)
     summary = go(tmp_path, prompts(10), [stub])
     assert summary.complete and stub.requests == requests and (tmp_path / "out.jsonl").read_text() == before
+    assert summary == first and first.tokens_per_s > 0  # the run that did the work keeps its figures
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["tokens_per_s"] == first.tokens_per_s
 
 
 def test_outside_a_terminal_progress_is_a_plain_line(tmp_path, stubs, monkeypatch, capsys):
@@ -195,4 +202,4 @@ def test_outside_a_terminal_progress_is_a_plain_line(tmp_path, stubs, monkeypatc
     monkeypatch.setattr(progress, "PLAIN_LINE_EVERY_S", 0.1)
     go(tmp_path, prompts(30), [stubs(delay_s=0.05)], concurrency=1, prompts_per_request=1)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch: ")]
-    assert lines and "/30 items" in lines[-1] and "tokens/s, ETA" in lines[-1] and "1/1 servers healthy" in lines[-1]
+    assert lines and "/30 items" in lines[-1] and "tokens/s, ETA" in lines[-1] and "1/1 server healthy" in lines[-1]

@@ -105,7 +105,7 @@ def test_a_changed_input_is_refused_and_restart_starts_over(tmp_path):
     assert plan_of(tmp_path, [{"prompt": "a"}, {"prompt": "b"}]).items == 2  # same input: resumes
     assert "different input" in refusal(tmp_path, [{"prompt": "a"}, {"prompt": "B"}])
     message = refusal(tmp_path, [{"prompt": "a"}, {"prompt": "b"}], samples=2)
-    assert "samples: 1 then, 2 now" in message and "batch.restart=true" in message
+    assert "batch.samples: 1 → 2" in message and "batch.restart=true" in message
     plan = plan_of(tmp_path, [{"prompt": "a"}, {"prompt": "B"}], restart=True)
     assert not ledger_path(plan.output).exists() and plan.items == 2
 
@@ -116,6 +116,7 @@ def test_generation_settings_are_part_of_the_fingerprint(tmp_path):
     plan = plan_of(tmp_path, [{"prompt": "a"}])
     Ledger(ledger_path(plan.output), plan.header, 1).close()
     path = tmp_path / "in.jsonl"
-    with pytest.raises(LaunchError, match="generation"):
+    with pytest.raises(LaunchError) as refused:
         prepare(batch_config(path, tmp_path / "out.jsonl", generation={"tokens_to_generate": 5}))
+    assert "(generation.tokens_to_generate: 64 → 5);" in str(refused.value)  # the one changed key, no dicts
     assert json.loads(ledger_path(plan.output).read_text().splitlines()[0])["items"] == 1

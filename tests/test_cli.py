@@ -86,3 +86,22 @@ def test_local_cluster_has_one_node(tmp_path):
 def test_recipe_architecture_contradicting_the_checkpoint_names_both_values(tmp_path):
     assert_clear_error(launch("tiny", "+model.architecture.num_layers=96", cwd=tmp_path),
                        "model.architecture.num_layers=96", "the checkpoint says")
+
+
+def test_help_lists_the_modes_the_job_commands_and_the_exit_codes(capsys):
+    from fleetgen.launcher import cli
+
+    with pytest.raises(SystemExit) as leaving:
+        cli.main(["--help"])
+    shown = capsys.readouterr().out
+    assert leaving.value.code == 0
+    for words in ("serve ", "detach=true", "launch status [JOB]", "launch logs [JOB]", "launch cancel [JOB]",
+                  "exit codes:", "130  interrupted"):
+        assert words in shown, words
+
+
+def test_the_resume_command_is_the_command_without_restart():
+    from fleetgen.launcher.cli import resume_command
+
+    assert resume_command(["tiny", "batch.restart=true", "batch.input=my in.jsonl"]) == \
+        "launch tiny 'batch.input=my in.jsonl'"

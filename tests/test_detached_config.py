@@ -49,7 +49,7 @@ def test_a_bad_input_is_refused_before_a_detached_job_is_submitted(tmp_path):
 def test_status_names_what_it_cannot_find(tmp_path):
     result = subprocess.run([*LAUNCH, "status", "--folder", "jobs"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 2 and "no detached job was submitted with job.folder=jobs" in result.stderr
+    assert result.returncode == 2 and "no job was submitted with job.folder=jobs" in result.stderr
     result = subprocess.run([*LAUNCH, "logs", "12345", "--folder", "jobs"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60)
-    assert result.returncode == 2 and "12345: not a detached job's id or folder" in result.stderr
+    assert result.returncode == 2 and "12345: not a job's id or folder" in result.stderr

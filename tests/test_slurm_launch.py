@@ -47,7 +47,7 @@ def start_serving(tmp_path, *overrides):
                             stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("serving"), (line, proc.stderr.read() if proc.poll() is not None else "")
-    job_id = json.loads((tmp_path / "jobs" / "active.json").read_text())["job_id"]
+    job_id = (tmp_path / "jobs" / "latest").read_text().strip()
     assert squeue(job_id)
     return proc, job_id
 

@@ -74,3 +74,18 @@ def test_tiny_takes_a_checkpoints_shorter_context_unless_told_otherwise(tmp_path
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "model.max_seq_len=600 (on the command line): max_seq_len=600 exceeds the model's 128 learned " \
            "positions" in refused.stderr
+
+
+def test_a_taken_server_port_is_refused_before_submission():
+    import socket
+
+    from fleetgen.launcher.validate import check_local_ports
+
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        cfg = launch_config()
+        cfg.server.port = taken
+        with pytest.raises(LaunchError, match=f"server.port={taken}: port {taken} on this machine is taken; "):
+            check_local_ports(cfg)

@@ -48,12 +48,26 @@ def check_header(path: Path, header: dict, restart_hint: str) -> None:
     if found["input"] != header["input"]:
         raise LaunchError(f"{path} was written for a different input: batch.input changed since that run "
                           f"started; {restart_hint}")
-    changed = sorted(k for k in set(found["settings"]) | set(header["settings"])
-                     if found["settings"].get(k) != header["settings"].get(k))
+    changed = _changes(found["settings"], header["settings"])
     if changed:
-        shown = ", ".join(f"{k}: {found['settings'].get(k)!r} then, {header['settings'].get(k)!r} now"
-                          for k in changed)
-        raise LaunchError(f"{path} was written with other settings ({shown}); {restart_hint}")
+        raise LaunchError(f"{path} was written with other settings ({', '.join(changed)}); {restart_hint}")
+
+
+SETTING_KEYS = {"samples": "batch.samples", "seed": "batch.seed", "checkpoint": "model.checkpoint",
+                "format": "the input's format"}  # the config keys that set a ledger header's settings
+
+
+def _changes(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """Each changed setting as `key: old → new`, by its config key (generation.tokens_to_generate: 32 → 8)."""
+    changes = []
+    for key in sorted(set(then) | set(now)):
+        old, new = then.get(key), now.get(key)
+        name = f"{prefix}{key}" if prefix else SETTING_KEYS.get(key, key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _changes(old, new, f"{name}.")
+        elif old != new:
+            changes.append(f"{name}: {json.dumps(old)} → {json.dumps(new)}")
+    return changes
 
 
 RECORD = b', "record": '

@@ -25,6 +25,7 @@ class BatchPlan:
     items: int
     keyed_by_id: bool
     header: dict
+    command: str = ""  # the `launch` command line that reruns (and so resumes) this batch, shown when it stops
 
     @property
     def input(self) -> Path:

@@ -4,6 +4,7 @@ periodic fsync, on the same clock."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -13,16 +14,14 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from fleetgen.slurm.job_folder import write_atomically
+
 SNAPSHOT_EVERY_S = 2.0
 PLAIN_LINE_EVERY_S = 30.0
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def progress_path(output: Path) -> Path:
@@ -38,9 +37,11 @@ class Reporter:
 
     def start(self) -> None:
         first = self._snapshot()
-        if sys.stdout.isatty():
+        if _terminal_columns() > 0:
             self._bar = tqdm(total=first["total"], initial=first["done"] + first["failed"], unit="item",
                              dynamic_ncols=True, leave=False)
+        else:
+            print(plain_line(first), flush=True)  # where it starts, in a log; then every PLAIN_LINE_EVERY_S
         write_json_atomically(self._path, first)
         self._thread.start()
 
@@ -70,30 +71,55 @@ class Reporter:
                 last_line = time.monotonic()
 
 
+def _terminal_columns() -> int:
+    """The terminal's width; 0 when stdout is no terminal, or one that says it has no columns (a bar there
+    would be nothing but control characters)."""
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 0
+    except (OSError, ValueError):
+        return 0
+
+
 def plain_line(s: dict) -> str:
     finished = s["done"] + s["failed"]
     healthy = sum(r["state"] == "healthy" for r in s["replicas"])
-    return (f"batch: {finished}/{s['total']} items ({100 * finished / max(s['total'], 1):.0f}%), {s['failed']} "
-            f"failed, {s['retried']} retried, {s['tokens_per_s']:.0f} tokens/s, ETA {_duration(s['eta_s'])}, "
-            f"{healthy}/{len(s['replicas'])} servers healthy")
+    return (f"batch: {finished}/{plural(s['total'], 'item')} ({100 * finished / max(s['total'], 1):.0f}%), "
+            f"{s['failed']} failed, {s['retried']} retried, {s['tokens_per_s']:.0f} tokens/s, ETA "
+            f"{_duration(s['eta_s'])}, {healthy}/{plural(len(s['replicas']), 'server')} healthy")
 
 
 def report(summary, wall_s: float) -> int:
     """What `launch` prints at the end, and its exit code: 0 when every item was generated; 1 when some
-    failed (OUTPUT.errors.jsonl) or the run stopped (a rerun resumes)."""
+    failed (OUTPUT.errors.jsonl) or the run stopped (a rerun resumes); 130 when Ctrl-C stopped it."""
     for error in summary.first_errors:
         print(f"launch: failed: {error}", file=sys.stderr)
     if not summary.complete:
         print(f"launch: the batch stopped ({summary.stop_reason}) after {summary.done + summary.failed} of "
-              f"{summary.items} items; rerun the same command to resume", file=sys.stderr)
-        return 1
-    print(f"results: {summary.output} — {summary.items} items of {summary.records} records, {summary.done} "
-          f"done, {summary.failed} failed (in {summary.errors}), {summary.completion_tokens} generated tokens, "
-          f"{summary.tokens_per_s:.1f} tokens/s, audit {'ok' if summary.audit['ok'] else 'FAILED'}, "
-          f"wall time {wall_s:.1f} s")
+              f"{plural(summary.items, 'item')}; the summary is in {summary.output}.summary.json", file=sys.stderr)
+        print(_how_to_go_on(summary), file=sys.stderr)
+        return 130 if summary.stop_reason.startswith("interrupted") else 1
+    print(f"results: {summary.output} — {plural(summary.items, 'item')} of {plural(summary.records, 'record')}, "
+          f"{summary.done} done, {summary.failed} failed (in {summary.errors}), {summary.completion_tokens} "
+          f"generated tokens, {summary.tokens_per_s:.1f} tokens/s, audit {'ok' if summary.audit['ok'] else 'FAILED'}"
+          f", wall time {wall_s:.1f} s")
     for lost in summary.lost_replicas:
         print(f"launch: server {lost['url']} was lost during the run: {lost['reason']}", file=sys.stderr)
     return 1 if summary.failed or not summary.audit["ok"] else 0
+
+
+def _how_to_go_on(summary) -> str:
+    command = summary.resume or "the same command"
+    if "batch.max_error_fraction" not in (summary.stop_reason or ""):
+        return f"launch: to resume it, run: {command}"
+    fraction = summary.failed / max(summary.items, 1)
+    enough = min(1.0, math.ceil(fraction * 10 + 1) / 10)
+    return (f"launch: {summary.failed} of {summary.items} items failed ({fraction:.2f}), see {summary.errors}; a "
+            f"rerun stops again unless batch.max_error_fraction is above {fraction:.2f}. To go on anyway, run: "
+            f"{command} batch.max_error_fraction={enough:g}")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _duration(seconds) -> str:

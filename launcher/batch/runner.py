@@ -1,9 +1,10 @@
 """run(): the batch through the servers into the ledger, then the final output, its audit and the summary."""
 from __future__ import annotations
 
+import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
@@ -11,6 +12,7 @@ from fleetgen.launcher.batch.dispatch import Dispatcher
 from fleetgen.launcher.batch.finalise import finalise
 from fleetgen.launcher.batch.inputs import records
 from fleetgen.launcher.batch.ledger import Ledger, ledger_path
+from fleetgen.launcher.batch.outputlock import lock_output
 from fleetgen.launcher.batch.plan import BatchPlan, errors_path, summary_path
 from fleetgen.launcher.batch.progress import Reporter, progress_path, write_json_atomically
 from fleetgen.launcher.batch.source import WorkSource
@@ -43,6 +45,7 @@ class Summary:
     audit: Optional[dict] = None
     output: str = ""
     errors: str = ""
+    resume: Optional[str] = None  # when not complete: the command that resumes the batch
 
 
 def run(plan: BatchPlan, servers: list[str], token: Optional[str],
@@ -55,27 +58,51 @@ def run(plan: BatchPlan, servers: list[str], token: Optional[str],
     set, no item is admitted any more, those in flight get batch.drain_timeout_s to finish, the ledger is
     flushed and fsynced and the Summary says complete=False (a rerun finishes). When every item is
     finished, OUTPUT and OUTPUT.errors.jsonl are written in input order, audited, and OUTPUT.summary.json
-    is written."""
+    is written. Ctrl-C (KeyboardInterrupt) stops the run the same way, with a summary. OUTPUT's lock is held
+    throughout: another run on the same output is refused."""
     if not servers:
         raise LaunchError("batch: no server to send the batch to")
+    with lock_output(plan.output):
+        return _run(plan, servers, token, drain)
+
+
+def _run(plan: BatchPlan, servers: list[str], token: Optional[str], drain: Optional[threading.Event]) -> Summary:
     cfg, started = plan.cfg, time.monotonic()
     fmt, output = plan.make_format(), plan.output
     ledger = Ledger(ledger_path(output), plan.header, cfg.batch.samples)
+    rerun_of_finished = ledger.finished == plan.items
     source = WorkSource(records(plan.input, fmt), fmt, cfg.batch.samples, ledger.done, cfg.batch.prompts_per_request)
     dispatcher = Dispatcher(source, fmt, ledger, servers, token, cfg.batch, cfg.recipe, plan.items)
     reporter = Reporter(progress_path(output), lambda: _snapshot(plan, ledger, dispatcher, started), ledger.sync)
     reporter.start()
+    interrupted = None
     try:
         dispatcher.run(drain)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (launcher/job.py): stop here, as a drain would
+        interrupted = f"interrupted by {'SIGTERM' if 'signal 15' in str(e) else 'Ctrl-C'}"
     finally:
         ledger.close()
     complete = ledger.finished == plan.items
     audit = finalise(ledger.path, output, errors_path(output), plan.items, cfg.batch.samples) if complete else None
     reporter.stop()
-    summary = _summary(plan, ledger, dispatcher, started, complete, audit)
+    summary = _summary(plan, ledger, dispatcher, started, complete, audit, interrupted)
+    if rerun_of_finished:  # nothing was generated now: the figures of the run that did it stand
+        summary = _earlier_figures(summary_path(output), summary)
     write_json_atomically(summary_path(output), {**asdict(summary), "fleetgen_version": _version(),
                                                  "config": _shown_config(plan)})
     return summary
+
+
+def _earlier_figures(path, summary: Summary) -> Summary:
+    """The earlier complete run's summary with this run's audit (the files were written again)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return summary
+    if not earlier.get("complete"):
+        return summary
+    names = {f.name for f in fields(Summary)}
+    return Summary(**{**{k: v for k, v in earlier.items() if k in names}, "audit": summary.audit})
 
 
 def _snapshot(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: float) -> dict:
@@ -93,14 +120,15 @@ def _snapshot(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: 
 
 
 def _summary(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: float, complete: bool,
-             audit) -> Summary:
+             audit, interrupted: Optional[str]) -> Summary:
     wall = time.monotonic() - started
     servers = [{"url": r.url, "state": r.state, "done": r.done, "completion_tokens": r.completion_tokens,
                 "tokens_per_s": round(r.completion_tokens / wall, 1) if wall > 0 else 0.0, "failures": r.failures,
                 "reason": r.reason} for r in dispatcher.replicas]
     first = dispatcher.first_request_at
     return Summary(
-        complete=complete, stop_reason=None if complete else dispatcher.stop_reason or "interrupted",
+        complete=complete,
+        stop_reason=None if complete else interrupted or dispatcher.stop_reason or "interrupted",
         records=plan.records, samples=plan.cfg.batch.samples, items=plan.items,
         done=ledger.finished - ledger.failed, failed=ledger.failed, retried=dispatcher.retried,
         prompt_tokens=ledger.prompt_tokens, completion_tokens=ledger.completion_tokens,
@@ -108,7 +136,8 @@ def _summary(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: f
         first_request_s=None if first is None else round(first - started, 3), servers=servers,
         lost_replicas=[{"url": s["url"], "reason": s["reason"]} for s in servers if s["failures"]],
         first_errors=dispatcher.first_errors, audit=audit.as_dict() if audit else None,
-        output=str(plan.output), errors=str(errors_path(plan.output)))
+        output=str(plan.output), errors=str(errors_path(plan.output)),
+        resume=None if complete else plan.command or None)
 
 
 def _shown_config(plan: BatchPlan) -> dict:

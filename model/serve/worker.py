@@ -26,6 +26,7 @@ from fleetgen.model.serve.liveness import Liveness
 from fleetgen.model.serve.server import Server
 from fleetgen.slurm.control_token import read_token
 from fleetgen.slurm.environment import RankEnvironment
+from fleetgen.slurm.job_folder import JobPaths, write_atomically
 from fleetgen.slurm.rank_exit import write_exit
 from fleetgen.slurm.rendezvous import rendezvous
 
@@ -96,8 +97,8 @@ def _lead(cfg: LaunchConfig, ps: ParallelState, env: RankEnvironment, job_folder
                     model_name=cfg.recipe, control_token=read_token(job_folder, cfg.server.health_timeout_s),
                     private=cfg.mode == "batch")
     liveness.on_failure = server.fail
-    _write_atomically(job_folder / f"server-{ps.replica}.json",
-                      json.dumps({"url": f"http://{_reachable_host(cfg, env)}:{server.port}", "replica": ps.replica}))
+    write_atomically(JobPaths(job_folder).server(ps.replica),
+                     json.dumps({"url": f"http://{_reachable_host(cfg, env)}:{server.port}", "replica": ps.replica}))
     engine = _build_engine(cfg, ps, startup_s)
     liveness.engine = engine
     server.attach(engine)
@@ -114,10 +115,3 @@ def _reachable_host(cfg: LaunchConfig, env: RankEnvironment) -> str:
 def _log(ps: ParallelState, message: str) -> None:
     print(f"rank {ps.world_rank} (replica {ps.replica}, tensor {ps.tp_rank}, stage {ps.pp_rank}): {message}",
           flush=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

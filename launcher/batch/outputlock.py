@@ -1,0 +1,85 @@
+"""One run writes a batch.output at a time: an flock on OUTPUT.lock, held while the run lives (the kernel
+drops it when the process ends, however it ends). The holder writes who it is into the file, so that a second
+run is refused at once, naming the first. Re-entrant within a process: the launcher takes it before submission
+and batch.run() takes it again around the run itself (in a detached job, the driver is its only taker)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+from fleetgen.launcher import owner
+from fleetgen.launcher.errors import LaunchError
+
+_held: dict[Path, OutputLock] = {}  # this process's locks, by lock file
+
+
+def lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+class OutputLock:
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd, self._takers = path, fd, 1
+        self._about = {**owner.identity(), "since": time.time()}
+        self._write()
+
+    def note(self, **fields) -> None:
+        """Add to what a refused run is told about this one (e.g. the job id once submitted)."""
+        self._about.update(fields)
+        self._write()
+
+    def _write(self) -> None:
+        data = json.dumps(self._about).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def release(self) -> None:
+        self._takers -= 1
+        if self._takers == 0:
+            _held.pop(self.path, None)
+            os.close(self._fd)  # the flock goes with it; the file stays (unlinking a locked file races)
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_output(output: Path) -> OutputLock:
+    """Take OUTPUT's lock, or raise LaunchError naming the run that holds it."""
+    path = lock_path(Path(output))
+    if path in _held:
+        _held[path]._takers += 1
+        return _held[path]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise LaunchError(f"batch.output={output}: cannot create its lock file {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise LaunchError(f"batch.output={output} is being written by another run ({holder}); wait until it "
+                          "ends, or give another batch.output") from None
+    except OSError as e:  # a file system without locks (some NFS mounts)
+        os.close(fd)
+        raise LaunchError(f"batch.output={output}: cannot lock {path} ({e.strerror}); put the output on a file "
+                          "system that supports flock") from None
+    _held[path] = OutputLock(path, fd)
+    return _held[path]
+
+
+def _holder(fd: int) -> str:
+    try:
+        about = json.loads(os.pread(fd, 4096, 0))
+    except (OSError, ValueError):
+        return "which has not said who it is yet"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(about["since"]))
+    job = f"job {about['job_id']}, " if about.get("job_id") else ""
+    return f"{job}launch {owner.describe(about)}, since {since}"
