@@ -1,5 +1,6 @@
 """The ledger beside the output: one JSON line per finished item, appended and flushed (a batch of lines at
-once: the dispatcher flushes once per event-loop tick), fsynced every few seconds and on close. Its first line ties it to the input file and the generation settings.
+once: the dispatcher flushes once per event-loop tick), fsynced every few seconds and on close. Its first
+line ties it to the input file and the generation settings.
 
 A rerun replays it: finished items are skipped, a torn last line (a kill or a crash mid-write) is cut off
 and its item redone. Entries: {"i": record index, "s": sample, "k": key, "ok": bool, "tokens": [p, c],
@@ -137,7 +138,8 @@ class Bits:
 
 
 class Ledger:
-    """Append-only, one writer (calls are serialised by a lock: the progress thread syncs); `done` marks finished items by position."""
+    """Append-only, one writer (calls are serialised by a lock: the progress thread syncs); `done` marks
+    finished items by position."""
 
     def __init__(self, path: Path, header: dict, samples: int):
         self.path, self.samples = path, samples
