@@ -203,3 +203,31 @@ def test_outside_a_terminal_progress_is_a_plain_line(tmp_path, stubs, monkeypatc
     go(tmp_path, prompts(30), [stubs(delay_s=0.05)], concurrency=1, prompts_per_request=1)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch: ")]
     assert lines and "/30 items" in lines[-1] and "tokens/s, ETA" in lines[-1] and "1/1 server healthy" in lines[-1]
+
+
+def test_free_replicas_give_the_least_loaded_free_one_and_skip_stale_entries():
+    from fleetgen.launcher.batch.dispatch import FreeReplicas, Replica
+
+    free, replicas = FreeReplicas(concurrency=2), [Replica(f"http://r{i}") for i in range(4)]
+    for replica in replicas:
+        free.update(replica)
+    picked = []
+    for load in (5, 1, 3):  # take three and give them work
+        replica = free.pop()
+        picked.append(replica)
+        replica.outstanding, replica.requests = load, 1
+        free.update(replica)
+    assert picked == replicas[:3]  # equal loads: the one waiting longest first
+    assert free.pop() is replicas[3]  # still idle
+    replicas[3].state = "failed"
+    free.update(replicas[3])  # a lost replica is never given
+    assert [free.pop() for _ in range(3)] == [replicas[1], replicas[2], replicas[0]]
+    assert free.pop() is None
+    replicas[1].requests = 2  # full: not given until a request of it settles
+    free.update(replicas[1])
+    replicas[0].outstanding = 0  # settled while in the heap: its older entry goes stale
+    free.update(replicas[0])
+    free.update(replicas[0])
+    assert free.pop() is replicas[0] and free.pop() is None
+    free.compact()
+    assert len(free) == 0

@@ -108,3 +108,32 @@ def test_a_ledger_of_another_version_or_kind_is_refused(tmp_path):
     path.write_text("garbage\n")
     with pytest.raises(LaunchError, match="not a fleetgen ledger"):
         check_header(path, HEADER, "hint")
+
+
+def test_batched_appends_are_written_in_order_at_flush_and_fsynced_on_the_clock(tmp_path, monkeypatch):
+    import fleetgen.launcher.batch.ledger as ledger_module
+
+    clock, fsyncs = [100.0], []
+    monkeypatch.setattr(ledger_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ledger_module.os, "fsync", lambda fd: fsyncs.append(fd))
+    path = tmp_path / "out.ledger.jsonl"
+    ledger = Ledger(path, HEADER, samples=2)
+    created = len(fsyncs)
+    order = [(3, 1), (0, 0), (7, 0), (2, 1)]
+    assert all(ledger.add(i, s, f"k{i}", True, {"id": f"k{i}"}) for i, s in order)
+    assert ledger.finished == 4 and ledger.done[7 * 2]  # counted at once: a repeat is refused before the flush
+    assert not ledger.add(7, 0, "k7", True, {})
+    assert len(path.read_bytes().splitlines()) == 1  # nothing written yet but the header
+    ledger.flush()
+    heads = [json.loads(line) for line in path.read_bytes().splitlines()[1:]]
+    assert [(h["i"], h["s"]) for h in heads] == order
+    assert len(fsyncs) == created  # not due yet
+    clock[0] += ledger_module.FSYNC_EVERY_S + 0.1
+    ledger.add(5, 0, "k5", True, {"id": "k5"})
+    ledger.flush()
+    ledger.flush()
+    assert len(fsyncs) == created + 1  # once per FSYNC_EVERY_S, however many flushes
+    ledger.add(6, 0, "k6", True, {"id": "k6"})
+    ledger.close()
+    assert len(fsyncs) == created + 2  # and on close, with the last lines written
+    assert [json.loads(line)["i"] for line in path.read_bytes().splitlines()[1:]] == [3, 0, 7, 2, 5, 6]

@@ -1,5 +1,6 @@
-"""The ledger beside the output: one JSON line per finished item, appended and flushed, fsynced every few
-seconds and on close. Its first line ties it to the input file and the generation settings.
+"""The ledger beside the output: one JSON line per finished item, appended and flushed (a batch of lines at
+once: the dispatcher flushes once per event-loop tick), fsynced every few seconds and on close. Its first
+line ties it to the input file and the generation settings.
 
 A rerun replays it: finished items are skipped, a torn last line (a kill or a crash mid-write) is cut off
 and its item redone. Entries: {"i": record index, "s": sample, "k": key, "ok": bool, "tokens": [p, c],
@@ -151,7 +152,8 @@ class Bits:
 
 
 class Ledger:
-    """Append-only, one writer (calls are serialised by a lock); `done` marks finished items by position."""
+    """Append-only, one writer (calls are serialised by a lock: the progress thread syncs); `done` marks
+    finished items by position."""
 
     def __init__(self, path: Path, header: dict, samples: int):
         self.path, self.samples = path, samples
@@ -166,6 +168,7 @@ class Ledger:
                 self._count(head)
         self._file = open(path, "ab")
         self._lock, self._synced, self._closed = threading.Lock(), time.monotonic(), False
+        self._pending: list[bytes] = []  # lines added, not yet written
 
     def _count(self, entry: dict) -> bool:
         position = entry["i"] * self.samples + entry["s"]
@@ -179,22 +182,35 @@ class Ledger:
         return True
 
     def add(self, index: int, sample: int, key, ok: bool, record: dict, tokens: tuple[int, int] = (0, 0)) -> bool:
-        """Record a finished item once: False if it was already recorded (or the ledger is closed)."""
+        """Record a finished item once: False if it was already recorded (or the ledger is closed). Counted at
+        once; its line is written, in the order of the calls, by the next flush() (or sync(), close())."""
         entry = {"i": index, "s": sample, "k": key, "ok": ok, "tokens": list(tokens)}
         line = (json.dumps(entry)[:-1] + RECORD.decode() + json.dumps(record) + "}\n").encode()
         with self._lock:
             if self._closed or self.done[index * self.samples + sample]:
                 return False
-            self._file.write(line)
-            self._file.flush()
+            self._pending.append(line)
             self._count(entry)
-            if time.monotonic() - self._synced > FSYNC_EVERY_S:
-                self._sync()
         return True
+
+    def flush(self) -> None:
+        """Write the lines added since the last flush in one write, and fsync if the last was FSYNC_EVERY_S ago."""
+        with self._lock:
+            if not self._closed:
+                self._write()
+                if time.monotonic() - self._synced > FSYNC_EVERY_S:
+                    self._sync()
+
+    def _write(self) -> None:
+        if self._pending:
+            self._file.write(b"".join(self._pending))
+            self._file.flush()
+            self._pending.clear()
 
     def sync(self) -> None:
         with self._lock:
             if not self._closed:
+                self._write()
                 self._sync()
 
     def _sync(self) -> None:
@@ -205,7 +221,7 @@ class Ledger:
         """Flush and fsync; later add() calls (a straggling request) are ignored."""
         with self._lock:
             if not self._closed:
-                self._file.flush()
+                self._write()
                 self._sync()
                 self._file.close()
                 self._closed = True
