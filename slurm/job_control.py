@@ -78,6 +78,7 @@ class LocalJobControl(JobControl):
     def __init__(self, job: submitit.Job):
         super().__init__(job)
         self._ranks: dict[int, psutil.Process] = {}  # every rank process seen so far
+        self._unseen: set[int] = set()  # ranks started but never seen running, at the last look
 
     def queue_state(self) -> str:
         return "running"
@@ -86,10 +87,23 @@ class LocalJobControl(JobControl):
         """Also the ranks whose process ended without writing its exit record (killed, or crashed hard)."""
         records = read_exits(self.folder)
         exits = {rank: why for rank, why in records.items() if why is not None}
-        for rank, proc in self._rank_processes().items():
+        seen = self._rank_processes()
+        for rank, proc in seen.items():
             if rank not in records and not _running(proc):
                 exits[rank] = "exited without a word (killed?)"
+        # A rank that ends before the first look is never seen. The controller opens a rank's log files before
+        # it starts the rank, so a rank with logs and no process at two looks in a row has ended.
+        unseen = {rank for rank in self._started_ranks() if rank not in seen and rank not in records}
+        for rank in unseen & self._unseen:
+            exits[rank] = "exited without a word (killed?)"
+        self._unseen = unseen
         return exits
+
+    def _started_ranks(self) -> set[int]:
+        """Ranks whose log files the controller has opened (submitit's ID_RANK_log.out)."""
+        ranks = (path.name.removeprefix(f"{self.job_id}_").removesuffix("_log.out")
+                 for path in self.folder.glob(f"{self.job_id}_*_log.out"))
+        return {int(rank) for rank in ranks if rank.isdigit()}
 
     def _rank_processes(self) -> dict[int, psutil.Process]:
         try:
