@@ -1,10 +1,13 @@
 """The ledger, the merge into input order and the audit, without servers."""
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 
 from fleetgen.launcher.batch.finalise import audit, finalise
+from fleetgen.launcher.batch import ledger as ledger_module
 from fleetgen.launcher.batch.ledger import Ledger, check_header, make_header, repair
 from fleetgen.launcher.errors import LaunchError
 from tests.batch_stub import read_jsonl
@@ -43,6 +46,75 @@ def test_a_torn_tail_is_cut_and_its_item_redone(tmp_path, tail):
     assert ledger.add(9, 0, "k9", True, {"id": "k9", "sample": 0})
     ledger.close()
     assert path.read_bytes().startswith(whole) and len(path.read_text().splitlines()) == 4
+    again = Ledger(path, HEADER, samples=2)  # left behind, the tail would now be damage before a whole entry
+    assert (again.cut_bytes, again.finished, again.done.positions()) == (0, 3, [0, 3, 18])
+    again.close()
+
+
+READER = """import sys
+for _ in sys.stdin:
+    with open(sys.argv[1], "rb") as f:
+        print(len(f.read().splitlines()) - 1, flush=True)
+"""
+
+
+def test_an_item_is_on_disk_for_another_process_once_add_returns(tmp_path):
+    path = tmp_path / "out.ledger.jsonl"
+    ledger = Ledger(path, HEADER, samples=2)
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for i in range(5):
+            ledger.add(i, 0, f"k{i}", True, {"id": f"k{i}", "sample": 0}, tokens=(2, 3))
+            reader.stdin.write("read\n")
+            reader.stdin.flush()
+            seen.append(int(reader.stdout.readline()))
+        assert seen == [1, 2, 3, 4, 5]  # the ledger is still open: each entry left Python's buffer at once
+    finally:
+        ledger.close()
+        reader.stdin.close()
+        reader.wait(10)
+
+
+class Recording:
+    """The ledger's file, recording the calls that move its bytes towards the disk into events."""
+
+    def __init__(self, file, events):
+        self._file, self._events = file, events
+
+    def write(self, data):
+        self._events.append("write")
+        return self._file.write(data)
+
+    def flush(self):
+        self._events.append("flush")
+        self._file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+@pytest.mark.parametrize("every_s", [0.0, 3600.0], ids=["sync-each-add", "sync-on-close"])
+def test_each_fsync_follows_a_flush_and_the_ledger_is_synced(tmp_path, monkeypatch, every_s):
+    events = []
+    real_fsync = ledger_module.os.fsync
+    monkeypatch.setattr(ledger_module, "FSYNC_EVERY_S", every_s)
+    ledger = Ledger(tmp_path / "out.ledger.jsonl", HEADER, samples=2)
+    monkeypatch.setattr(ledger_module.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    ledger._file = Recording(ledger._file, events)
+    for i in range(3):
+        ledger.add(i, 0, f"k{i}", True, {"id": f"k{i}"})
+        assert events[events.index("write") + 1] == "flush"  # before add() returns, before any fsync
+        if every_s == 0.0:
+            assert events[-2:] == ["flush", "fsync"], events  # the periodic sync: what was written, flushed
+        else:
+            assert "fsync" not in events
+        events.clear()
+    ledger._file.write(b"")  # a byte still in Python's buffer is what a sync must flush first
+    events.clear()
+    ledger.close()
+    assert events == ["flush", "fsync"]
 
 
 def test_damage_before_whole_entries_is_refused(tmp_path):

@@ -184,6 +184,7 @@ class Ledger:
                 self._sync()
 
     def _sync(self) -> None:
+        self._file.flush()  # fsync reaches only what Python's buffer has handed to the OS
         os.fsync(self._file.fileno())
         self._synced = time.monotonic()
 
@@ -191,7 +192,6 @@ class Ledger:
         """Flush and fsync; later add() calls (a straggling request) are ignored."""
         with self._lock:
             if not self._closed:
-                self._file.flush()
                 self._sync()
                 self._file.close()
                 self._closed = True
