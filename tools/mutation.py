@@ -4,10 +4,11 @@
     .venv/bin/python tools/mutation.py [MODULE ...]      # default: every module below
 
 Each module is mutated in place by cosmic-ray (restored after each mutant) and only its fast tests run per
-mutant. To keep a run within minutes the operators are cut to one or two kinds of change each: a binary
-operator to its nearest neighbour (+ to -, * to +, ...), a comparison negated or moved across its boundary,
-plus cosmic-ray's numbers, `not`, booleans, and/or, exceptions and emptied loops. Prints each module's
-score and its survivors (file:line, operator) to judge by hand.
+mutant, without tests/conftest.py (its fixtures import the whole model: seconds per mutant). To keep a run
+within minutes the operators are cut to one or two kinds of change each: a binary operator to its nearest
+neighbour (+ to -, * to +, ...), a comparison negated or moved across its boundary, plus cosmic-ray's
+numbers, `not`, booleans, and/or, exceptions and emptied loops. Prints each module's score and its
+survivors (file:line, operator) to judge by hand.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def config(module: str) -> str:
     tests = " ".join(TESTS[module])
     excluded = ", ".join(json.dumps(e) for e in EXCLUDED)
     return (f'[cosmic-ray]\nmodule-path = "{ROOT / module}"\ntimeout = {TIMEOUT_S}\nexcluded-modules = []\n'
-            f'test-command = "{sys.executable} -m pytest -x -q -p no:cacheprovider -m \'not slow\' {tests}"\n'
+            f'test-command = "env OMP_NUM_THREADS=1 {sys.executable} -m pytest -x -q -p no:cacheprovider --noconftest '
+            f'-m \'not slow\' {tests}"\n'
             f'[cosmic-ray.distributor]\nname = "local"\n'
             f'[cosmic-ray.filters.operators-filter]\nexclude-operators = [{excluded}]\n')
 
