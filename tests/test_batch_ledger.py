@@ -3,12 +3,13 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fleetgen.launcher.batch.finalise import audit, finalise
 from fleetgen.launcher.batch import ledger as ledger_module
-from fleetgen.launcher.batch.ledger import Ledger, check_header, make_header, repair
+from fleetgen.launcher.batch.ledger import Bits, Ledger, check_header, ledger_path, make_header, repair
 from fleetgen.launcher.errors import LaunchError
 from tests.batch_stub import read_jsonl
 
@@ -24,18 +25,23 @@ def fill(path, positions, header=HEADER):
 
 
 def test_an_item_is_recorded_once_and_replayed(tmp_path):
-    path = tmp_path / "out.ledger.jsonl"
+    path = tmp_path / "new" / "folder" / "out.ledger.jsonl"
     ledger, added = fill(path, [(0, 0), (0, 1), (0, 0), (4, 1)])
-    assert added == [True, True, False, True]
+    assert added == [True, True, False, True] and ledger.cut_bytes == 0
     again = Ledger(path, HEADER, samples=2)
     assert (again.finished, again.failed, again.completion_tokens) == (3, 0, 9)
     assert again.done.positions() == [0, 1, 9]
     assert not again.add(4, 1, "k4", True, {}) and again.add(3, 0, "k3", False, {"id": "k3"})
+    assert (again.finished, again.failed, again.prompt_tokens, again.completion_tokens) == (4, 1, 6, 9)
     again.close()
     assert not again.add(5, 0, "k5", True, {})  # closed: a straggling answer is dropped
 
 
-@pytest.mark.parametrize("tail", [b'{"i": 9, "s": 0, "k": "k9", "ok": tr', b'{"i": 9, "s": 0}', b"\0\0\0\0\n\0\0"])
+@pytest.mark.parametrize("tail", [b'{"i": 9, "s": 0, "k": "k9", "ok": tr', b'{"i": 9, "s": 0}', b"\0\0\0\0\n\0\0",
+                                  b'{"i": 9, "s": 0, "k": "k9", "ok": true, "tokens": [1, 1], "record": {"id": "k}\n',
+                                  b'{"i": 9, "s": 0, "k": "k9", "ok": tr, "record": {}}\n',
+                                  b'{"i": 9, "s": 0, "record": {}}\n'],
+                         ids=["torn-head", "no-record", "zeros", "torn-record", "garbled-head", "foreign-entry"])
 def test_a_torn_tail_is_cut_and_its_item_redone(tmp_path, tail):
     path = tmp_path / "out.ledger.jsonl"
     fill(path, [(0, 0), (1, 1)])
@@ -75,6 +81,29 @@ def test_an_item_is_on_disk_for_another_process_once_add_returns(tmp_path):
         ledger.close()
         reader.stdin.close()
         reader.wait(10)
+
+
+def test_the_ledger_is_synced_every_few_seconds_and_on_demand(tmp_path, monkeypatch):
+    clock, fsyncs = [100.0], []
+    monkeypatch.setattr(ledger_module.time, "monotonic", lambda: clock[0])
+    ledger = Ledger(tmp_path / "out.ledger.jsonl", HEADER, samples=2)
+    monkeypatch.setattr(ledger_module.os, "fsync", fsyncs.append)
+    synced = []
+    for i, at in enumerate([102.0, 102.1, 103.5, 104.2]):
+        clock[0] = at
+        ledger.add(i, 0, f"k{i}", True, {})
+        synced.append(len(fsyncs))
+    assert synced == [0, 1, 1, 2]  # at 102.1 and 104.2: more than FSYNC_EVERY_S = 2 s after the one before
+    ledger.sync()
+    assert len(fsyncs) == 3
+    ledger.close()
+    ledger.sync()  # closed: nothing to sync, and no error
+    assert len(fsyncs) == 4
+
+
+def test_paths_and_the_size_of_the_finished_bits():
+    assert ledger_path(Path("runs/out.jsonl")) == Path("runs/out.jsonl.ledger.jsonl")
+    assert Bits(10**6)._bytes.nbytes == 125_000 and Bits(9)._bytes.nbytes == 2
 
 
 class Recording:
@@ -117,11 +146,12 @@ def test_each_fsync_follows_a_flush_and_the_ledger_is_synced(tmp_path, monkeypat
     assert events == ["flush", "fsync"]
 
 
-def test_damage_before_whole_entries_is_refused(tmp_path):
+@pytest.mark.parametrize("cut", [10, -5], ids=["head-torn", "record-torn"])
+def test_damage_before_whole_entries_is_refused(tmp_path, cut):
     path = tmp_path / "out.ledger.jsonl"
     fill(path, [(0, 0), (1, 1)])
     lines = path.read_text().splitlines(keepends=True)
-    path.write_text(lines[0] + lines[1][:10] + "\n" + lines[2])
+    path.write_text(lines[0] + lines[1][:cut] + "\n" + lines[2])
     with pytest.raises(LaunchError, match="line 2: damaged entry"):
         repair(path)
 
@@ -180,3 +210,15 @@ def test_a_ledger_of_another_version_or_kind_is_refused(tmp_path):
     path.write_text("garbage\n")
     with pytest.raises(LaunchError, match="not a fleetgen ledger"):
         check_header(path, HEADER, "hint")
+
+
+def test_a_ledger_of_another_input_or_settings_is_refused(tmp_path):
+    path = tmp_path / "l.jsonl"
+    fill(path, [(0, 0)])
+    check_header(path, HEADER, "hint")  # the same run: accepted
+    with pytest.raises(LaunchError, match="different input"):
+        check_header(path, make_header("e" * 32, {"samples": 2}, items=20), "hint")
+    with pytest.raises(LaunchError, match="samples: 2 then, 3 now"):
+        check_header(path, make_header("f" * 32, {"samples": 3}, items=20), "hint")
+    with pytest.raises(LaunchError, match="seed: None then, 1 now"):  # a setting only one of them has
+        check_header(path, make_header("f" * 32, {"samples": 2, "seed": 1}, items=20), "hint")
