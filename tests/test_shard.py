@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fleetgen.model.checkpoint.source import CheckpointError
 from fleetgen.model.shard import load_shard, shard_plan, vocab_rows
 from fleetgen.model.transformer import DecoderStage
 from tests.checkpoint_writers import canonical_tensors, small_config
@@ -121,3 +122,22 @@ def test_every_rank_holds_its_slice_of_every_weight(kind, groups, tp):
                 expected = expected_local(config, full, tp, rank, padded_vocab, name, stage.layer_ids)
                 assert param.shape == expected.shape and torch.equal(param, expected), \
                     f"tp {tp} rank {rank}, pp rank {pp_rank}/{pp}, {groups} groups: {name}"
+
+
+@pytest.mark.parametrize("name, shape, message", [
+    ("embedding.word_embeddings.weight", (249, 64), r"\[249, 64\] does not cover vocab_size 250 × hidden_size 64"),
+    ("embedding.word_embeddings.weight", (250, 63), r"shape \[250, 63\] does not cover"),
+    ("output_layer.weight", (250,), r"output_layer.weight: shape \[250\] does not cover"),
+    ("output_layer.bias", (249,), r"output_layer.bias: shape \[249\] does not cover vocab_size 250$"),
+    ("output_layer.bias", (250, 1), r"output_layer.bias: shape \[250, 1\]"),
+])
+def test_vocabulary_tensors_that_do_not_cover_the_vocabulary_are_refused(name, shape, message):
+    config = small_config(output_bias=True)
+    tensors = {n: t for n, t in canonical_tensors(config).items() if not n.startswith("layers.")}
+    tensors["output_layer.bias"] = torch.zeros(256)
+    source = Tensors(config, tensors)
+    assert vocab_rows(config, source) == {"embedding.word_embeddings.weight": 250, "output_layer.weight": 250,
+                                          "output_layer.bias": 256}
+    tensors[name] = torch.zeros(shape)
+    with pytest.raises(CheckpointError, match=message):
+        vocab_rows(config, source)
