@@ -222,3 +222,13 @@ def test_a_ledger_of_another_input_or_settings_is_refused(tmp_path):
         check_header(path, make_header("f" * 32, {"samples": 3}, items=20), "hint")
     with pytest.raises(LaunchError, match="seed: None then, 1 now"):  # a setting only one of them has
         check_header(path, make_header("f" * 32, {"samples": 2, "seed": 1}, items=20), "hint")
+
+
+def test_seeds_are_stable_distinct_per_key_and_within_what_the_server_accepts():
+    from fleetgen.launcher.batch.keys import base_seed
+
+    # a resumed run must seed its samples as the first did: the values are pinned, not only their properties
+    assert [base_seed(0, "r1"), base_seed(11, 1), base_seed(11, "1")] == \
+        [1530363106073631340, 731616167769418490, 4277640504367129270]
+    seeds = [base_seed(3, i) for i in range(200)]
+    assert max(seeds) < 2**62 and max(seeds) > 2**61  # 62 bits: room for the sentences' offsets below 2**63
