@@ -13,11 +13,13 @@ def stub_completion(prompt: str, seed) -> str:
 
 
 class StubServer:
-    """delay_s: seconds before each answer; refuse: prompts containing it get HTTP 400; down: connections are
-    closed unanswered; unavailable: 503. Counts sentences per server in .sentences."""
+    """delay_s: seconds before each answer; refuse: prompts containing it get HTTP 400; crash: requests
+    containing it have their connection closed unanswered (a prompt that kills the server); down: every
+    connection is; unavailable: 503. Counts sentences per server in .sentences."""
 
-    def __init__(self, delay_s: float = 0.0, refuse: str = "REFUSE", token: str | None = None):
-        self.delay_s, self.refuse, self.token = delay_s, refuse, token
+    def __init__(self, delay_s: float = 0.0, refuse: str = "REFUSE", token: str | None = None,
+                 crash: str | None = None):
+        self.delay_s, self.refuse, self.token, self.crash = delay_s, refuse, token, crash
         self.down = self.unavailable = False
         self.sentences, self.requests, self.bodies = 0, 0, []
         self.lock, self.keep_bodies = threading.Lock(), False
@@ -86,7 +88,7 @@ class StubServer:
             def _serve(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else {}
-                if stub.down:
+                if stub.down or (stub.crash and stub.crash in json.dumps(body)):
                     self.close_connection = True
                     self.connection.close()
                     return

@@ -20,6 +20,8 @@ from fleetgen.model.parallel import ParallelState
 
 CPU = torch.device("cpu")
 JOB_TIMEOUT_S = 120
+RANKS_TIMEOUT_S = 300  # as the ranks' gloo timeout
+FAILURE_GRACE_S = 2.0  # after a rank fails, how long its peers' failures are gathered (they follow)
 
 
 def _rank_main(rank: int, world_size: int, workdir: str, fn, args) -> None:
@@ -30,28 +32,63 @@ def _rank_main(rank: int, world_size: int, workdir: str, fn, args) -> None:
         result = ("ok", fn(rank, world_size, *args))
     except BaseException:  # the parent re-raises it with the rank's traceback
         result = ("error", traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    out.write_bytes(pickle.dumps(result))
+    # written before the group is torn down, which may wait on peers; renamed, so never read half-written
+    out.with_suffix(".tmp").write_bytes(pickle.dumps(result))
+    out.with_suffix(".tmp").rename(out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args) -> list:
+def run_ranks(fn, world_size: int, *args, timeout_s: float = RANKS_TIMEOUT_S) -> list:
     """fn(rank, world_size, *args) on world_size processes; returns each rank's result, rank order.
 
-    fn must be importable (a module-level function) and its results picklable.
+    The first rank to fail (an exception, or an exit without a result) fails the call at once with its
+    traceback, and the other ranks, likely blocked in a collective with it, are killed. fn must be importable
+    (a module-level function) and its results picklable.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks on 2 cores: one thread each
     with tempfile.TemporaryDirectory() as workdir:
-        mp.start_processes(_rank_main, args=(world_size, workdir, fn, args), nprocs=world_size,
-                           join=True, start_method="spawn")
-        results = []
-        for rank in range(world_size):
-            status, value = pickle.loads((Path(workdir) / f"rank{rank}.pkl").read_bytes())
-            if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results.append(value)
-        return results
+        context = mp.start_processes(_rank_main, args=(world_size, workdir, fn, args), nprocs=world_size,
+                                     join=False, start_method="spawn")
+        try:
+            return _collect(context.processes, Path(workdir), time.monotonic() + timeout_s)
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+
+
+def _collect(processes: list, workdir: Path, deadline: float) -> list:
+    results: dict[int, object] = {}
+    failed_at = None
+    failures: list[tuple[int, int, str]] = []  # (order, rank, story): a death first, then by time written
+    while len(results) + len(failures) < len(processes):
+        for rank, process in enumerate(processes):
+            if rank in results or rank in [f[1] for f in failures]:
+                continue
+            exited = process.exitcode is not None  # read before the file: a result is written before the exit
+            path = workdir / f"rank{rank}.pkl"
+            if path.exists():
+                status, value = pickle.loads(path.read_bytes())
+                if status == "ok":
+                    results[rank] = value
+                else:
+                    failures.append((path.stat().st_mtime_ns, rank, f"rank {rank} failed:\n{value}"))
+            elif exited:
+                failures.append((0, rank, f"rank {rank} exited with code {process.exitcode} and no result"))
+        if failures and failed_at is None:
+            failed_at = time.monotonic()
+        if failures and time.monotonic() > failed_at + FAILURE_GRACE_S:
+            break  # the others are still blocked, on the failed rank most likely
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(len(processes))) - set(results))
+            raise AssertionError(f"ranks {missing} gave no result in time")
+        time.sleep(0.05)
+    if failures:
+        # a rank's failure breaks its peers' collectives: its own story comes first, theirs after
+        raise AssertionError("\n".join(story for _, _, story in sorted(failures)))
+    return [results[rank] for rank in range(len(processes))]
 
 
 def our_processes(marker: str) -> list[psutil.Process]:

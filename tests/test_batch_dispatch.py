@@ -170,6 +170,34 @@ def test_every_server_lost_stops_the_run_for_a_later_resume(tmp_path, stubs):
     assert summary.failed == 0  # transient failures never land in the errors file while retries are left
 
 
+@pytest.mark.parametrize("kind", ["fleetgen", "openai"])
+def test_an_item_that_kills_every_server_is_given_up_after_max_retries(tmp_path, stubs, kind):
+    servers = [stubs(crash="CRASH"), stubs(crash="CRASH")]
+    rows = prompts(6) if kind == "fleetgen" else openai_rows()[:6]
+    rows[3] = ({"id": "r3", "prompt": "CRASH"} if kind == "fleetgen" else
+               {**rows[3], "body": {**rows[3]["body"], "max_tokens": 5, "prompt": "CRASH"}})
+    drain = threading.Event()  # were it never given up, the run would retry it for ever: stop it instead
+    timer = threading.Timer(30, drain.set)
+    timer.start()
+    try:
+        summary = go(tmp_path, rows, servers, drain=drain, concurrency=1, prompts_per_request=1, max_retries=1,
+                     max_error_fraction=0.5)
+    finally:
+        timer.cancel()
+    assert summary.complete and (summary.done, summary.failed) == (5, 1), summary.stop_reason
+    [error] = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    message = error["error"] if kind == "fleetgen" else error["error"]["message"]
+    assert message.startswith("gave up after 2 attempts (batch.max_retries=1); last: "), message
+    if kind == "fleetgen":
+        assert error == {"id": "r3", "sample": 0, "seed": error["seed"], "line": 4, "status_code": None,
+                         "error": message}
+    else:
+        assert error == {"id": error["id"], "custom_id": "req-3", "response": None,
+                         "error": {"code": "server_unavailable", "message": message}}
+        assert error["id"].startswith("batch_req_")
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 5 and summary.audit["ok"]
+
+
 def test_least_outstanding_gives_a_slow_replica_fewer_items(tmp_path, stubs):
     slow, fast = stubs(delay_s=0.2), stubs(delay_s=0.01)
     summary = go(tmp_path, prompts(150), [slow, fast], concurrency=4, prompts_per_request=1)

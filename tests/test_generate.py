@@ -81,7 +81,8 @@ def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(generator
 
 def test_repetition_penalty_covers_prompt_and_fed_tokens(generator, gpt2):
     prompt = ref.PROMPTS[2]
-    fed = int(generator.step(step_plan("prefill", [0], torch.tensor([prompt]), [len(prompt)])).tokens[0])
+    generator.step(step_plan("prefill", [0], torch.tensor([prompt]), [len(prompt)]))
+    fed = 146  # after it the plain argmax is 11, a prompt token: the penalty must change the choice
     decode = step_plan("decode", [0], torch.tensor([[fed]]), [len(prompt)], greedy=[False], top_k=[1],
                        repetition_penalty=[50.0])
     out = generator.step(decode)
@@ -90,6 +91,7 @@ def test_repetition_penalty_covers_prompt_and_fed_tokens(generator, gpt2):
     assert history_mask(generator.history[[0]], generator.history_len[[0]], ref.VOCAB)[0].equal(seen)
     logits = ref.reference_logits(gpt2[0], [prompt + [fed]])[0][-1:]  # [1, vocab] at the fed token
     expected = apply_repetition_penalty(logits, torch.tensor([50.0]), seen[None]).argmax()
+    assert int(logits.argmax()) == 11 and int(expected) != 11
     assert int(out.tokens[0]) == int(expected)
 
 

@@ -65,6 +65,24 @@ def test_a_killed_follower_fails_its_replica_mid_request(tmp_path):
     assert nothing_left(str(tmp_path)) == []
 
 
+@pytest.mark.parametrize("split", [["parallel.tensor=2"], ["parallel.pipeline=2"]], ids=["tensor2", "pipeline2"])
+@pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_lost_leader_ends_its_followers_and_the_job(tmp_path, split, fault):
+    # the followers' side of liveness: no test of a follower's fault reaches it
+    serving = Serving(tmp_path, "tiny", *split, *HEARTBEAT)
+    leader, follower = serving.rank_process(0), serving.rank_process(1)
+    try:
+        leader.send_signal(fault)
+        follower.wait(timeout=(6 if fault == signal.SIGSTOP else 0) + MARGIN_S)  # it exits by itself
+        assert serving.exit_code(timeout=60) == 2
+        why = "heard nothing from its leader" if fault == signal.SIGSTOP else "lost its leader"
+        assert f"rank 1 on {HOST} {why}, rank 0 on {HOST}" in serving.stderr(), serving.stderr()
+    finally:
+        continue_or_kill(leader)
+        serving.stop()
+    assert nothing_left(str(tmp_path)) == []
+
+
 def test_a_step_that_never_finishes_fails_its_replica(tmp_path):
     # heartbeats would notice after 30 s; the step watchdog does after 12 s and names the silent rank
     serving = Serving(tmp_path, "tiny", "parallel.tensor=2", "server.heartbeat_timeout_s=30",

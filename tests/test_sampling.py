@@ -16,6 +16,31 @@ def test_top_k_keeps_the_k_largest_per_row_and_zero_is_off():
     assert out[1].tolist() == logits[1].tolist()
 
 
+def test_top_k_of_one_keeps_only_the_largest_and_k_is_bounded_by_the_vocabulary():
+    out = apply_top_k(torch.tensor([[1.0, 4.0, 3.0]]), torch.tensor([1]))
+    assert out.tolist() == [[INF, 4.0, INF]]
+    out = apply_top_k(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), torch.tensor([3]))  # one row, k past it: 3 kept
+    assert out.tolist() == [[INF, 4.0, 3.0, 2.0]]
+
+
+def test_a_high_temperature_flattens_the_distribution():
+    n = 200
+    tokens = sample(torch.tensor([[1.0, 0.0]]).expand(n, 2), greedy=torch.zeros(n, dtype=torch.bool),
+                    temperature=torch.full((n,), 100.0), top_k=torch.zeros(n, dtype=torch.long),
+                    top_p=torch.zeros(n), repetition_penalty=torch.ones(n), seen=None,
+                    generators=[torch.Generator().manual_seed(i) for i in range(n)])
+    assert 60 < tokens.sum() < 140  # near 50/50 (multiplied by 100 instead, token 1 would never come)
+
+
+def test_sampled_rows_get_their_own_repetition_penalty():
+    logits = torch.tensor([[3.0, 2.0, 0.0], [3.0, 2.0, 0.0]])
+    seen = torch.tensor([[False, False, False], [True, False, False]])
+    tokens = sample(logits, greedy=torch.tensor([True, False]), temperature=torch.ones(2),
+                    top_k=torch.ones(2, dtype=torch.long), top_p=torch.zeros(2),
+                    repetition_penalty=torch.tensor([1.0, 2.0]), seen=seen, generators=[None, None])
+    assert tokens.tolist() == [0, 1]  # row 1's seen 3.0 becomes 1.5, below 2.0
+
+
 def test_top_p_keeps_the_first_token_crossing_p():
     logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(4, 3)
     out = apply_top_p(logits, torch.tensor([0.4, 0.6, 0.0, 1.0]))
@@ -43,6 +68,8 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits
     out = apply_repetition_penalty(logits, torch.tensor([2.0, 1.0]), seen)
     assert out[0].tolist() == [1.0, 2.0, -4.0, 1.0]
     assert out[1].tolist() == logits[1].tolist()
+    near_zero = apply_repetition_penalty(torch.tensor([[0.5, -0.5]]), torch.tensor([2.0]), torch.ones(1, 2, dtype=bool))
+    assert near_zero.tolist() == [[0.25, -1.0]]  # the sign decides, not a threshold
 
 
 def test_ban_tokens_only_touches_banned_rows():
@@ -59,11 +86,12 @@ def test_greedy_rows_take_the_argmax_whatever_the_sampling_settings():
 
 
 def test_seeded_draws_do_not_depend_on_batch_neighbours():
-    probs = torch.full((3, 50), 1 / 50)
+    probs = torch.full((5, 50), 1 / 50)
+    probs[2:] = torch.nn.functional.one_hot(torch.tensor([33, 44, 22]), 50)  # those without a generator draw too
     alone = multinomial(probs[:1], [torch.Generator().manual_seed(7)])
-    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(7), None]
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(7), None, None, torch.Generator()]
     together = multinomial(probs, gens)
-    assert together[1] == alone[0]
+    assert together[1] == alone[0] and together[2:].tolist() == [33, 44, 22]
     again = multinomial(probs[:1], [torch.Generator().manual_seed(7)])
     assert again.tolist() == alone.tolist()
 

@@ -214,6 +214,7 @@ class Ledger:
                 self._sync()
 
     def _sync(self) -> None:
+        self._file.flush()  # fsync reaches only what Python's buffer has handed to the OS
         os.fsync(self._file.fileno())
         self._synced = time.monotonic()
 
