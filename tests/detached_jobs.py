@@ -10,6 +10,11 @@ LAUNCH = [sys.executable, "-m", "fleetgen.launcher"]
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING")
 
 
+# Items long enough (a tiny model's 256 tokens) that a batch cannot end between the test's look at its progress
+# and the signal it sends next: a test that kills mid-run needs a run to be in the middle of.
+LONG_ITEMS = "generation.tokens_to_generate=256"
+
+
 def write_prompts(path, count, prefix="Chapter"):
     path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{prefix} {i}. It was a"}) + "\n"
                             for i in range(count)))
@@ -48,13 +53,13 @@ def squeue(job_id):
                           text=True).stdout.strip()
 
 
-def wait_until(condition, timeout, what):
+def wait_until(condition, timeout, what, every=1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(1)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
@@ -76,7 +81,7 @@ def progress(tmp_path, output="results.jsonl"):
 
 
 def wait_for_progress(tmp_path, done, timeout=180):
-    return wait_until(lambda: progress(tmp_path).get("done", 0) >= done, timeout, f"{done} items done")
+    return wait_until(lambda: progress(tmp_path).get("done", 0) >= done, timeout, f"{done} items done", every=0.2)
 
 
 def output_ids(path):

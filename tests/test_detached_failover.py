@@ -9,8 +9,9 @@ import time
 import psutil
 import pytest
 
-from tests.detached_jobs import (assert_every_item_once, final_status, kill_all, processes_of, progress, rank_process,
-                                 squeue, submit, wait_for_progress, wait_for_slurm_end, wait_until, write_prompts)
+from tests.detached_jobs import (LONG_ITEMS, assert_every_item_once, final_status, kill_all, processes_of, progress,
+                                 rank_process, squeue, submit, wait_for_progress, wait_for_slurm_end, wait_until,
+                                 write_prompts)
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def replica_url(tmp_path, job_id, replica):
 def test_a_lost_replica_fails_over(tmp_path, victim, replica, sig):
     count = 160
     write_prompts(tmp_path / "in.jsonl", count)
-    job_id = submit(tmp_path, "tiny_slurm", *TWO_REPLICAS)
+    job_id = submit(tmp_path, "tiny_slurm", *TWO_REPLICAS, LONG_ITEMS)
     wait_for_progress(tmp_path, 20)
     process = rank_process(job_id, victim)
     process.send_signal(sig)

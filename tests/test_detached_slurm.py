@@ -4,9 +4,9 @@ import subprocess
 import pytest
 
 from fleetgen.launcher.jobrecord import read_history
-from tests.detached_jobs import (assert_every_item_once, final_status, kill_all, launch, processes_of, progress,
-                                 sacct_state, squeue, status, submit, wait_for_progress, wait_for_slurm_end,
-                                 wait_until, write_prompts)
+from tests.detached_jobs import (LONG_ITEMS, assert_every_item_once, final_status, kill_all, launch, processes_of,
+                                 progress, sacct_state, squeue, status, submit, wait_for_progress,
+                                 wait_for_slurm_end, wait_until, write_prompts)
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +50,8 @@ def test_a_warned_job_drains_requeues_and_resumes(tmp_path, how):
     count = 120 if how == "usr2" else 2000
     write_prompts(tmp_path / "in.jsonl", count)
     overrides = ["batch.input=in.jsonl", "job.grace_period_s=10", "batch.drain_timeout_s=10"]
+    if how == "usr2":
+        overrides.append(LONG_ITEMS)
     if how == "time_limit":  # USR2 40 s before the 2 min limit, Slurm looking every 30 s: 50-80 s into each start
         overrides += ["cluster.time_min=2", "batch.drain_timeout_s=30"]
     job_id = submit(tmp_path, "tiny_slurm", *overrides)
@@ -79,7 +81,7 @@ def drains(tmp_path, job_id) -> int:
 
 def test_launch_cancel_drains_and_cancels(tmp_path):
     write_prompts(tmp_path / "in.jsonl", 200)
-    job_id = submit(tmp_path, "tiny_slurm", "batch.input=in.jsonl")
+    job_id = submit(tmp_path, "tiny_slurm", "batch.input=in.jsonl", LONG_ITEMS)
     wait_for_progress(tmp_path, 5)
     result = launch(tmp_path, "cancel", job_id)
     assert result.returncode == 0, result.stderr
@@ -96,7 +98,7 @@ def test_launch_cancel_drains_and_cancels(tmp_path):
 def test_a_job_requeued_without_warning_resumes_from_the_ledger(tmp_path):
     """`scontrol requeue` kills the job without USR2: no drain, and still every item exactly once."""
     write_prompts(tmp_path / "in.jsonl", 120)
-    job_id = submit(tmp_path, "tiny_slurm", "batch.input=in.jsonl")
+    job_id = submit(tmp_path, "tiny_slurm", "batch.input=in.jsonl", LONG_ITEMS)
     wait_for_progress(tmp_path, 10)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     wait_for_slurm_end(job_id)
