@@ -44,6 +44,9 @@ class Sampling:
     top_k: int = 0                  # 0 = off
     top_p: float = 1.0              # 0 or 1 = off
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0   # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated so far
+    logit_bias: tuple = ()          # OpenAI's: ((token id, bias added to its logit), ...)
     min_tokens: int = 0             # the end-of-document token is banned until this many tokens exist
     seed: Optional[int] = None
 

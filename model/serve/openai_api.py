@@ -10,18 +10,47 @@ from typing import Optional
 from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.serve.detokenize import CompletionText, token_spans
 from fleetgen.model.serve.engine import Engine, Sampling, SequenceRequest, SequenceResult, StopCondition
-from fleetgen.model.serve.request_schemas import CompletionRequest, RequestError, check_prompt
+from fleetgen.model.serve.request_schemas import CompletionRequest, OpenAISampling, RequestError, check_prompt
+
+MAX_LOGIT_BIAS = 100  # OpenAI's bound on a logit_bias value
+
+
+def sampling_of(request: OpenAISampling, engine: Engine) -> Sampling:
+    """The engine's sampling settings for an OpenAI request (completions or chat); temperature 0 is greedy."""
+    greedy = request.temperature == 0
+    return Sampling(greedy=greedy, temperature=1.0 if greedy else request.temperature, top_k=request.top_k,
+                    top_p=request.top_p, repetition_penalty=request.repetition_penalty,
+                    presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                    logit_bias=_logit_bias(request.logit_bias or {}, engine.vocab_size))
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> tuple:
+    pairs = []
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise RequestError(400, f"logit_bias: key {key!r} is not a token id of the model's vocabulary of "
+                                    f"{vocab_size}")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise RequestError(400, f"logit_bias: the bias of token {key} is {value}, outside "
+                                    f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
+def stop_of(request: OpenAISampling, engine: Engine, extra: tuple = ()) -> StopCondition:
+    """The end-of-document token, the request's stop strings, and extra ones (a chat template's turn ends)."""
+    if any(not s for s in request.stops):
+        raise RequestError(400, "stop: a stop string is empty")
+    return StopCondition(frozenset() if engine.eos_id is None else frozenset({engine.eos_id}),
+                         tuple(request.stops) + tuple(extra))
 
 
 def completion_sequences(request: CompletionRequest, engine: Engine) -> list[SequenceRequest]:
-    if any(not s for s in request.stops):
-        raise RequestError(400, "stop: a stop string is empty")
     if request.stream and request.logprobs is not None:
         raise RequestError(400, "logprobs: not available with stream=true")
-    greedy = request.temperature == 0
-    sampling = Sampling(greedy=greedy, temperature=1.0 if greedy else request.temperature, top_k=request.top_k,
-                        top_p=request.top_p, repetition_penalty=request.repetition_penalty)
-    stop = StopCondition(frozenset() if engine.eos_id is None else frozenset({engine.eos_id}), tuple(request.stops))
+    if request.n != 1:
+        raise RequestError(400, "n: only n=1 is served")
+    sampling, stop = sampling_of(request, engine), stop_of(request, engine)
     sequences = []
     for i, text in enumerate(request.prompts):
         prompt = engine.tokenizer.encode(text)

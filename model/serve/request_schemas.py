@@ -32,30 +32,38 @@ class GenerateRequest(Generation):
     neighbors: Any = None   # NeMo's RETRO neighbours: accepted and ignored
 
 
-class CompletionRequest(_Request):
-    """OpenAI's POST /v1/completions body; top_k and repetition_penalty are extensions (as in vLLM)."""
+class OpenAISampling(_Request):
+    """The sampling fields /v1/completions and /v1/chat/completions share (openai_api.sampling_of reads them);
+    top_k and repetition_penalty are extensions, as in vLLM."""
     model: str
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=100)  # 0 = greedy
     top_p: float = Field(1.0, ge=0, le=1)
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, ge=1.0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string, JSON's keys) -> bias in [-100, 100]
     stop: Union[None, str, list[str]] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
-    echo: bool = False
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_SENTENCES)
     stream: bool = False
     user: Optional[str] = None
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
-
-    @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(OpenAISampling):
+    """OpenAI's POST /v1/completions body."""
+    prompt: Union[str, list[str]]
+    max_tokens: int = Field(16, ge=1)
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
 
 def read_json(body: bytes) -> Any:
