@@ -50,6 +50,9 @@ class Model(_Strict):
     checkpoint: str  # a directory or .nemo file; its format and architecture are read from it
     format: Literal["auto", "hf", "nemo", "megatron", "distckpt"] = "auto"
     tokenizer: Optional[str] = None  # override the checkpoint's tokenizer (a .model, vocab.json dir or tokenizer.json)
+    # chat requests and batch records with messages: None, the checkpoint's own template (tokenizer_config.json's
+    # chat_template, chat_template.jinja); or a built-in name (nemotron4, chatml); or a jinja file
+    chat_template: Optional[str] = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_batch: int = Field(16, ge=1)  # KV-cache slots: sequences decoded together
     # KV-cache length per slot (prompt + generated); None: the checkpoint's context length. A recipe's value is an

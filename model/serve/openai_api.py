@@ -45,21 +45,37 @@ def stop_of(request: OpenAISampling, engine: Engine, extra: tuple = ()) -> StopC
                          tuple(request.stops) + tuple(extra))
 
 
+def prompt_sequences(prompt: list[int], where: str, request: OpenAISampling, max_tokens: Optional[int],
+                     max_field: str, engine: Engine, first: int, sampling: Sampling, stop: StopCondition,
+                     logprobs: bool, full_logprobs: bool) -> list[SequenceRequest]:
+    """A prompt's n sequences; the k-th completion of the request (first + j) is seeded with seed + k, as a
+    batch seeds a record's samples. max_tokens None: up to the context window."""
+    if request.truncate_prompt_tokens is not None:
+        prompt = prompt[-request.truncate_prompt_tokens:]
+    if max_tokens is None:
+        if len(prompt) >= engine.max_seq_len:
+            raise RequestError(400, f"{where} is {len(prompt)} tokens, no fewer than the context window of "
+                                    f"{engine.max_seq_len}: no room for a completion")
+        max_tokens = engine.max_seq_len - len(prompt)
+    check_prompt(prompt, where, max_tokens, max_field, engine)
+    return [SequenceRequest(tuple(prompt), max_tokens,
+                            replace(sampling, seed=None if request.seed is None else request.seed + first + j),
+                            stop, logprobs=logprobs, full_logprobs=full_logprobs)
+            for j in range(request.n)]
+
+
 def completion_sequences(request: CompletionRequest, engine: Engine) -> list[SequenceRequest]:
+    """n sequences for each prompt, prompt after prompt."""
     if request.stream and request.logprobs is not None:
         raise RequestError(400, "logprobs: not available with stream=true")
-    if request.n != 1:
-        raise RequestError(400, "n: only n=1 is served")
     sampling, stop = sampling_of(request, engine), stop_of(request, engine)
     sequences = []
-    for i, text in enumerate(request.prompts):
-        prompt = engine.tokenizer.encode(text)
-        where = "prompt" if isinstance(request.prompt, str) else f"prompt[{i}]"
-        check_prompt(prompt, where, request.max_tokens, "max_tokens", engine)
-        seed = None if request.seed is None else request.seed + i
-        sequences.append(SequenceRequest(tuple(prompt), request.max_tokens, replace(sampling, seed=seed), stop,
-                                         logprobs=request.logprobs is not None,
-                                         full_logprobs=bool(request.logprobs)))
+    for i, prompt in enumerate(request.prompts):
+        where = "prompt" if len(request.prompts) == 1 else f"prompt[{i}]"
+        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        sequences += prompt_sequences(ids, where, request, request.max_tokens, "max_tokens", engine,
+                                      i * request.n, sampling, stop, logprobs=request.logprobs is not None,
+                                      full_logprobs=bool(request.logprobs))
     return sequences
 
 
@@ -67,31 +83,74 @@ def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
-def completion_text(request: CompletionRequest, result: SequenceResult, tokenizer: Tokenizer,
-                    eos_id: Optional[int]) -> str:
-    text = CompletionText(tokenizer, result.prompt, request.stops, eos_id)
+def shown_text(result: SequenceResult, stop: StopCondition, tokenizer: Tokenizer, eos_id: Optional[int]) -> str:
+    """The completion's text: without the end-of-document token, cut before the first stop string."""
+    text = CompletionText(tokenizer, result.prompt, list(stop.strings), eos_id)
     for token in result.tokens:
         text.add(token)
     text.finish()
     return text.text
 
 
-def completion_response(request: CompletionRequest, results: list[SequenceResult], engine: Engine,
-                        model: str) -> dict:
+def usage(results: list[SequenceResult], n: int) -> dict:
+    """OpenAI's usage: each prompt's tokens once, however many completions it has."""
+    prompt_tokens = sum(len(r.prompt) for r in results[::n])
+    completion_tokens = sum(len(r.tokens) for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _prompt_text(request: CompletionRequest, index: int, ids: list[int], tokenizer: Tokenizer) -> str:
+    """The text echo shows for completion index: its prompt as given, or the decoded ids it was given as."""
+    prompt = request.prompts[index // request.n]
+    return prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+
+
+def completion_response(request: CompletionRequest, sequences: list[SequenceRequest],
+                        results: list[SequenceResult], engine: Engine, model: str) -> dict:
     choices = []
-    for index, (prompt, result) in enumerate(zip(request.prompts, results)):
-        text = completion_text(request, result, engine.tokenizer, engine.eos_id)
-        shown = prompt + text if request.echo else text
+    for index, (sequence, result) in enumerate(zip(sequences, results)):
+        text = shown_text(result, sequence.stop, engine.tokenizer, engine.eos_id)
+        shown = _prompt_text(request, index, result.prompt, engine.tokenizer) + text if request.echo else text
         logprobs = None
         if request.logprobs is not None:
             logprobs = _openai_logprobs(request, result, engine, len(shown))
         choices.append({"text": shown, "index": index, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
-    prompt_tokens = sum(len(r.prompt) for r in results)
-    completion_tokens = sum(len(r.tokens) for r in results)
     return {"id": completion_id(), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                          "total_tokens": prompt_tokens + completion_tokens}}
+            "choices": choices, "usage": usage(results, request.n)}
+
+
+class CompletionStream:
+    """A streamed completion's chunks (server.py sends them as server-sent events)."""
+
+    def __init__(self, request: CompletionRequest, model: str, tokenizer: Tokenizer):
+        self.request, self.model, self.tokenizer = request, model, tokenizer
+        self.id, self.created = completion_id(), int(time.time())
+
+    def opening(self, sequences: list[SequenceRequest]) -> list[dict]:
+        """echo: each prompt first."""
+        if not self.request.echo:
+            return []
+        return [self._chunk(k, _prompt_text(self.request, k, list(s.prompt), self.tokenizer), None)
+                for k, s in enumerate(sequences)]
+
+    def delta(self, index: int, text: str) -> dict:
+        return self._chunk(index, text, None)
+
+    def final(self, index: int, text: str, finish_reason: str) -> dict:
+        return self._chunk(index, text, finish_reason)
+
+    def usage(self, results: list[SequenceResult]) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage(results, self.request.n)}
+
+    def _chunk(self, index: int, text: str, finish_reason: Optional[str]) -> dict:
+        chunk = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                 "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
+        if self.request.include_usage:
+            chunk["usage"] = None
+        return chunk
 
 
 def _openai_logprobs(request: CompletionRequest, result: SequenceResult, engine: Engine, shown: int) -> dict:
@@ -113,19 +172,13 @@ def _openai_logprobs(request: CompletionRequest, result: SequenceResult, engine:
 
 def _top(row, k: int, tokenizer: Tokenizer) -> dict:
     values, ids = row.topk(k)
-    return {_token_string(tokenizer, i): v for i, v in zip(ids.tolist(), values.tolist())}
+    return {token_string(tokenizer, i): v for i, v in zip(ids.tolist(), values.tolist())}
 
 
-def _token_string(tokenizer: Tokenizer, token: int) -> str:
+def token_string(tokenizer: Tokenizer, token: int) -> str:
     """Its text alone, or its vocabulary piece when that is not whole characters (distinct dict keys)."""
     text = tokenizer.decode([token])
     return tokenizer.id_to_piece(token) if "\ufffd" in text or not text else text
-
-
-def completion_chunk(cid: str, created: int, model: str, index: int, text: str,
-                     finish_reason: Optional[str]) -> dict:
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
 
 
 def models_response(model: str, created: int) -> dict:

@@ -6,7 +6,7 @@ nobody notices. Every problem is a RequestError whose message names the field.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,6 +32,11 @@ class GenerateRequest(Generation):
     neighbors: Any = None   # NeMo's RETRO neighbours: accepted and ignored
 
 
+class StreamOptions(_Request):
+    include_usage: Optional[bool] = False  # a last chunk with the whole request's usage
+    include_obfuscation: Optional[bool] = None  # OpenAI's padding against length side channels: none is added
+
+
 class OpenAISampling(_Request):
     """The sampling fields /v1/completions and /v1/chat/completions share (openai_api.sampling_of reads them);
     top_k and repetition_penalty are extensions, as in vLLM."""
@@ -46,24 +51,88 @@ class OpenAISampling(_Request):
     stop: Union[None, str, list[str]] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     n: int = Field(1, ge=1, le=MAX_SENTENCES)
-    stream: bool = False
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=1)  # vLLM's: keep only the prompt's last k tokens
+    response_format: Optional[dict] = None
+
+    # fields OpenAI defines that only some values of can be honoured here: field -> (honoured values, why)
+    HONOURED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "response_format": ((None, {"type": "text"}), "structured output is not served yet"),
+    }
 
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class CompletionRequest(OpenAISampling):
-    """OpenAI's POST /v1/completions body."""
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=1)
+    """OpenAI's POST /v1/completions body; a prompt may be text or token ids, one or a list."""
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)  # null: up to the context window
     logprobs: Optional[int] = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: Optional[bool] = False
+    best_of: Optional[int] = Field(None, ge=1)
+    suffix: Optional[str] = None
+
+    HONOURED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **OpenAISampling.HONOURED,
+        "suffix": ((None,), "insertion (text after the completion) is not served"),
+    }
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """Each prompt: text, or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class ChatCompletionRequest(OpenAISampling):
+    """OpenAI's POST /v1/chat/completions body. The messages are checked by chat_template.plain_messages."""
+    messages: list[Any]
+    max_tokens: Optional[int] = Field(None, ge=1)             # deprecated by OpenAI for the next one
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # null: up to the context window
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    add_generation_prompt: bool = True  # vLLM's: end the prompt with the assistant turn's header
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    parallel_tool_calls: Optional[bool] = None
+    functions: Optional[list[Any]] = None
+    function_call: Optional[Union[str, dict]] = None
+    modalities: Optional[list[str]] = None
+    audio: Optional[dict] = None
+    prediction: Optional[dict] = None
+    reasoning_effort: Optional[str] = None
+    verbosity: Optional[str] = None
+    web_search_options: Optional[dict] = None
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
+    service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
+
+    HONOURED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **OpenAISampling.HONOURED,
+        "tools": ((None, []), "tool calls are not served"),
+        "tool_choice": ((None, "none", "auto"), "tool calls are not served"),
+        "functions": ((None, []), "function calls are not served"),
+        "function_call": ((None, "none", "auto"), "function calls are not served"),
+        "modalities": ((None, ["text"]), "only text is generated"),
+        "audio": ((None,), "only text is generated"),
+        "prediction": ((None,), "predicted outputs are not served"),
+        "reasoning_effort": ((None,), "this is not a reasoning model's API"),
+        "verbosity": ((None,), "no verbosity control is served"),
+        "web_search_options": ((None,), "web search is not served"),
+        "store": ((None, False), "completions are not stored"),
+        "service_tier": ((None, "auto", "default"), "one service tier is served"),
+    }
 
 
 def read_json(body: bytes) -> Any:
@@ -86,11 +155,37 @@ def parse(schema: type[BaseModel], data: Any) -> Any:
         request = schema.model_validate(data)
     except ValidationError as e:
         raise RequestError(400, _describe(e, schema)) from None
-    if isinstance(request, CompletionRequest) and not request.prompts:
-        raise RequestError(400, "prompt: the list of prompts is empty")
-    if isinstance(request, CompletionRequest) and len(request.prompts) > MAX_SENTENCES:
-        raise RequestError(400, f"prompt: at most {MAX_SENTENCES} prompts per request, got {len(request.prompts)}")
+    if isinstance(request, OpenAISampling):
+        _check_openai(request)
     return request
+
+
+def _check_openai(request: OpenAISampling) -> None:
+    """What a schema cannot say: values of OpenAI's fields that cannot be honoured here, and bounds that
+    span fields."""
+    for name, (honoured, why) in request.HONOURED.items():
+        value = getattr(request, name)
+        if value not in honoured:
+            raise RequestError(400, f"{name}: {value!r} cannot be honoured: {why} (accepted: "
+                                    f"{', '.join(json.dumps(v) for v in honoured)})")
+    if request.stream_options is not None and not request.stream:
+        raise RequestError(400, "stream_options: only with stream=true")
+    if isinstance(request, CompletionRequest):
+        if not request.prompts:
+            raise RequestError(400, "prompt: the list of prompts is empty")
+        if len(request.prompts) * request.n > MAX_SENTENCES:
+            raise RequestError(400, f"prompt, n: at most {MAX_SENTENCES} completions per request, got "
+                                    f"{len(request.prompts)} prompt(s) × n={request.n}")
+        if request.best_of is not None and request.best_of != request.n:
+            raise RequestError(400, f"best_of: {request.best_of} cannot be honoured: completions are not ranked, "
+                                    f"so best_of must equal n ({request.n})")
+    if isinstance(request, ChatCompletionRequest):
+        if None not in (request.max_tokens, request.max_completion_tokens) and \
+                request.max_tokens != request.max_completion_tokens:
+            raise RequestError(400, f"max_tokens={request.max_tokens} and max_completion_tokens="
+                                    f"{request.max_completion_tokens} disagree; give one")
+        if request.top_logprobs and not request.logprobs:
+            raise RequestError(400, "top_logprobs: only with logprobs=true")
 
 
 def _describe(error: ValidationError, schema: type[BaseModel]) -> str:

@@ -32,10 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fleetgen.model.serve.detokenize import CompletionText
 from fleetgen.model.serve.engine import Engine, EngineUnavailable, SequenceRequest, SequenceResult
 from fleetgen.model.serve.nemo_api import nemo_response, nemo_sequences
-from fleetgen.model.serve.openai_api import (completion_chunk, completion_id, completion_response, completion_sequences,
+from fleetgen.model.chat_template import ChatTemplate
+from fleetgen.model.serve.chat_api import ChatStream, chat_response, chat_sequences
+from fleetgen.model.serve.openai_api import (CompletionStream, completion_response, completion_sequences,
                                             models_response)
-from fleetgen.model.serve.request_schemas import (CompletionRequest, GenerateRequest, RequestError, parse,
-                                                  read_json)
+from fleetgen.model.serve.request_schemas import (ChatCompletionRequest, CompletionRequest, GenerateRequest,
+                                                  OpenAISampling, RequestError, parse, read_json)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,13 @@ VERDICT_WAIT_S = 5  # how long a request hit by an engine failure waits for the 
 
 class Server:
     def __init__(self, host: str, port: int, api_key: Optional[str] = None, max_body_bytes: int = 4 << 20,
-                 model_name: str = "fleetgen", control_token: Optional[str] = None, private: bool = False):
+                 model_name: str = "fleetgen", control_token: Optional[str] = None, private: bool = False,
+                 chat_template: Optional[ChatTemplate] = None):
         """Bind host:port (0 = any free port, see .port) and start answering at once. Without a control token
-        (a server embedded in a program) /shutdown is guarded like the generation routes."""
+        (a server embedded in a program) /shutdown is guarded like the generation routes. Without a chat
+        template, chat requests are answered 400."""
         self.model_name, self.max_body_bytes, self._api_key = model_name, max_body_bytes, api_key
+        self.chat_template = chat_template
         self._control_token, self._private = control_token, private
         self._engine: Optional[Engine] = None
         self._failure: Optional[str] = None
@@ -151,6 +156,7 @@ class Server:
         guarded = [Depends(self._authorize)]
         app.add_api_route("/generate", self._generate, methods=["PUT"], dependencies=guarded)
         app.add_api_route("/v1/completions", self._completions, methods=["POST"], dependencies=guarded)
+        app.add_api_route("/v1/chat/completions", self._chat, methods=["POST"], dependencies=guarded)
         app.add_api_route("/v1/models", self._models, methods=["GET"], dependencies=guarded)
         owner_only = [Depends(self._authorize_control)]
         app.add_api_route("/shutdown", self._shutdown, methods=["POST"], dependencies=owner_only)
@@ -168,15 +174,28 @@ class Server:
 
     async def _completions(self, request: Request):
         engine = self._ready_engine()
-        body = parse(CompletionRequest, read_json(await self._body(request)))
+        body = self._openai_body(CompletionRequest, await self._body(request))
+        sequences = completion_sequences(body, engine)
+        if body.stream:
+            return self._stream(CompletionStream(body, self.model_name, engine.tokenizer), body, sequences, engine)
+        results = await self._run_all(engine, sequences)
+        return JSONResponse(completion_response(body, sequences, results, engine, self.model_name))
+
+    async def _chat(self, request: Request):
+        engine = self._ready_engine()
+        body = self._openai_body(ChatCompletionRequest, await self._body(request))
+        sequences = chat_sequences(body, engine, self.chat_template)
+        if body.stream:
+            return self._stream(ChatStream(body, self.model_name, engine.tokenizer), body, sequences, engine)
+        results = await self._run_all(engine, sequences)
+        return JSONResponse(chat_response(body, sequences, results, engine, self.model_name))
+
+    def _openai_body(self, schema: type[OpenAISampling], raw: bytes) -> OpenAISampling:
+        body = parse(schema, read_json(raw))
         if body.model != self.model_name:
             raise RequestError(404, f"model: {body.model!r} is not served here; this server serves "
                                     f"{self.model_name!r}")
-        sequences = completion_sequences(body, engine)
-        if body.stream:
-            return self._stream(body, sequences, engine)
-        results = await self._run_all(engine, sequences)
-        return JSONResponse(completion_response(body, results, engine, self.model_name))
+        return body
 
     async def _models(self) -> JSONResponse:
         return JSONResponse(models_response(self.model_name, self._created))
@@ -251,7 +270,9 @@ class Server:
             await asyncio.sleep(0.1)
         return f"the replica failed: {self._failure}" if self._failure else str(error)
 
-    def _stream(self, body: CompletionRequest, sequences: list[SequenceRequest], engine: Engine) -> StreamingResponse:
+    def _stream(self, chunks, body: OpenAISampling, sequences: list[SequenceRequest],
+                engine: Engine) -> StreamingResponse:
+        """chunks: the dialect's chunk maker (openai_api.CompletionStream, chat_api.ChatStream)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def deliver(item) -> None:  # called on the engine's thread
@@ -265,32 +286,32 @@ class Server:
             future = self._submit(engine, sequence, on_token=lambda token, i=i: deliver((i, token)))
             future.add_done_callback(lambda done, i=i: deliver((i, done)))
             futures.append(future)
-        return StreamingResponse(self._events(body, sequences, futures, events, engine),
+        return StreamingResponse(self._events(chunks, body, sequences, futures, events, engine),
                                  media_type="text/event-stream")
 
-    async def _events(self, body: CompletionRequest, sequences: list[SequenceRequest], futures: list,
+    async def _events(self, chunks, body: OpenAISampling, sequences: list[SequenceRequest], futures: list,
                       events: asyncio.Queue, engine: Engine) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per piece of new text, a last chunk per prompt with its
-        finish_reason, then [DONE]."""
-        cid, created = completion_id(), int(time.time())
-        texts = [CompletionText(engine.tokenizer, list(s.prompt), body.stops, engine.eos_id) for s in sequences]
+        """Server-sent events: the dialect's opening chunks, one chunk per piece of new text, a last chunk per
+        sequence with its finish_reason, the usage when asked (stream_options.include_usage), then [DONE]."""
+        texts = [CompletionText(engine.tokenizer, list(s.prompt), list(s.stop.strings), engine.eos_id)
+                 for s in sequences]
         try:
-            if body.echo:
-                for i, prompt in enumerate(body.prompts):
-                    yield _sse(completion_chunk(cid, created, self.model_name, i, prompt, None))
+            for chunk in chunks.opening(sequences):
+                yield _sse(chunk)
             for _ in futures:
                 i, item = await events.get()
                 while isinstance(item, int):
                     delta = texts[i].add(item)
                     if delta:
-                        yield _sse(completion_chunk(cid, created, self.model_name, i, delta, None))
+                        yield _sse(chunks.delta(i, delta))
                     i, item = await events.get()
                 if item.exception() is not None:
                     message = await self._unavailable(item.exception())
                     yield _sse({"error": {"message": message, "type": "server_error", "code": 503}})
                     return
-                yield _sse(completion_chunk(cid, created, self.model_name, i, texts[i].finish(),
-                                            item.result().finish_reason))
+                yield _sse(chunks.final(i, texts[i].finish(), item.result().finish_reason))
+            if body.include_usage:
+                yield _sse(chunks.usage([future.result() for future in futures]))
             yield "data: [DONE]\n\n"
         finally:
             for future in futures:  # the client went away: free the slots

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fleetgen.conf.schema import LaunchConfig, Model
+from fleetgen.model.chat_template import model_chat_template
 from fleetgen.model.checkpoint.open import open_checkpoint
 from fleetgen.model.serve.engine import Engine
 from fleetgen.model.load import build_generator, startup_report
@@ -95,7 +96,9 @@ def _lead(cfg: LaunchConfig, ps: ParallelState, env: RankEnvironment, job_folder
     port = cfg.server.port + ps.replica if cfg.server.port else 0  # replicas may share a node
     server = Server(cfg.server.host, port, api_key=cfg.server.api_key, max_body_bytes=cfg.server.max_body_bytes,
                     model_name=cfg.recipe, control_token=read_token(job_folder, cfg.server.health_timeout_s),
-                    private=cfg.mode == "batch")
+                    private=cfg.mode == "batch",
+                    chat_template=model_chat_template(cfg.model.chat_template, cfg.model.checkpoint,
+                                                      cfg.model.tokenizer))
     liveness.on_failure = server.fail
     write_atomically(JobPaths(job_folder).server(ps.replica),
                      json.dumps({"url": f"http://{_reachable_host(cfg, env)}:{server.port}", "replica": ps.replica}))
