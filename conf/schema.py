@@ -125,6 +125,9 @@ class Batch(_Strict):
     timeout_per_token_s: float = Field(0.1, ge=0)
     replica_wait_s: float = Field(300, ge=0)  # every server failed: wait this long for one to come back, then stop
     drain_timeout_s: float = Field(60, ge=0)  # when draining (preemption, cancel), how long requests in flight get
+    # a prompt too long for the context window with its new tokens, found by the validation pass: error (refuse the
+    # batch, naming the lines), skip (into the errors file, no server asked) or truncate_left (keep its end)
+    long_prompts: Literal["error", "skip", "truncate_left"] = "error"
 
 
 class Job(_Strict):

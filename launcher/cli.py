@@ -16,7 +16,9 @@ from fleetgen.launcher.batch.outputlock import OutputLock, lock_output
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
 from fleetgen.conf.schema import LaunchConfig
-from fleetgen.launcher.validate import check_local_ports, fit_to_model, open_model, place_local_ranks
+from fleetgen.launcher.batch.prompts import PromptRules
+from fleetgen.launcher.validate import (check_chat_template, check_local_ports, fit_to_model, open_model,
+                                       place_local_ranks)
 
 
 EPILOG = """\
@@ -93,7 +95,7 @@ def launch(recipe: str, overrides: list[str], dry_run: bool, command: str = "") 
         return _attended(cfg, None, recipe, started)
     with lock_output(Path(cfg.batch.output)) as lock:  # first: a second run is refused at once, and before
         _validate(cfg, overrides)                     # prepare(), since batch.restart=true removes files
-        plan = batch.prepare(cfg)
+        plan = batch.prepare(cfg, PromptRules.load(cfg))
         plan.command = command
         if cfg.detach:
             return _submit_detached(cfg, plan)  # the job's driver takes the lock for the run
@@ -103,6 +105,7 @@ def launch(recipe: str, overrides: list[str], dry_run: bool, command: str = "") 
 def _validate(cfg: LaunchConfig, overrides: list[str]) -> None:
     place_local_ranks(cfg)
     check_local_ports(cfg)
+    check_chat_template(cfg)
     fit_to_model(cfg, open_model(cfg).config, overrides)
 
 
@@ -172,7 +175,8 @@ def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:
 def _print_dry_run(cfg: LaunchConfig, overrides: list[str]) -> int:
     """The checkpoint is often only on the cluster: a dry run reports it unreadable instead of failing, and
     reports the same way local ranks this machine has no GPUs for."""
-    for check in (lambda: place_local_ranks(cfg), lambda: fit_to_model(cfg, open_model(cfg).config, overrides)):
+    for check in (lambda: place_local_ranks(cfg), lambda: check_chat_template(cfg),
+                  lambda: fit_to_model(cfg, open_model(cfg).config, overrides)):
         try:
             check()
         except LaunchError as e:

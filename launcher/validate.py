@@ -54,6 +54,17 @@ def check_local_ports(cfg: LaunchConfig) -> None:
                                   "give another server.port, or server.port=0 for free ports") from None
 
 
+def check_chat_template(cfg: LaunchConfig) -> None:
+    """model.chat_template: a built-in name or a jinja file that compiles (the checkpoint's own is checked
+    where it is found)."""
+    from fleetgen.model.chat_template import ChatTemplateError, model_chat_template
+
+    try:
+        model_chat_template(cfg.model.chat_template, cfg.model.checkpoint, cfg.model.tokenizer)
+    except ChatTemplateError as e:
+        raise LaunchError(str(e)) from None
+
+
 def fit_to_model(cfg: LaunchConfig, model: ModelConfig, overrides: list[str]) -> None:
     """Check the split against the checkpoint's model and settle model.max_seq_len (given KEY=VALUE overrides)."""
     check_model(cfg, model)

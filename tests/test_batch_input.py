@@ -50,7 +50,10 @@ def test_without_ids_line_numbers_are_the_keys_and_blank_lines_count(tmp_path):
     ('{"prompt": "x", "id": 1.5}', '"id" must be a string or an integer'),
     ('{"prompt": "x", "id": true}', '"id" must be a string or an integer'),
     ('{"prompt": ""}', '"prompt" must be a non-empty string'),
-    ('{"prompt": "x", "temprature": 1}', "unknown field(s) temprature"),
+    ('{"prompt": "x", "temprature": 1}', "field 'temprature': did you mean 'temperature'?"),
+    ('{"prompt": "x", "completion": "mine"}', "field(s) completion would collide with the output line's"),
+    ('{"messages": [], "prompt": "x"}', 'a "prompt" (text) or "messages" (a chat), one of them'),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "need the model's chat template"),
     ('{"prompt": "x", "top_p": 2}', "field top_p"),
     ('{"prompt": "x",', "not valid JSON"),
 ])
@@ -70,8 +73,7 @@ def test_openai_batch_format_is_detected(tmp_path):
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ({"url": "/v1/chat/completions"}, "'/v1/chat/completions' is not supported"),
-    ({"url": "/v1/embeddings"}, "is not supported"),
+    ({"url": "/v1/embeddings"}, "'/v1/embeddings' is not served"),
     ({"method": "GET"}, '"method" must be "POST"'),
     ({"body": "text"}, '"body" must be a JSON object'),
     ({"custom_id": ""}, '"custom_id" must be a non-empty string'),

@@ -64,8 +64,8 @@ def test_malformed_jsonl_line_is_named_by_number(tmp_path):
 
 
 @pytest.mark.parametrize("line, fragment", [
-    ('{"id": 1}', '"prompt" must be a non-empty string'),
-    ('{"prompt": "x", "temprature": 0.5}', "unknown field(s) temprature"),
+    ('{"id": 1}', 'a record has a "prompt" (text) or "messages" (a chat), one of them'),
+    ('{"prompt": "x", "temprature": 0.5}', "field 'temprature': did you mean 'temperature'?"),
     ('{"prompt": "x", "top_p": 2}', "field top_p"),
     ('["prompt"]', "expected a JSON object"),
 ])

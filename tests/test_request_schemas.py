@@ -9,7 +9,7 @@ from fleetgen.model.serve.request_schemas import (CompletionRequest, GenerateReq
 
 def test_generate_defaults_are_nemos():
     request = parse(GenerateRequest, {"sentences": ["a"]})
-    assert request.model_dump(exclude={"sentences", "task_ids", "neighbors"}) == {
+    assert request.model_dump(exclude={"sentences", "task_ids", "neighbors", "truncate_prompt_tokens"}) == {
         "tokens_to_generate": 64, "temperature": 1.0, "add_BOS": False, "top_k": 0, "top_p": 0.9,
         "greedy": False, "all_probs": False, "repetition_penalty": 1.0, "min_tokens_to_generate": 0,
         "end_strings": ["<|endoftext|>"], "compute_logprob": False, "random_seed": None}
@@ -74,10 +74,13 @@ def test_completion_request_checks_openai_fields():
     request = parse(CompletionRequest, {"model": "m", "prompt": "hi", "stop": "\n"})
     assert (request.prompts, request.stops, request.max_tokens, request.n) == (["hi"], ["\n"], 16, 1)
     for body, words in [({"model": "m", "prompt": []}, "prompt: the list of prompts is empty"),
-                        ({"model": "m", "prompt": "a", "n": 2}, "n: Input should be less than or equal to 1"),
+                        ({"model": "m", "prompt": ["a"] * 65, "n": 2}, "at most 128 completions per request"),
                         ({"model": "m", "prompt": "a", "logprobs": 6}, "logprobs: Input should be less than"),
                         ({"prompt": "a"}, "model: required field missing"),
-                        ({"model": "m", "prompt": "a", "best_of": 2}, "unknown field 'best_of'")]:
+                        ({"model": "m", "prompt": "a", "best_of": 2}, "best_of: 2 cannot be honoured"),
+                        ({"model": "m", "prompt": "a", "suffix": "z"}, "suffix: 'z' cannot be honoured"),
+                        ({"model": "m", "prompt": "a", "stream_options": {}}, "stream_options: only with stream"),
+                        ({"model": "m", "prompt": "a", "bogus": 1}, "unknown field 'bogus'")]:
         with pytest.raises(RequestError, match=words):
             parse(CompletionRequest, body)
 

@@ -89,3 +89,14 @@ def test_a_taken_server_port_is_refused_before_submission():
         cfg.server.port = taken
         with pytest.raises(LaunchError, match=f"server.port={taken}: port {taken} on this machine is taken; "):
             check_local_ports(cfg)
+
+
+def test_a_chat_template_that_is_neither_built_in_nor_a_file_is_refused_before_submission(tmp_path):
+    from fleetgen.launcher.validate import check_chat_template
+
+    cfg = LaunchConfig.model_validate({"recipe": "test", "cluster": {"kind": "local"},
+                                       "model": {"checkpoint": str(tmp_path), "chat_template": "llama9"}})
+    with pytest.raises(LaunchError, match="model.chat_template=llama9: neither a built-in template"):
+        check_chat_template(cfg)
+    cfg.model.chat_template = "chatml"
+    check_chat_template(cfg)

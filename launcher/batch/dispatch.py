@@ -210,11 +210,16 @@ class Dispatcher:
 
     async def _send(self, group: Group) -> Answer:
         fmt, items = self._fmt, group.items
+        refusal = next((item.record.refusal for item in items if item.record.refusal), None)
+        if refusal is not None:  # batch.long_prompts=skip: the answer a server would give, without asking one
+            return Answer("record", status=400, message=refusal,
+                          body={"error": {"message": refusal, "type": "invalid_request_error", "param": None,
+                                          "code": 400}})
         timeout = self._settings.request_timeout_s + self._settings.timeout_per_token_s * fmt.tokens_requested(items)
         if self.first_request_at is None:
             self.first_request_at = time.monotonic()
         try:
-            async with self._session.request(fmt.method, group.replica.url + fmt.route,
+            async with self._session.request(fmt.method, group.replica.url + fmt.route(items),
                                              json=fmt.body(items, self._model),
                                              timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 status, data = response.status, await response.read()

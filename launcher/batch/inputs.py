@@ -6,9 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
+from typing import Optional
 
 from fleetgen.launcher.batch.formats import FleetgenFormat, OpenAIFormat, Record
 from fleetgen.launcher.batch.keys import DuplicateKeys
+from fleetgen.launcher.batch.prompts import LongPrompts
 from fleetgen.launcher.errors import LaunchError
 
 Format = FleetgenFormat | OpenAIFormat
@@ -32,13 +34,17 @@ def detect_format(path: Path) -> str:
     raise LaunchError(f"batch.input={path}: no records")
 
 
-def scan(path: Path, fmt: Format) -> Scan:
-    """Check every line (JSON, the format's fields, the id rules) and fingerprint the bytes; keeps no record."""
+def scan(path: Path, fmt: Format, long_prompts: Optional[LongPrompts] = None) -> Scan:
+    """Check every line (JSON, the format's fields, the id rules) and fingerprint the bytes; keeps no record.
+    long_prompts (batch.long_prompts=error): prompts too long for the context window are counted there, and
+    refused together at the end."""
     digest, duplicates = hashlib.blake2b(digest_size=16), DuplicateKeys()
     first_with_id = first_without_id = None
     count = 0
     for line, text in _lines(path, digest):
         record, has_id = fmt.parse(_json(text, path, line), count, line, f"{path}, line {line}")
+        if long_prompts is not None and record.fit is not None and record.fit.too_long:
+            long_prompts.add(line, record.fit)
         if has_id:
             first_with_id = first_with_id or line
             duplicates.add(record.key)
@@ -50,6 +56,8 @@ def scan(path: Path, fmt: Format) -> Scan:
         count += 1
     if not count:
         raise LaunchError(f"batch.input={path}: no records")
+    if long_prompts is not None:
+        long_prompts.check(path)
     if first_with_id:
         _refuse_repeated_keys(path, fmt, duplicates)
     return Scan(count, bool(first_with_id), digest.hexdigest())

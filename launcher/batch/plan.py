@@ -1,13 +1,15 @@
 """prepare(): everything about a batch that can be checked before a job is submitted."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher.batch.formats import FleetgenFormat, OpenAIFormat
 from fleetgen.launcher.batch.inputs import detect_format, scan
 from fleetgen.launcher.batch.ledger import check_header, ledger_path, make_header
+from fleetgen.launcher.batch.prompts import LongPrompts, PromptRules
 from fleetgen.launcher.batch.progress import progress_path
 from fleetgen.launcher.errors import LaunchError
 
@@ -26,6 +28,11 @@ class BatchPlan:
     keyed_by_id: bool
     header: dict
     command: str = ""  # the `launch` command line that reruns (and so resumes) this batch, shown when it stops
+    measured: bool = False  # prepared with the model's prompt rules: the run renders and measures with them too
+    _rules: Optional[PromptRules] = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:  # the rules hold a tokenizer: a driver elsewhere loads its own
+        return {**self.__dict__, "_rules": None}
 
     @property
     def input(self) -> Path:
@@ -36,13 +43,15 @@ class BatchPlan:
         return Path(self.cfg.batch.output)
 
     def make_format(self) -> FleetgenFormat | OpenAIFormat:
-        return make_format(self.format, self.cfg)
+        if self.measured and self._rules is None:
+            self._rules = PromptRules.load(self.cfg)
+        return make_format(self.format, self.cfg, self._rules)
 
 
-def make_format(name: str, cfg: LaunchConfig) -> FleetgenFormat | OpenAIFormat:
+def make_format(name: str, cfg: LaunchConfig, rules: Optional[PromptRules] = None) -> FleetgenFormat | OpenAIFormat:
     if name == "openai":
-        return OpenAIFormat(cfg.batch.seed)
-    return FleetgenFormat(cfg.generation, cfg.batch.seed)
+        return OpenAIFormat(cfg.batch.seed, rules)
+    return FleetgenFormat(cfg.generation, cfg.batch.seed, rules)
 
 
 def run_files(output: Path) -> list[Path]:
@@ -58,10 +67,11 @@ def summary_path(output: Path) -> Path:
     return output.with_name(output.name + ".summary.json")
 
 
-def prepare(cfg: LaunchConfig) -> BatchPlan:
+def prepare(cfg: LaunchConfig, rules: Optional[PromptRules] = None) -> BatchPlan:
     """Check a batch before submission: one streaming pass over batch.input (JSON, the format's fields, the
-    id rules: ids on every record or none, none repeated), then the ledger against this input and these
-    settings. Raises LaunchError naming the file and line. batch.restart=true removes the previous run's
+    id rules: ids on every record or none, none repeated; with the model's prompt rules, chat messages
+    rendered and every prompt's length against the context window), then the ledger against this input and
+    these settings. Raises LaunchError naming the file and line. batch.restart=true removes the previous run's
     files here, so a driver that prepares again after a requeue must not pass it again."""
     if not cfg.batch.input:
         raise LaunchError("batch.input is not set: give batch.input=PATH (a JSONL file), or mode=serve")
@@ -70,10 +80,12 @@ def prepare(cfg: LaunchConfig) -> BatchPlan:
     if name == "openai" and cfg.batch.samples > 1:
         raise LaunchError(f"batch.samples={cfg.batch.samples}: {source} is in OpenAI's batch format, where a "
                           "request's completions are its own (one output line per custom_id); use batch.samples=1")
-    scanned = scan(source, make_format(name, cfg))
+    long_prompts = LongPrompts(cfg.model.max_seq_len) if rules is not None and rules.policy == "error" else None
+    scanned = scan(source, make_format(name, cfg, rules), long_prompts)
     items = scanned.records * cfg.batch.samples
     settings = {"format": name, "generation": cfg.generation.model_dump(), "samples": cfg.batch.samples,
-                "seed": cfg.batch.seed, "checkpoint": cfg.model.checkpoint}
+                "seed": cfg.batch.seed, "checkpoint": cfg.model.checkpoint,
+                "chat_template": cfg.model.chat_template, "long_prompts": cfg.batch.long_prompts}
     header = make_header(scanned.fingerprint, settings, items)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -84,4 +96,5 @@ def prepare(cfg: LaunchConfig) -> BatchPlan:
             path.unlink(missing_ok=True)
     else:
         check_header(ledger_path(output), header, RESTART_HINT)
-    return BatchPlan(cfg, name, scanned.records, items, scanned.keyed_by_id, header)
+    return BatchPlan(cfg, name, scanned.records, items, scanned.keyed_by_id, header, measured=rules is not None,
+                     _rules=rules)

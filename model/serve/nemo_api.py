@@ -24,7 +24,10 @@ def nemo_sequences(request: GenerateRequest, engine: Engine) -> list[SequenceReq
     stop = nemo_stop(request.end_strings, tokenizer, engine.eos_id)
     sequences = []
     for i, sentence in enumerate(request.sentences):
-        prompt = [tokenizer.bos_id] * request.add_BOS + tokenizer.encode(sentence)
+        encoded = tokenizer.encode(sentence)
+        if request.truncate_prompt_tokens is not None:  # the BOS is added before the kept tokens, not counted
+            encoded = encoded[-request.truncate_prompt_tokens:]
+        prompt = [tokenizer.bos_id] * request.add_BOS + encoded
         check_prompt(prompt, f"sentences[{i}]", request.tokens_to_generate, "tokens_to_generate", engine)
         seed = None if request.random_seed is None else request.random_seed + i
         sequences.append(SequenceRequest(tuple(prompt), request.tokens_to_generate, replace(sampling, seed=seed),

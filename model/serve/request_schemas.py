@@ -30,6 +30,7 @@ class GenerateRequest(Generation):
     all_probs: bool = False  # whole log-probability rows; not a batch record's field (they would not be kept)
     task_ids: Any = None    # NeMo's p-tuning task ids: accepted and ignored
     neighbors: Any = None   # NeMo's RETRO neighbours: accepted and ignored
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=1)  # vLLM's: keep only each prompt's last k tokens
 
 
 class StreamOptions(_Request):
