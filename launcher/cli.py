@@ -16,7 +16,7 @@ from fleetgen.launcher.batch.outputlock import OutputLock, lock_output
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.job import raise_on_sigterm, submit
 from fleetgen.conf.schema import LaunchConfig
-from fleetgen.launcher.validate import check_local_ports, fit_to_model, open_model, place_local_ranks
+from fleetgen.launcher.validate import fit_to_model, place_local_ranks, read_model, validate
 
 
 EPILOG = """\
@@ -89,21 +89,15 @@ def launch(recipe: str, overrides: list[str], dry_run: bool, command: str = "") 
     if dry_run:
         return _print_dry_run(cfg, overrides)
     if cfg.mode != "batch":
-        _validate(cfg, overrides)
+        validate(cfg, overrides)
         return _attended(cfg, None, recipe, started)
     with lock_output(Path(cfg.batch.output)) as lock:  # first: a second run is refused at once, and before
-        _validate(cfg, overrides)                     # prepare(), since batch.restart=true removes files
+        validate(cfg, overrides)                      # prepare(), since batch.restart=true removes files
         plan = batch.prepare(cfg)
         plan.command = command
         if cfg.detach:
             return _submit_detached(cfg, plan)  # the job's driver takes the lock for the run
         return _attended(cfg, plan, recipe, started, lock)
-
-
-def _validate(cfg: LaunchConfig, overrides: list[str]) -> None:
-    place_local_ranks(cfg)
-    check_local_ports(cfg)
-    fit_to_model(cfg, open_model(cfg).config, overrides)
 
 
 def _attended(cfg: LaunchConfig, plan: batch.BatchPlan | None, recipe: str, started: float,
@@ -172,7 +166,7 @@ def _with_absolute_paths(cfg: LaunchConfig) -> LaunchConfig:
 def _print_dry_run(cfg: LaunchConfig, overrides: list[str]) -> int:
     """The checkpoint is often only on the cluster: a dry run reports it unreadable instead of failing, and
     reports the same way local ranks this machine has no GPUs for."""
-    for check in (lambda: place_local_ranks(cfg), lambda: fit_to_model(cfg, open_model(cfg).config, overrides)):
+    for check in (lambda: place_local_ranks(cfg), lambda: fit_to_model(cfg, read_model(cfg), overrides)):
         try:
             check()
         except LaunchError as e:

@@ -30,8 +30,6 @@ def submit(cfg: LaunchConfig) -> RunningJob:
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # job folders hold control tokens, and submitit's pickles pass through here
     reap_stale_jobs(folder)
-    from fleetgen.model.serve.worker import run_rank  # imported here: the launcher itself needs no model code
-
     control = JobControl.submit(cfg, folder, run_rank, cfg, str(folder))
     _remove_if_empty(folder / "%j")  # submitit creates the folder pattern itself, unformatted
     token = write_token(control.folder)
@@ -44,6 +42,14 @@ def submit(cfg: LaunchConfig) -> RunningJob:
     print(f"submitted job {control.job_id} ({cfg.cluster.kind}, {ranks} rank{'s' if ranks != 1 else ''}); "
           f"logs in {control.folder}", file=sys.stderr)
     return RunningJob(control, cfg, folder, token)
+
+
+def run_rank(cfg: LaunchConfig, folder: str) -> None:
+    """What submitit runs on every task. submitit pickles it by name, so the model code (and torch) is imported
+    by the ranks, never by the launcher (tests/test_login_node.py)."""
+    from fleetgen.model.serve.worker import run_rank as rank
+
+    rank(cfg, folder)
 
 
 def _remove_if_empty(path: Path) -> None:

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from fleetgen.model.checkpoint.open import open_checkpoint
+from fleetgen.model.checkpoint.open import open_checkpoint, read_config
 from tests.checkpoint_writers import (GPT2, GPT2_HEAD64, MEGATRON_MODERN, Gadget, assert_reads_back, canonical_tensors,
                                       make_config, padded, raises, rewrite, write_megatron)
 
@@ -72,20 +72,35 @@ def test_unsupported_checkpoint_version(megatron_dir):
         open_checkpoint(megatron_dir)
 
 
-def test_pickle_needing_an_arbitrary_object_is_refused(megatron_dir):
+@pytest.mark.parametrize("read", [open_checkpoint, read_config])  # the ranks' reader; the login node's, no torch
+def test_pickle_needing_an_arbitrary_object_is_refused(megatron_dir, read):
     shard = megatron_dir / "release" / "mp_rank_00" / "model_optim_rng.pt"
     rewrite(shard, lambda sd: setattr(sd["args"], "hook", Gadget()))
     with raises(rf"{shard}: refusing to unpickle tests.checkpoint_writers.Gadget"):
-        open_checkpoint(megatron_dir)
+        read(megatron_dir)
 
 
-def test_megatron_rng_state_with_numpy_arrays_is_allowed(megatron_dir):
+@pytest.mark.parametrize("read", [lambda path: open_checkpoint(path).config, read_config])
+def test_megatron_rng_state_with_numpy_arrays_is_allowed(megatron_dir, read):
     import numpy as np
 
     for rank in ("mp_rank_00", "mp_rank_01"):
         rewrite(megatron_dir / "release" / rank / "model_optim_rng.pt",
-                lambda sd: sd.update({"rng_state": [{"np_rng_state": np.random.get_state()}]}))
-    assert open_checkpoint(megatron_dir).config.num_layers == 2
+                lambda sd: sd.update({"rng_state": [{"np_rng_state": np.random.get_state(),
+                                                     "torch_rng_state": torch.get_rng_state()}]}))
+    assert read(megatron_dir).num_layers == 2
+
+
+def test_the_login_nodes_reader_refuses_a_legacy_pickle_needing_an_arbitrary_object(megatron_dir):
+    shard = megatron_dir / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    sd = torch.load(shard, weights_only=False)
+    sd["args"].hook = Gadget()
+    torch.save(sd, shard, _use_new_zipfile_serialization=False)  # before torch 1.6: no zip, pickles in a row
+    with raises(rf"{shard}: refusing to unpickle tests.checkpoint_writers.Gadget"):
+        read_config(megatron_dir)
+    del sd["args"].hook
+    torch.save(sd, shard, _use_new_zipfile_serialization=False)
+    assert read_config(megatron_dir) == open_checkpoint(megatron_dir).config
 
 
 def test_megatron_without_a_tokenizer(megatron_dir):

@@ -16,8 +16,9 @@ from typing import Union
 from fleetgen.model.checkpoint.lazy import (Concat, LazySource, Rows, Stored, TorchFile, check_views,
                                             qkv_group_major, split_rows)
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
+from fleetgen.model.checkpoint.torchpickle import PickledIndex
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.tokenizer import load_tokenizer
+from fleetgen.model.tokenizer import given_tokenizer, load_tokenizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -74,7 +75,7 @@ def _first_shard(directory: Path) -> Path:
 
 def find_tokenizer(root: Path, override) -> Tokenizer:
     if override is not None:
-        return override if hasattr(override, "encode") else load_tokenizer(override)
+        return given_tokenizer(override)
     for d in (root, root.parent):
         if (d / "vocab.json").is_file() or (d / "tokenizer.json").is_file() or any(d.glob("*.model")):
             return load_tokenizer(d)
@@ -87,11 +88,7 @@ def open_megatron(path: Union[str, Path], tokenizer=None) -> LazySource:
     root = Path(path)
     directory = checkpoint_dir(root)
     first = TorchFile(_first_shard(directory))
-    args = first.values.get("args")
-    version = first.values.get("checkpoint_version", 0)
-    if version not in SUPPORTED_VERSIONS:
-        raise CheckpointError(f"{first.path}: checkpoint_version={version} is not supported "
-                              f"({', '.join(map(str, SUPPORTED_VERSIONS))})")
+    args, version = first.values.get("args"), _version(first)
     files = {ranks: (first if p == first.path else TorchFile(p))
              for ranks, p in sorted(shard_files(directory, args).items())}
     tok = find_tokenizer(root, tokenizer)
@@ -99,6 +96,27 @@ def open_megatron(path: Union[str, Path], tokenizer=None) -> LazySource:
     views = MegatronLayout(files, config, version).views()
     check_views(views, config, f"{first.path} (args)" if args else f"{first.path} (tensor shapes)")
     return LazySource(config, views, tok, list(files.values()))
+
+
+def read_megatron_config(path: Union[str, Path], tokenizer=None) -> ModelConfig:
+    """The architecture as open_megatron finds it, without torch (the login node's check): the first shard's
+    args, read from its pickle alone, and the tensor shapes of every shard only where there are no args."""
+    root = Path(path)
+    directory = checkpoint_dir(root)
+    first = PickledIndex(_first_shard(directory))
+    args = first.values.get("args")
+    _version(first)
+    shards = sorted(shard_files(directory, args).items())
+    files = {ranks: (first if p == first.path else PickledIndex(p)) for ranks, p in shards} if args is None else {}
+    return megatron_config(args, find_tokenizer(root, tokenizer), files, where=str(first.path))
+
+
+def _version(first) -> float:
+    version = first.values.get("checkpoint_version", 0)
+    if version not in SUPPORTED_VERSIONS:
+        raise CheckpointError(f"{first.path}: checkpoint_version={version} is not supported "
+                              f"({', '.join(map(str, SUPPORTED_VERSIONS))})")
+    return version
 
 
 def megatron_config(args, tok: Tokenizer, files: dict, where: str) -> ModelConfig:

@@ -25,7 +25,7 @@ from fleetgen.model.checkpoint.lazy import (Concat, LazySource, Stored, TorchFil
 from fleetgen.model.checkpoint.megatron import LanguageModelLayout
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.tokenizer import load_tokenizer
+from fleetgen.model.tokenizer import given_tokenizer, load_tokenizer
 
 DEFAULT_CACHE = Path.home() / ".cache" / "fleetgen"
 CONFIG_FILE = "model_config.yaml"
@@ -188,7 +188,7 @@ def _activation(cfg: dict, bias: bool, where: str) -> str:
 def nemo_tokenizer(archive: NemoArchive, cfg: dict, override=None) -> Tokenizer:
     """The tokenizer model_config.yaml names (``nemo:`` members of the archive), unless overridden."""
     if override is not None:
-        return override if hasattr(override, "encode") else load_tokenizer(override)
+        return given_tokenizer(override)
     tok = cfg.get("tokenizer") or {}
     where = f"{archive.path}/{CONFIG_FILE}"
     if tok.get("library") == "sentencepiece":

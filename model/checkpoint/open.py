@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 from fleetgen.model.checkpoint.source import CheckpointError, CheckpointSource
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.tokenizer import load_tokenizer
+from fleetgen.model.tokenizer import given_tokenizer
 
 FORMATS = ("auto", "hf", "nemo", "distckpt", "megatron")
 _LOOKED_FOR = ("config.json (hf); a .nemo file, or model_config.yaml with model_weights.ckpt, mp_rank_*/ or "
@@ -66,12 +66,35 @@ def open_checkpoint(path: Union[str, Path], format: str = "auto", tokenizer=None
     return open_megatron(path, tokenizer)
 
 
+def read_config(path: Union[str, Path], format: str = "auto", tokenizer=None,
+                cache_dir: Optional[Path] = None) -> ModelConfig:
+    """The checkpoint's architecture from its metadata alone (config.json, model_config.yaml and the tokenizer
+    it names, Megatron-LM's args), without torch and without reading a tensor: the login node's check before
+    submission. The ranks' open_checkpoint reads the same metadata through the same functions."""
+    if format not in FORMATS:
+        raise CheckpointError(f"{path}: format={format!r} is not one of {FORMATS}")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "hf":
+        from fleetgen.model.checkpoint.hf import read_hf_config
+
+        if tokenizer is not None:
+            given_tokenizer(tokenizer)  # a tokenizer given that cannot be read is refused here, as by the ranks
+        return read_hf_config(path)
+    if fmt in ("nemo", "distckpt"):
+        from fleetgen.model.checkpoint.nemo import open_nemo_config
+
+        return open_nemo_config(path, tokenizer, cache_dir)[3]
+    from fleetgen.model.checkpoint.megatron import read_megatron_config
+
+    return read_megatron_config(path, tokenizer)
+
+
 class _WithTokenizer:
     """A source whose tokenizer is replaced; everything else is the wrapped source's."""
 
     def __init__(self, source: CheckpointSource, tokenizer):
         self._source = source
-        self._tokenizer = tokenizer if hasattr(tokenizer, "encode") else load_tokenizer(tokenizer)
+        self._tokenizer = given_tokenizer(tokenizer)
         self.config = source.config
 
     def tokenizer(self):
