@@ -14,7 +14,7 @@ from fleetgen.launcher import batch, control, detached
 from fleetgen.launcher.config import compose_recipe, parse_config, recipes
 from fleetgen.launcher.batch.outputlock import OutputLock, lock_output
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.job import raise_on_sigterm, submit
+from fleetgen.launcher.job import job_ref, raise_on_sigterm, submit
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher.validate import fit_to_model, place_local_ranks, read_model, validate
 
@@ -96,7 +96,7 @@ def launch(recipe: str, overrides: list[str], dry_run: bool, command: str = "") 
         plan = batch.prepare(cfg)
         plan.command = command
         if cfg.detach:
-            return _submit_detached(cfg, plan)  # the job's driver takes the lock for the run
+            return _submit_detached(cfg, plan, lock)  # noted in the lock; the job's driver takes it for the run
         return _attended(cfg, plan, recipe, started, lock)
 
 
@@ -131,8 +131,9 @@ def _attended(cfg: LaunchConfig, plan: batch.BatchPlan | None, recipe: str, star
     return batch.report(summary, time.monotonic() - started)
 
 
-def _submit_detached(cfg: LaunchConfig, plan: batch.BatchPlan) -> int:
+def _submit_detached(cfg: LaunchConfig, plan: batch.BatchPlan, lock: OutputLock) -> int:
     job_id = detached.submit(cfg, plan)
+    lock.note_job(job_ref(cfg.cluster.kind, job_id))  # queued, the job holds no lock: this says it is coming
     folder = Path(cfg.job.folder) / job_id
     print(f"submitted detached job {job_id} ({cfg.cluster.kind}); job folder {folder}\n"
           f"  launch status {folder} [--json] | launch logs {folder} [--rank N] [-f] | launch cancel {folder}")
