@@ -13,7 +13,7 @@ import pytest
 from fleetgen.launcher.config import DATA_DIR
 from fleetgen.model.checkpoint.open import open_checkpoint
 from tests.checkpoint_writers import (GPT2_HEAD64, NEMO_GELU, NEMOTRON, canonical_tensors, gpt2_config, make_config,
-                                      nemo_config, write_distckpt, write_megatron, write_nemo)
+                                      nemo_config, rewrite, write_distckpt, write_megatron, write_nemo)
 
 # compose → validate → prepare, as `launch` runs them before submitting; then what this process imported
 VALIDATE = """
@@ -39,10 +39,12 @@ print(json.dumps({"code": code, "torch": sorted(m for m in sys.modules if m.spli
 """
 
 
-def fresh_python(script: str, *args, cwd, timeout: int):
+def fresh_python(script: str, *args, cwd, timeout: int, stderr: list | None = None):
     result = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=cwd, capture_output=True,
                             text=True, timeout=timeout, env={**os.environ, "HOME": str(cwd)})  # .nemo cache
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(result.stderr)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -109,3 +111,15 @@ def test_a_whole_launch_tiny_batch_never_imports_torch_in_the_launcher(tmp_path)
     assert seen == {"code": 0, "torch": []}
     assert (tmp_path / "results.jsonl").read_text().count("\n") == \
         sum(1 for line in (DATA_DIR / "tiny_prompts.jsonl").read_text().splitlines() if line.strip())
+
+
+def test_a_checkpoint_lacking_a_tensor_is_refused_before_submission_without_torch(tmp_path, bpe_dir):
+    checkpoint = megatron_args(tmp_path, bpe_dir)
+    shard = checkpoint / "release" / "mp_rank_01" / "model_optim_rng.pt"
+    rewrite(shard, lambda sd: sd["model"]["language_model"]["encoder"].pop("layers.0.mlp.dense_4h_to_h.weight"))
+    stderr = []
+    seen = fresh_python(LAUNCH, "tiny", f"model.checkpoint={checkpoint}", "job.folder=jobs", cwd=tmp_path,
+                        timeout=120, stderr=stderr)
+    assert seen == {"code": 2, "torch": []}
+    assert f"launch: error: model.checkpoint={checkpoint}: {shard}: missing key " in stderr[0]
+    assert not (tmp_path / "jobs").exists()  # nothing was submitted

@@ -16,7 +16,6 @@ from typing import Union
 from fleetgen.model.checkpoint.lazy import (Concat, LazySource, Rows, Stored, TorchFile, check_views,
                                             qkv_group_major, split_rows)
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
-from fleetgen.model.checkpoint.torchpickle import PickledIndex
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.tokenizer import given_tokenizer, load_tokenizer
 
@@ -83,40 +82,25 @@ def find_tokenizer(root: Path, override) -> Tokenizer:
                           f"or *.model in it or its parent); pass tokenizer=")
 
 
-def open_megatron(path: Union[str, Path], tokenizer=None) -> LazySource:
-    """A Megatron-LM GPT checkpoint directory (the one holding latest_checkpointed_iteration.txt)."""
+def open_megatron(path: Union[str, Path], tokenizer=None, index=TorchFile) -> LazySource:
+    """A Megatron-LM GPT checkpoint directory (the one holding latest_checkpointed_iteration.txt). index: how
+    each shard file is opened; torchpickle.PickledIndex, without torch, gives a source that checks the
+    checkpoint's keys and shapes against its args but cannot read (the login node's check, open.read_config)."""
     root = Path(path)
     directory = checkpoint_dir(root)
-    first = TorchFile(_first_shard(directory))
-    args, version = first.values.get("args"), _version(first)
-    files = {ranks: (first if p == first.path else TorchFile(p))
+    first = index(_first_shard(directory))
+    args = first.values.get("args")
+    version = first.values.get("checkpoint_version", 0)
+    if version not in SUPPORTED_VERSIONS:
+        raise CheckpointError(f"{first.path}: checkpoint_version={version} is not supported "
+                              f"({', '.join(map(str, SUPPORTED_VERSIONS))})")
+    files = {ranks: (first if p == first.path else index(p))
              for ranks, p in sorted(shard_files(directory, args).items())}
     tok = find_tokenizer(root, tokenizer)
     config = megatron_config(args, tok, files, where=str(first.path))
     views = MegatronLayout(files, config, version).views()
     check_views(views, config, f"{first.path} (args)" if args else f"{first.path} (tensor shapes)")
     return LazySource(config, views, tok, list(files.values()))
-
-
-def read_megatron_config(path: Union[str, Path], tokenizer=None) -> ModelConfig:
-    """The architecture as open_megatron finds it, without torch (the login node's check): the first shard's
-    args, read from its pickle alone, and the tensor shapes of every shard only where there are no args."""
-    root = Path(path)
-    directory = checkpoint_dir(root)
-    first = PickledIndex(_first_shard(directory))
-    args = first.values.get("args")
-    _version(first)
-    shards = sorted(shard_files(directory, args).items())
-    files = {ranks: (first if p == first.path else PickledIndex(p)) for ranks, p in shards} if args is None else {}
-    return megatron_config(args, find_tokenizer(root, tokenizer), files, where=str(first.path))
-
-
-def _version(first) -> float:
-    version = first.values.get("checkpoint_version", 0)
-    if version not in SUPPORTED_VERSIONS:
-        raise CheckpointError(f"{first.path}: checkpoint_version={version} is not supported "
-                              f"({', '.join(map(str, SUPPORTED_VERSIONS))})")
-    return version
 
 
 def megatron_config(args, tok: Tokenizer, files: dict, where: str) -> ModelConfig:

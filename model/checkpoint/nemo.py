@@ -252,14 +252,16 @@ def shard_files(archive: NemoArchive, cfg: dict) -> dict[tuple[int, int], str]:
     return found
 
 
-def open_nemo(path: Union[str, Path, NemoArchive], tokenizer=None, cache_dir: Optional[Path] = None) -> LazySource:
-    """A legacy (non-mcore) NeMo GPT checkpoint, .nemo tar or extracted directory, at any TP x PP split."""
+def open_nemo(path: Union[str, Path, NemoArchive], tokenizer=None, cache_dir: Optional[Path] = None,
+              index=TorchFile) -> LazySource:
+    """A legacy (non-mcore) NeMo GPT checkpoint, .nemo tar or extracted directory, at any TP x PP split. index:
+    how each shard file is opened (megatron.open_megatron says why)."""
     archive, cfg, tok, config = open_nemo_config(path, tokenizer, cache_dir)
     where = f"{archive.path}/{CONFIG_FILE}"
     if config.num_query_groups != config.num_attention_heads:
         raise CheckpointError(f"{where}: num_query_groups is not supported by legacy NeMo GPT checkpoints")
     members = shard_files(archive, cfg)
-    files = {ranks: TorchFile(archive.local(name)) for ranks, name in sorted(members.items())}
+    files = {ranks: index(archive.local(name)) for ranks, name in sorted(members.items())}
     views = LegacyLayout(files, config, cfg.get("activation") or "gelu").views()
     check_views(views, config, where)
     return LazySource(config, views, tok, list(files.values()))

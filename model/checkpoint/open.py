@@ -68,9 +68,10 @@ def open_checkpoint(path: Union[str, Path], format: str = "auto", tokenizer=None
 
 def read_config(path: Union[str, Path], format: str = "auto", tokenizer=None,
                 cache_dir: Optional[Path] = None) -> ModelConfig:
-    """The checkpoint's architecture from its metadata alone (config.json, model_config.yaml and the tokenizer
-    it names, Megatron-LM's args), without torch and without reading a tensor: the login node's check before
-    submission. The ranks' open_checkpoint reads the same metadata through the same functions."""
+    """The checkpoint's architecture, without torch and without reading a tensor: the login node's check
+    before submission, through the functions the ranks' open_checkpoint uses. From config.json (hf), or from
+    model_config.yaml and the tokenizer it names (distckpt); Megatron-LM and legacy NeMo shard files are
+    unpickled without their tensors (torchpickle.PickledIndex), so their keys and shapes are checked too."""
     if format not in FORMATS:
         raise CheckpointError(f"{path}: format={format!r} is not one of {FORMATS}")
     fmt = detect_format(path) if format == "auto" else format
@@ -80,13 +81,19 @@ def read_config(path: Union[str, Path], format: str = "auto", tokenizer=None,
         if tokenizer is not None:
             given_tokenizer(tokenizer)  # a tokenizer given that cannot be read is refused here, as by the ranks
         return read_hf_config(path)
-    if fmt in ("nemo", "distckpt"):
+    from fleetgen.model.checkpoint.torchpickle import PickledIndex
+
+    if fmt == "nemo":
+        from fleetgen.model.checkpoint.nemo import open_nemo
+
+        return open_nemo(path, tokenizer, cache_dir, index=PickledIndex).config
+    if fmt == "distckpt":
         from fleetgen.model.checkpoint.nemo import open_nemo_config
 
         return open_nemo_config(path, tokenizer, cache_dir)[3]
-    from fleetgen.model.checkpoint.megatron import read_megatron_config
+    from fleetgen.model.checkpoint.megatron import open_megatron
 
-    return read_megatron_config(path, tokenizer)
+    return open_megatron(path, tokenizer, index=PickledIndex).config
 
 
 class _WithTokenizer:

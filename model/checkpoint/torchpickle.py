@@ -1,11 +1,11 @@
 """What a torch.save'd file holds, read without torch: its plain values (Megatron's `args` Namespace,
-`checkpoint_version`) and each tensor's shape, never a tensor's bytes.
+`checkpoint_version`) and each tensor's shape and dtype, never a tensor's bytes.
 
-The login node validates a Megatron-LM checkpoint with this (model/checkpoint/megatron.py,
-read_megatron_config): importing torch there would cost the launcher most of its memory. Only the pickle is
-read (data.pkl of the zip that torch >= 1.6 writes, or the leading pickles of the older format); the
-unpickler builds argparse.Namespace and plain types, turns each tensor into its shape, and refuses every other
-class, as torch.load(weights_only=True) would.
+The login node checks Megatron-LM and legacy NeMo checkpoints with this (PickledIndex stands in for
+lazy.TorchFile: model/checkpoint/open.py, read_config): importing torch there would cost the launcher most of its
+memory. Only the pickle is read (data.pkl of the zip that torch >= 1.6 writes, or the leading pickles of the
+older format); the unpickler builds argparse.Namespace and plain types, turns each tensor into its shape and
+dtype, and refuses every other class, as torch.load(weights_only=True) would.
 """
 from __future__ import annotations
 
@@ -27,8 +27,14 @@ _REBUILD = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_reb
 
 
 class TensorShape(NamedTuple):
-    """A tensor as this reader sees it: its shape alone."""
+    """A tensor as this reader sees it: its shape and its dtype's name ("torch.float32")."""
     shape: tuple[int, ...]
+    dtype: str
+
+
+_STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+                   "DoubleStorage": "float64", "ByteStorage": "uint8", "CharStorage": "int8", "ShortStorage": "int16",
+                   "IntStorage": "int32", "LongStorage": "int64", "BoolStorage": "bool"}
 
 
 class _Skipped:
@@ -41,8 +47,8 @@ class _Skipped:
         pass
 
 
-def _tensor(storage, offset, size, *rest) -> TensorShape:
-    return TensorShape(tuple(size))
+def _tensor(storage: str, offset, size, *rest) -> TensorShape:
+    return TensorShape(tuple(size), storage)
 
 
 def _parameter(data, *rest):
@@ -66,7 +72,7 @@ class _Unpickler(pickle.Unpickler):
         if module == "torch._utils" and name in _REBUILD:
             return _parameter if name.startswith("_rebuild_parameter") else _tensor
         if module == "torch" and (name.endswith("Storage") or name in _DTYPES):
-            return f"torch.{name}"  # a storage type in a tensor's record, or a dtype: its name is enough
+            return f"torch.{_STORAGE_DTYPES.get(name, name)}"  # a storage's dtype, or a dtype: its name
         if module == "torch" and name == "Size":
             return tuple
         if module == "torch" and name == "device":
@@ -77,21 +83,25 @@ class _Unpickler(pickle.Unpickler):
                               "argparse.Namespace are read")
 
     def persistent_load(self, pid):
-        return None  # a tensor's storage: never read, the shape is in the tensor's own record
+        """A tensor's storage, ("storage", its dtype's name, key, location, size): never read, only named."""
+        return pid[1] if isinstance(pid, tuple) and len(pid) > 1 else None
 
 
 class PickledIndex:
-    """A torch.save'd dict's values and tensor shapes, keys flattened with dots (flatten), as TorchFile names
-    them; no tensor is read."""
+    """A torch.save'd dict as lazy.TorchFile presents it (.values, .shapes, .dtypes, keys flattened with dots)
+    for building and checking views; no tensor is read, and it cannot read one."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.values, self.shapes = {}, {}
+        self.values, self.shapes, self.dtypes = {}, {}, {}
         for key, value in flatten(_read(self.path)):
             if isinstance(value, TensorShape):
-                self.shapes[key] = value.shape
+                self.shapes[key], self.dtypes[key] = value.shape, value.dtype
             else:
                 self.values[key] = value
+
+    def release(self) -> None:
+        pass  # nothing mapped
 
 
 def _read(path: Path) -> dict:
