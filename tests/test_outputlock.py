@@ -1,5 +1,6 @@
 """One run per batch.output: the lock is re-entrant within a process, refuses another naming the holder, and
 is free again once released."""
+import os
 import subprocess
 import sys
 
@@ -47,3 +48,15 @@ def test_a_queued_detached_job_keeps_its_output_until_its_scheduler_says_it_ende
         controller.wait()
     other = subprocess.run([sys.executable, "-c", TAKE, str(output)], capture_output=True, text=True, timeout=60)
     assert other.returncode == 0, other.stderr  # the job has ended: its output is free
+
+
+def test_a_detached_job_whose_scheduler_cannot_be_asked_keeps_its_output_and_says_how_to_free_it(tmp_path):
+    output = tmp_path / "out.jsonl"
+    with lock_output(output) as lock:
+        lock.note_job({"kind": "slurm", "job_id": "42", "job_started": None})
+    no_slurm = {**os.environ, "PATH": str(tmp_path)}  # squeue and sacct are nowhere on it
+    other = subprocess.run([sys.executable, "-c", TAKE, str(output)], capture_output=True, text=True, timeout=60,
+                           env=no_slurm)
+    assert other.returncode != 0 and "FileNotFoundError" not in other.stderr
+    assert "was last written by job 42 (slurm, detached), since " in other.stderr
+    assert f"once it has ended, remove {output}.lock" in other.stderr

@@ -82,10 +82,17 @@ def lock_output(output: Path, job: dict | None = None) -> OutputLock:
         raise LaunchError(f"batch.output={output}: cannot lock {path} ({e.strerror}); put the output on a file "
                           "system that supports flock") from None
     earlier = _about(fd)
-    if earlier.get("detached") and earlier.get("job_id") != (job or {}).get("job_id") and _runs(earlier):
-        os.close(fd)
-        raise LaunchError(f"batch.output={output} is being written by {_describe(earlier)}; wait until "
-                          f"it ends, cancel it (launch cancel {earlier['job_id']}), or give another batch.output")
+    if earlier.get("detached") and earlier.get("job_id") != (job or {}).get("job_id"):
+        try:
+            runs = _runs(earlier)
+        except OSError as e:  # no scheduler here (squeue missing): the job may run elsewhere
+            os.close(fd)
+            raise LaunchError(f"batch.output={output} was last written by {_describe(earlier)}, whose state "
+                              f"cannot be asked here ({e}); once it has ended, remove {path}") from None
+        if runs:
+            os.close(fd)
+            raise LaunchError(f"batch.output={output} is being written by {_describe(earlier)}; wait until it "
+                              f"ends, cancel it (launch cancel {earlier['job_id']}), or give another batch.output")
     _held[path] = OutputLock(path, fd)
     if job is not None:
         _held[path].note_job(job)
