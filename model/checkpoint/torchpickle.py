@@ -22,6 +22,10 @@ from fleetgen.model.checkpoint.source import CheckpointError
 # torch's dtypes, saved in Megatron's args (params_dtype): kept as their names
 _DTYPES = {"float16", "bfloat16", "float32", "float64", "half", "float", "double", "int8", "uint8", "int16",
            "int32", "int64", "bool", "float8_e4m3fn", "float8_e5m2"}
+# a tensor's storage type, in its record: the dtype it holds
+_STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+                   "DoubleStorage": "float64", "ByteStorage": "uint8", "CharStorage": "int8", "ShortStorage": "int16",
+                   "IntStorage": "int32", "LongStorage": "int64", "BoolStorage": "bool"}
 _BUILTINS = {"set": set, "frozenset": frozenset, "complex": complex, "slice": slice}
 _REBUILD = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"}
 
@@ -30,11 +34,6 @@ class TensorShape(NamedTuple):
     """A tensor as this reader sees it: its shape and its dtype's name ("torch.float32")."""
     shape: tuple[int, ...]
     dtype: str
-
-
-_STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-                   "DoubleStorage": "float64", "ByteStorage": "uint8", "CharStorage": "int8", "ShortStorage": "int16",
-                   "IntStorage": "int32", "LongStorage": "int64", "BoolStorage": "bool"}
 
 
 class _Skipped:
