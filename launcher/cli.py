@@ -14,11 +14,10 @@ from fleetgen.launcher import batch, control, detached
 from fleetgen.launcher.config import compose_recipe, parse_config, recipes
 from fleetgen.launcher.batch.outputlock import OutputLock, lock_output
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.job import raise_on_sigterm, submit
+from fleetgen.launcher.job import job_ref, raise_on_sigterm, submit
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher.batch.prompts import PromptRules
-from fleetgen.launcher.validate import (check_chat_template, check_local_ports, fit_to_model, open_model,
-                                       place_local_ranks)
+from fleetgen.launcher.validate import check_chat_template, fit_to_model, place_local_ranks, read_model, validate
 
 
 EPILOG = """\
@@ -91,22 +90,15 @@ def launch(recipe: str, overrides: list[str], dry_run: bool, command: str = "") 
     if dry_run:
         return _print_dry_run(cfg, overrides)
     if cfg.mode != "batch":
-        _validate(cfg, overrides)
+        validate(cfg, overrides)
         return _attended(cfg, None, recipe, started)
     with lock_output(Path(cfg.batch.output)) as lock:  # first: a second run is refused at once, and before
-        _validate(cfg, overrides)                     # prepare(), since batch.restart=true removes files
+        validate(cfg, overrides)                      # prepare(), since batch.restart=true removes files
         plan = batch.prepare(cfg, PromptRules.load(cfg))
         plan.command = command
         if cfg.detach:
-            return _submit_detached(cfg, plan)  # the job's driver takes the lock for the run
+            return _submit_detached(cfg, plan, lock)  # noted in the lock; the job's driver takes it for the run
         return _attended(cfg, plan, recipe, started, lock)
-
-
-def _validate(cfg: LaunchConfig, overrides: list[str]) -> None:
-    place_local_ranks(cfg)
-    check_local_ports(cfg)
-    check_chat_template(cfg)
-    fit_to_model(cfg, open_model(cfg).config, overrides)
 
 
 def _attended(cfg: LaunchConfig, plan: batch.BatchPlan | None, recipe: str, started: float,
@@ -140,8 +132,9 @@ def _attended(cfg: LaunchConfig, plan: batch.BatchPlan | None, recipe: str, star
     return batch.report(summary, time.monotonic() - started)
 
 
-def _submit_detached(cfg: LaunchConfig, plan: batch.BatchPlan) -> int:
+def _submit_detached(cfg: LaunchConfig, plan: batch.BatchPlan, lock: OutputLock) -> int:
     job_id = detached.submit(cfg, plan)
+    lock.note_job(job_ref(cfg.cluster.kind, job_id))  # queued, the job holds no lock: this says it is coming
     folder = Path(cfg.job.folder) / job_id
     print(f"submitted detached job {job_id} ({cfg.cluster.kind}); job folder {folder}\n"
           f"  launch status {folder} [--json] | launch logs {folder} [--rank N] [-f] | launch cancel {folder}")
@@ -176,7 +169,7 @@ def _print_dry_run(cfg: LaunchConfig, overrides: list[str]) -> int:
     """The checkpoint is often only on the cluster: a dry run reports it unreadable instead of failing, and
     reports the same way local ranks this machine has no GPUs for."""
     for check in (lambda: place_local_ranks(cfg), lambda: check_chat_template(cfg),
-                  lambda: fit_to_model(cfg, open_model(cfg).config, overrides)):
+                  lambda: fit_to_model(cfg, read_model(cfg), overrides)):
         try:
             check()
         except LaunchError as e:

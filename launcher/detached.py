@@ -32,6 +32,7 @@ from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher import batch
 from fleetgen.launcher.batch.progress import plural
 from fleetgen.launcher.driver import Driver
+from fleetgen.launcher.job import job_ref
 from fleetgen.launcher.jobrecord import append_event, write_record
 from fleetgen.slurm.job_folder import CANCEL_REQUEST, DRIVER_LOG, JobPaths
 from fleetgen.slurm.control_token import write_token
@@ -133,7 +134,7 @@ class _RunningDriver:
         rank0 = _start_rank(self.cfg, self.folder)  # from the main thread: PDEATHSIG follows this thread
         _redirect_output(self.job_folder / DRIVER_LOG)
         append_event(self.job_folder, "started", attempt=self.env.restart_count, node=self.env.first_host)
-        self.driver = Driver(self.plan, self.job_folder, rank0)
+        self.driver = Driver(self.plan, self.job_folder, rank0, job_ref(self.env.cluster, self.env.job_id))
         self.thread = threading.Thread(target=self.driver.run, name="fleetgen-driver", daemon=True)
         self.thread.start()
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from fleetgen.launcher import batch
+from fleetgen.launcher.batch.outputlock import lock_output
 from fleetgen.launcher.batch.progress import plural
 from fleetgen.launcher.jobrecord import server_urls
 from fleetgen.slurm.control_token import read_token
@@ -22,8 +23,9 @@ POLL_S = 0.5
 
 
 class Driver:
-    def __init__(self, plan: batch.BatchPlan, job_folder: Path, rank0: subprocess.Popen):
+    def __init__(self, plan: batch.BatchPlan, job_folder: Path, rank0: subprocess.Popen, job: dict):
         self.plan, self.cfg, self.job_folder, self.rank0 = plan, plan.cfg, job_folder, rank0
+        self.job = job  # launcher/job.py job_ref(): the output's lock names it, and it takes over its own note
         self.drain = threading.Event()
         self.summary: batch.Summary | None = None
         self.servers_stopped = False
@@ -37,7 +39,8 @@ class Driver:
             urls = self._wait_until_healthy()
             if urls is not None:
                 print(f"driver: {plural(len(urls), 'replica')} healthy: {' '.join(urls)}", flush=True)
-                self.summary = batch.run(self.plan, urls, token, self.drain)
+                with lock_output(self.plan.output, job=self.job):  # batch.run takes it again, as its own
+                    self.summary = batch.run(self.plan, urls, token, self.drain)
         except Exception as e:  # reported by the task's main thread, which fails the job with it
             self.error = e
         if not self.drain.is_set():  # finished, stopped or failed: no replica has anything left to do

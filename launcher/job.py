@@ -30,8 +30,6 @@ def submit(cfg: LaunchConfig) -> RunningJob:
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # job folders hold control tokens, and submitit's pickles pass through here
     reap_stale_jobs(folder)
-    from fleetgen.model.serve.worker import run_rank  # imported here: the launcher itself needs no model code
-
     control = JobControl.submit(cfg, folder, run_rank, cfg, str(folder))
     _remove_if_empty(folder / "%j")  # submitit creates the folder pattern itself, unformatted
     token = write_token(control.folder)
@@ -39,11 +37,19 @@ def submit(cfg: LaunchConfig) -> RunningJob:
         "job_id": control.job_id, "kind": cfg.cluster.kind, "recipe": cfg.recipe, "mode": cfg.mode,
         "output": cfg.batch.output if cfg.mode == "batch" else None, "replicas": cfg.parallel.replicas,
         "grace_period_s": cfg.job.grace_period_s, "submitted": datetime.now().isoformat(timespec="seconds"),
-        "owner": owner.identity(), "job_started": _local_job_started(cfg.cluster.kind, control.job_id)})
+        "owner": owner.identity(), **job_ref(cfg.cluster.kind, control.job_id)})
     ranks = cfg.parallel.world_size
     print(f"submitted job {control.job_id} ({cfg.cluster.kind}, {ranks} rank{'s' if ranks != 1 else ''}); "
           f"logs in {control.folder}", file=sys.stderr)
     return RunningJob(control, cfg, folder, token)
+
+
+def run_rank(cfg: LaunchConfig, folder: str) -> None:
+    """What submitit runs on every task. submitit pickles it by name, so the model code (and torch) is imported
+    by the ranks, never by the launcher (tests/test_login_node.py)."""
+    from fleetgen.model.serve.worker import run_rank as rank
+
+    rank(cfg, folder)
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -51,6 +57,12 @@ def _remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass  # not empty, or gone already: another launcher submitting from the same job.folder
+
+
+def job_ref(kind: str, job_id: str) -> dict:
+    """What tells a job apart for still_runs(): its scheduler (cluster.kind), its id and, for a local job, its
+    controller's start time (a local job's id is a pid, which may be reused)."""
+    return {"kind": kind, "job_id": job_id, "job_started": _local_job_started(kind, job_id)}
 
 
 def _local_job_started(kind: str, job_id: str) -> float | None:
@@ -74,13 +86,14 @@ def reap_stale_jobs(folder: Path) -> None:
         who = record.get("owner")
         if record.get("ended") or not who or not owner.is_gone(who):
             continue
-        if _still_runs(record):
+        if still_runs(record):
             print(f"job {record['job_id']}: its launcher ({owner.describe(who)}) is gone", file=sys.stderr)
             control_class(record["kind"]).reap(record["job_id"])
         mark_ended(path.parent)
 
 
-def _still_runs(record: dict) -> bool:
+def still_runs(record: dict) -> bool:
+    """The job a job_ref() names is still queued or running, by its scheduler's word."""
     if record["kind"] == "local":
         started = _local_job_started("local", record["job_id"])
         return started is not None and abs(started - (record.get("job_started") or 0)) <= owner.START_TIME_SLACK_S

@@ -1,4 +1,7 @@
-"""Checks that need more than one field, or the checkpoint itself: all run before anything is submitted."""
+"""Checks that need more than one field, or the checkpoint itself: all run before anything is submitted.
+
+They run on the login node without torch (tests/test_login_node.py): the checkpoint's architecture comes from
+its metadata (model/checkpoint/open.py, read_config) and the split rules from model/split.py."""
 from __future__ import annotations
 
 import errno
@@ -9,7 +12,18 @@ from pathlib import Path
 from fleetgen.launcher.errors import LaunchError
 from fleetgen.launcher.gpus import MachineGpus, machine_gpus
 from fleetgen.conf.schema import LaunchConfig
+from fleetgen.model.checkpoint.open import read_config, validate_against
+from fleetgen.model.checkpoint.source import CheckpointError
 from fleetgen.model.config import ModelConfig
+from fleetgen.model.split import SplitError, check_max_seq_len, check_split
+
+
+def validate(cfg: LaunchConfig, overrides: list[str]) -> None:
+    """Every check before submission, settling what they settle (the GPUs ranks drive, model.max_seq_len)."""
+    place_local_ranks(cfg)
+    check_local_ports(cfg)
+    check_chat_template(cfg)
+    fit_to_model(cfg, read_model(cfg), overrides)
 
 
 def place_local_ranks(cfg: LaunchConfig, machine: Callable[[], MachineGpus] = machine_gpus) -> None:
@@ -73,10 +87,7 @@ def fit_to_model(cfg: LaunchConfig, model: ModelConfig, overrides: list[str]) ->
 
 
 def check_model(cfg: LaunchConfig, model: ModelConfig) -> None:
-    """The model's own split rules (model/transformer.py), named by the config key that chose the split."""
-    from fleetgen.model.parallel import SplitError
-    from fleetgen.model.transformer import check_split
-
+    """The model's own split rules (model/split.py), named by the config key that chose the split."""
     try:
         check_split(model, cfg.parallel.tensor, cfg.parallel.pipeline)
     except SplitError as e:
@@ -85,9 +96,7 @@ def check_model(cfg: LaunchConfig, model: ModelConfig) -> None:
 
 def fit_max_seq_len(cfg: LaunchConfig, model: ModelConfig, from_command_line: bool) -> int:
     """model.max_seq_len as the ranks will use it: the model's context length unless set lower. A recipe's
-    value is an upper bound; a value given on the command line is the user's and must fit (model/load.py)."""
-    from fleetgen.model.load import check_max_seq_len
-
+    value is an upper bound; a value given on the command line is the user's and must fit (model/split.py)."""
     requested, context = cfg.model.max_seq_len, model.max_position_embeddings
     if requested is None:
         return context
@@ -101,18 +110,16 @@ def fit_max_seq_len(cfg: LaunchConfig, model: ModelConfig, from_command_line: bo
     return requested
 
 
-def open_model(cfg: LaunchConfig):
-    """The checkpoint's source, opened on the login node: a missing or unreadable checkpoint fails here."""
-    from fleetgen.model.checkpoint.open import open_checkpoint, validate_against
-    from fleetgen.model.checkpoint.source import CheckpointError
-
+def read_model(cfg: LaunchConfig) -> ModelConfig:
+    """The checkpoint's architecture, read on the login node from its metadata: a missing or unreadable
+    checkpoint, or one a recipe's model.architecture contradicts, fails here."""
     path = Path(cfg.model.checkpoint)
     if not path.exists():
         raise LaunchError(f"model.checkpoint={cfg.model.checkpoint}: no such file or directory")
     try:
-        source = open_checkpoint(path, format=cfg.model.format, tokenizer=cfg.model.tokenizer)
+        config = read_config(path, format=cfg.model.format, tokenizer=cfg.model.tokenizer)
         expected = {f"model.architecture.{key}": value for key, value in cfg.model.architecture.items()}
-        validate_against(source.config, expected)
+        validate_against(config, expected)
     except (CheckpointError, ValueError) as e:
         raise LaunchError(f"model.checkpoint={cfg.model.checkpoint}: {e}") from None
-    return source
+    return config

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleetgen.model.parallel import (ParallelState, SplitError, copy_to_tensor_model_parallel_region,
+from fleetgen.model.parallel import (ParallelState, copy_to_tensor_model_parallel_region,
                                      gather_from_tensor_model_parallel_region,
                                      reduce_from_tensor_model_parallel_region)
+from fleetgen.model.split import divide
 
 try:
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine
@@ -143,12 +144,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     cos, sin = cos[:, :, None], sin[:, :, None]  # [n, s, 1, rotary_dim]: same for every head
     rotated = _rotate_every_two(rot) if interleaved else _rotate_half(rot)
     return torch.cat(((rot * cos + rotated * sin).to(x.dtype), x[..., rotary_dim:]), dim=-1)
-
-
-def divide(total: int, parts: int, what: str) -> int:
-    if total % parts:
-        raise SplitError("tensor", f"{what}={total} is not divisible by tensor parallel size {parts}")
-    return total // parts
 
 
 class ColumnParallelLinear(nn.Module):

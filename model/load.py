@@ -7,10 +7,10 @@ import torch
 
 from fleetgen.model.shard import load_shard, vocab_rows
 from fleetgen.model.checkpoint.source import CheckpointSource
-from fleetgen.model.config import ModelConfig
 from fleetgen.model.generate import Generator
 from fleetgen.model.layers import LAYER_NORM_IMPL, pack_linear_weights
 from fleetgen.model.parallel import ParallelState
+from fleetgen.model.split import check_max_seq_len
 from fleetgen.model.transformer import DecoderStage
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,13 +30,6 @@ def load_stage(source: CheckpointSource, ps: ParallelState, precision: str) -> D
     load_shard(stage, source, rows)
     pack_linear_weights(stage)
     return stage.eval()
-
-
-def check_max_seq_len(config: ModelConfig, max_seq_len: int) -> None:
-    """Learned position embeddings end at max_position_embeddings; rotary ones do not refuse a longer cache."""
-    if config.position_embedding == "learned" and max_seq_len > config.max_position_embeddings:
-        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {config.max_position_embeddings} "
-                         f"learned positions")
 
 
 def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,

@@ -17,15 +17,6 @@ import torch.distributed as dist
 from fleetgen.model.local_reduce import SharedMemoryReduce
 
 
-class SplitError(ValueError):
-    """A model that cannot be split over `axis` ("tensor" or "pipeline") ranks as asked; the message names the
-    model's field."""
-
-    def __init__(self, axis: str, message: str):
-        super().__init__(message)
-        self.axis = axis
-
-
 @dataclass(frozen=True)
 class ParallelState:
     world_rank: int

@@ -16,7 +16,8 @@ from fleetgen.model.checkpoint.lazy import canonical_shapes
 from fleetgen.model.checkpoint.source import CheckpointError, CheckpointSource
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.parallel import ParallelState
-from fleetgen.model.transformer import DecoderStage, local_kv_heads
+from fleetgen.model.split import local_kv_heads
+from fleetgen.model.transformer import DecoderStage
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 

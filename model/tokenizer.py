@@ -111,6 +111,12 @@ def _from_vocab_merges(vocab: Path, merges: Path, **ids) -> BPETokenizer:
     return BPETokenizer(tok, vocab, special, **ids)
 
 
+def given_tokenizer(tokenizer) -> Tokenizer:
+    """A tokenizer given in place of a checkpoint's own: a path (str or Path) is loaded, a Tokenizer kept. (A str
+    has an `encode` method too, so duck typing cannot tell them apart.)"""
+    return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+
+
 def load_tokenizer(path: Union[str, Path], bos_id: Optional[int] = None, eos_id: Optional[int] = None,
                    pad_id: Optional[int] = None, merges: Optional[Union[str, Path]] = None) -> Tokenizer:
     """A tokenizer from a file (.model, tokenizer.json, vocab.json) or a directory holding one.

@@ -6,7 +6,6 @@ calls: embed -> prefill_layers or decode_layers -> logits, with activations pass
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -17,8 +16,9 @@ from torch import nn
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.layers import (ACTIVATIONS, ColumnParallelLinear, LayerNorm, RowParallelLinear,
-                                   VocabParallelEmbedding, apply_rotary, divide, linear, rotary_tables, swiglu)
-from fleetgen.model.parallel import ParallelState, SplitError
+                                   VocabParallelEmbedding, apply_rotary, linear, rotary_tables, swiglu)
+from fleetgen.model.parallel import ParallelState
+from fleetgen.model.split import check_split, local_kv_heads, stage_layers
 
 
 def decode_mask(positions: torch.Tensor, context: int, dtype: torch.dtype) -> torch.Tensor:
@@ -34,52 +34,6 @@ class LayerParts(NamedTuple):
     and (block, x, normed x, attended) -> the layer's output."""
     before_attention: Callable
     after_attention: Callable
-
-
-def stage_layers(config: ModelConfig, pp_size: int, pp_rank: int) -> range:
-    """Global layer indices held by a stage. The last stage also runs the output layer, as costly as
-    output_layer_share(config) layers (half of GPT-2 small's twelve, a little over one of Nemotron-4-340B's
-    96), so it takes that many fewer layers, keeping at least one, and the stages of a micro-batched prefill
-    are busy alike. The other stages share the rest evenly, the first ones taking one more (3 layers over 2
-    stages -> 0-1 | 2)."""
-    num_layers = config.num_layers
-    if num_layers < pp_size:
-        raise SplitError("pipeline", f"num_layers={num_layers} cannot fill {pp_size} pipeline stages")
-    if pp_size == 1:
-        return range(num_layers)
-    head = output_layer_share(config)
-    last = math.ceil((num_layers + head) / pp_size - head - 0.5)  # nearest; a tie gives the earlier stages more
-    last = min(max(last, 1), num_layers - (pp_size - 1))
-    if pp_rank == pp_size - 1:
-        return range(num_layers - last, num_layers)
-    share, extra = divmod(num_layers - last, pp_size - 1)
-    start = pp_rank * share + min(pp_rank, extra)
-    return range(start, start + share + (pp_rank < extra))
-
-
-def output_layer_share(config: ModelConfig) -> float:
-    """The output layer's weights over one transformer layer's: what a decode step reads and multiplies."""
-    attention = config.hidden_size * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_query_groups)
-    mlp = config.hidden_size * config.ffn_hidden_size * (3 if config.activation == "swiglu" else 2)
-    return config.vocab_size * config.hidden_size / (attention + mlp)
-
-
-def local_kv_heads(config: ModelConfig, tp_size: int) -> int:
-    """Query groups per TP rank; when TP > groups each group is replicated on TP / groups ranks."""
-    groups = config.num_query_groups
-    divide(config.num_attention_heads, tp_size, "num_attention_heads")
-    if groups % tp_size and tp_size % groups:
-        raise SplitError("tensor", f"num_query_groups={groups} and tensor parallel size {tp_size} must divide one "
-                                   "another")
-    return max(groups // tp_size, 1)
-
-
-def check_split(config: ModelConfig, tp_size: int, pp_size: int) -> None:
-    """Every rule for splitting the model over tensor × pipeline ranks, without building anything (a launcher
-    checks them before submission); a SplitError names the model's field."""
-    local_kv_heads(config, tp_size)
-    stage_layers(config, pp_size, 0)
-    divide(config.ffn_hidden_size, tp_size, "ffn_hidden_size")
 
 
 class ParallelAttention(nn.Module):

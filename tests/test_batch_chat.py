@@ -10,7 +10,7 @@ import requests
 from fleetgen.launcher.batch import prepare, run
 from fleetgen.launcher.batch.prompts import PromptRules
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.validate import fit_to_model, open_model
+from fleetgen.launcher.validate import fit_to_model, read_model
 from fleetgen.model.chat_template import CHATML, model_chat_template
 from tests.batch_stub import batch_config, read_jsonl, write_jsonl
 from tests.server_fixtures import MODEL, build_tiny_checkpoint, serving
@@ -36,7 +36,7 @@ def plan_for(tmp_path, checkpoint, rows, **batch):
     """prepare() as `launch` runs it: the model opened, max_seq_len settled, the prompt rules loaded."""
     cfg = batch_config(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", checkpoint=checkpoint,
                        generation={"tokens_to_generate": 6}, **batch)
-    fit_to_model(cfg, open_model(cfg).config, [])
+    fit_to_model(cfg, read_model(cfg), [])
     return prepare(cfg, PromptRules.load(cfg))
 
 

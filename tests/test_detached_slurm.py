@@ -1,11 +1,12 @@
 """Detached batch jobs on the real local Slurm cluster: submitted, followed and steered from other shells."""
+import json
 import subprocess
 
 import pytest
 
 from fleetgen.launcher.jobrecord import read_history
-from tests.detached_jobs import (LONG_ITEMS, assert_every_item_once, final_status, kill_all, launch, processes_of,
-                                 progress, sacct_state, squeue, status, submit, wait_for_progress,
+from tests.detached_jobs import (LAUNCH, LONG_ITEMS, assert_every_item_once, final_status, kill_all, launch,
+                                 processes_of, progress, sacct_state, squeue, status, submit, wait_for_progress,
                                  wait_for_slurm_end, wait_until, write_prompts)
 
 pytestmark = pytest.mark.slow
@@ -107,3 +108,30 @@ def test_a_job_requeued_without_warning_resumes_from_the_ledger(tmp_path):
     assert report["requeues"] == 1
     assert [e["event"] for e in report["history"]] == ["started", "started", "finished"]
     assert_every_item_once(tmp_path, 120)
+
+
+def test_a_second_batch_on_a_jobs_output_is_refused_until_the_job_is_scancelled_then_takes_it_over(tmp_path):
+    count = 24
+    write_prompts(tmp_path / "in.jsonl", count)
+    overrides = ["batch.input=in.jsonl", LONG_ITEMS]
+    second = [*LAUNCH, "tiny_slurm", "job.folder=jobs", *overrides]  # the same batch.output, results.jsonl
+    job_id = submit(tmp_path, "tiny_slurm", *overrides)
+    # queued or starting: no process of the job holds the lock yet, its launcher's note names it; then running
+    for when in ("just submitted", "running"):
+        if when == "running":
+            wait_for_progress(tmp_path, 3)
+        refused = subprocess.run(second, cwd=tmp_path, capture_output=True, text=True, timeout=5)  # at once
+        assert refused.returncode == 2, (when, refused.stderr)
+        assert f"is being written by another run (job {job_id} (slurm, detached)" in refused.stderr or \
+            f"is being written by job {job_id} (slurm, detached)" in refused.stderr, (when, refused.stderr)
+        assert "Traceback" not in refused.stderr
+    assert squeue(job_id)  # refusing did not touch the job
+    subprocess.run(["scancel", job_id], check=True)
+    wait_for_slurm_end(job_id)
+    assert sacct_state(job_id).startswith("CANCELLED")
+    taken_over = subprocess.run(second, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert taken_over.returncode == 0, taken_over.stderr
+    summary = json.loads((tmp_path / "results.jsonl.summary.json").read_text())
+    assert summary["complete"] and summary["audit"]["ok"], summary
+    assert 0 < sum(server["done"] for server in summary["servers"]) < count  # resumed from the job's ledger
+    assert_every_item_once(tmp_path, count)

@@ -4,9 +4,12 @@ import shutil
 import pytest
 import torch
 
-from fleetgen.model.checkpoint.open import open_checkpoint
+from fleetgen.model.checkpoint.open import open_checkpoint, read_config
 from tests.checkpoint_writers import (GPT2, GPT2_HEAD64, MEGATRON_MODERN, Gadget, assert_reads_back, canonical_tensors,
                                       make_config, padded, raises, rewrite, write_megatron)
+
+# the ranks' reader, and the login node's (no torch): each refuses a broken checkpoint alike
+READERS = pytest.mark.parametrize("read", [open_checkpoint, read_config], ids=["ranks", "login-node"])
 
 
 @pytest.mark.parametrize("fields,tp,pp,version,with_args", [
@@ -35,57 +38,77 @@ def test_megatron_iteration_directory_and_explicit_tokenizer(tmp_path, bpe_dir):
     assert_reads_back(source, config, padded(config, tensors, 1))
 
 
-def test_missing_megatron_shard(megatron_dir):
+@READERS
+def test_missing_megatron_shard(megatron_dir, read):
     shutil.rmtree(megatron_dir / "release" / "mp_rank_01")
     with raises(r"release: missing shard mp_rank_01/model_optim_rng.pt \(TP=2 x PP=1\)"):
-        open_checkpoint(megatron_dir)
+        read(megatron_dir)
 
 
-def test_wrong_fused_qkv_rows(megatron_dir):
+@READERS
+def test_wrong_fused_qkv_rows(megatron_dir, read):
     shard = megatron_dir / "release" / "mp_rank_00" / "model_optim_rng.pt"
     rewrite(shard, lambda sd: sd["model"]["language_model"]["encoder"].update(
         {"layers.1.self_attention.query_key_value.weight": torch.zeros(40, 32)}))
     with raises(rf"{shard}: model.language_model.encoder.layers.1.self_attention.query_key_value.weight: "
                 r"fused QKV has 40 rows, expected 48"):
-        open_checkpoint(megatron_dir)
+        read(megatron_dir)
 
 
-def test_unknown_megatron_key(megatron_dir):
+@READERS
+def test_unknown_megatron_key(megatron_dir, read):
     shard = megatron_dir / "release" / "mp_rank_01" / "model_optim_rng.pt"
     rewrite(shard, lambda sd: sd["model"].update({"vision_tower": {"weight": torch.zeros(2)}}))
     with raises(rf"{shard}: unknown key model.vision_tower.weight"):
-        open_checkpoint(megatron_dir)
+        read(megatron_dir)
 
 
-def test_missing_key_in_megatron(megatron_dir):
+@READERS
+def test_missing_key_in_megatron(megatron_dir, read):
     shard = megatron_dir / "release" / "mp_rank_01" / "model_optim_rng.pt"
     rewrite(shard, lambda sd: sd["model"]["language_model"]["encoder"].pop("layers.0.mlp.dense_4h_to_h.weight"))
     with raises(rf"{shard}: missing key .*layers.0.mlp.dense_4h_to_h.weight"):
-        open_checkpoint(megatron_dir)
+        read(megatron_dir)
 
 
-def test_unsupported_checkpoint_version(megatron_dir):
+@READERS
+def test_unsupported_checkpoint_version(megatron_dir, read):
     for rank in ("mp_rank_00", "mp_rank_01"):
         rewrite(megatron_dir / "release" / rank / "model_optim_rng.pt",
                 lambda sd: sd.update({"checkpoint_version": 4.0}))
     with raises(r"mp_rank_00/model_optim_rng.pt: checkpoint_version=4.0 is not supported"):
-        open_checkpoint(megatron_dir)
+        read(megatron_dir)
 
 
-def test_pickle_needing_an_arbitrary_object_is_refused(megatron_dir):
+@pytest.mark.parametrize("read", [open_checkpoint, read_config])  # the ranks' reader; the login node's, no torch
+def test_pickle_needing_an_arbitrary_object_is_refused(megatron_dir, read):
     shard = megatron_dir / "release" / "mp_rank_00" / "model_optim_rng.pt"
     rewrite(shard, lambda sd: setattr(sd["args"], "hook", Gadget()))
     with raises(rf"{shard}: refusing to unpickle tests.checkpoint_writers.Gadget"):
-        open_checkpoint(megatron_dir)
+        read(megatron_dir)
 
 
-def test_megatron_rng_state_with_numpy_arrays_is_allowed(megatron_dir):
+@pytest.mark.parametrize("read", [lambda path: open_checkpoint(path).config, read_config])
+def test_megatron_rng_state_with_numpy_arrays_is_allowed(megatron_dir, read):
     import numpy as np
 
     for rank in ("mp_rank_00", "mp_rank_01"):
         rewrite(megatron_dir / "release" / rank / "model_optim_rng.pt",
-                lambda sd: sd.update({"rng_state": [{"np_rng_state": np.random.get_state()}]}))
-    assert open_checkpoint(megatron_dir).config.num_layers == 2
+                lambda sd: sd.update({"rng_state": [{"np_rng_state": np.random.get_state(),
+                                                     "torch_rng_state": torch.get_rng_state()}]}))
+    assert read(megatron_dir).num_layers == 2
+
+
+def test_the_login_nodes_reader_refuses_a_legacy_pickle_needing_an_arbitrary_object(megatron_dir):
+    shard = megatron_dir / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    sd = torch.load(shard, weights_only=False)
+    sd["args"].hook = Gadget()
+    torch.save(sd, shard, _use_new_zipfile_serialization=False)  # before torch 1.6: no zip, pickles in a row
+    with raises(rf"{shard}: refusing to unpickle tests.checkpoint_writers.Gadget"):
+        read_config(megatron_dir)
+    del sd["args"].hook
+    torch.save(sd, shard, _use_new_zipfile_serialization=False)
+    assert read_config(megatron_dir) == open_checkpoint(megatron_dir).config
 
 
 def test_megatron_without_a_tokenizer(megatron_dir):

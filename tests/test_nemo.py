@@ -9,10 +9,13 @@ import torch
 import yaml
 
 from fleetgen.model.checkpoint.nemo import nemo_model_config
-from fleetgen.model.checkpoint.open import open_checkpoint
+from fleetgen.model.checkpoint.open import open_checkpoint, read_config
 from fleetgen.model.tokenizer import load_tokenizer
 from tests.checkpoint_writers import (LEGACY, NEMO_GELU, NEMO_GPT, assert_reads_back, canonical_tensors, make_config,
                                       nemo_config, padded, raises, rewrite, write_nemo)
+
+# the ranks' reader, and the login node's (no torch): each refuses a broken checkpoint alike
+READERS = pytest.mark.parametrize("read", [open_checkpoint, read_config], ids=["ranks", "login-node"])
 
 
 def test_truncated_tar(tmp_path, sp_model):
@@ -35,57 +38,64 @@ def test_truncated_gzip_tar(tmp_path, sp_model):
         open_checkpoint(path, cache_dir=tmp_path / "cache")
 
 
-def test_truncated_weights_file(nemo_dir):
+@READERS
+def test_truncated_weights_file(nemo_dir, read):
     shard = nemo_dir / "tp_rank_01_pp_rank_000" / "model_weights.ckpt"
     shard.write_bytes(shard.read_bytes()[:1000])
     with raises(rf"{shard}: not a readable torch checkpoint"):
-        open_checkpoint(nemo_dir)
+        read(nemo_dir)
 
 
-def test_missing_nemo_shard(nemo_dir):
+@READERS
+def test_missing_nemo_shard(nemo_dir, read):
     shutil.rmtree(nemo_dir / "tp_rank_01_pp_rank_001")
     with raises(rf"{nemo_dir}: missing shard tp_rank_01_pp_rank_001/model_weights.ckpt \(TP=2 x PP=2\)"):
-        open_checkpoint(nemo_dir)
+        read(nemo_dir)
 
 
-def test_missing_nemo_shard_named_by_the_config(tmp_path, sp_model):
+@READERS
+def test_missing_nemo_shard_named_by_the_config(tmp_path, sp_model, read):
     config = nemo_config(sp_model)
     path = write_nemo(tmp_path / "nemo", config, canonical_tensors(config), sp_model, tp=2)
     shutil.rmtree(path / "mp_rank_01")  # the files alone look like TP=1; model_config.yaml says 2
     with raises(r"missing shard mp_rank_01/model_weights.ckpt \(TP=2 x PP=1\)"):
-        open_checkpoint(path)
+        read(path)
 
 
-def test_wrong_tensor_shape_in_a_shard(nemo_dir):
+@READERS
+def test_wrong_tensor_shape_in_a_shard(nemo_dir, read):
     shard = nemo_dir / "tp_rank_01_pp_rank_001" / "model_weights.ckpt"
     key = LEGACY + "layers.0.mlp.dense_4h_to_h.weight"
     rewrite(shard, lambda sd: sd.update({key: torch.zeros(33, 24)}))
     with raises(rf"{shard}: {key} \(33, 24\)"):
-        open_checkpoint(nemo_dir)
+        read(nemo_dir)
 
 
-def test_wrong_global_shape(nemo_dir):
+@READERS
+def test_wrong_global_shape(nemo_dir, read):
     key = LEGACY + "layers.0.input_layernorm.weight"
     rewrite(nemo_dir / "tp_rank_00_pp_rank_000" / "model_weights.ckpt", lambda sd: sd.update({key: torch.zeros(31)}))
     with raises(rf"tp_rank_00_pp_rank_000/model_weights.ckpt: {key}: gives layers.0.input_layernorm.weight "
                 rf"shape \(31,\), but .*model_config.yaml implies \(32,\)"):
-        open_checkpoint(nemo_dir)
+        read(nemo_dir)
 
 
-def test_unknown_key(nemo_dir):
+@READERS
+def test_unknown_key(nemo_dir, read):
     shard = nemo_dir / "tp_rank_01_pp_rank_000" / "model_weights.ckpt"
     key = LEGACY + "layers.0.self_attention.adapter.weight"
     rewrite(shard, lambda sd: sd.update({key: torch.zeros(2)}))
     with raises(rf"{shard}: unknown key {key}"):
-        open_checkpoint(nemo_dir)
+        read(nemo_dir)
 
 
-def test_missing_key(nemo_dir):
+@READERS
+def test_missing_key(nemo_dir, read):
     shard = nemo_dir / "tp_rank_00_pp_rank_001" / "model_weights.ckpt"
     key = LEGACY + "final_layernorm.bias"
     rewrite(shard, lambda sd: sd.pop(key))
     with raises(rf"{shard}: missing key {key}"):
-        open_checkpoint(nemo_dir)
+        read(nemo_dir)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -95,12 +105,13 @@ def test_missing_key(nemo_dir):
     (lambda cfg: cfg["tokenizer"].update(model="nemo:gone.model"),
      r"model_config.yaml: tokenizer.model='nemo:gone.model' is neither in"),
 ])
-def test_bad_model_config(nemo_dir, change, match):
+@READERS
+def test_bad_model_config(nemo_dir, change, match, read):
     cfg = yaml.safe_load((nemo_dir / "model_config.yaml").read_text())
     change(cfg)
     (nemo_dir / "model_config.yaml").write_text(yaml.safe_dump(cfg))
     with raises(match):
-        open_checkpoint(nemo_dir)
+        read(nemo_dir)
 
 
 def test_reads_outside_the_tensor(nemo_dir):

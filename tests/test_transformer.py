@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import pytest
 
-from fleetgen.model.transformer import local_kv_heads, output_layer_share, stage_layers
+from fleetgen.model.split import local_kv_heads, output_layer_share, stage_layers
 from tests.checkpoint_writers import small_config
 
 

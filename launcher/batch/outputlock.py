@@ -1,7 +1,12 @@
 """One run writes a batch.output at a time: an flock on OUTPUT.lock, held while the run lives (the kernel
 drops it when the process ends, however it ends). The holder writes who it is into the file, so that a second
 run is refused at once, naming the first. Re-entrant within a process: the launcher takes it before submission
-and batch.run() takes it again around the run itself (in a detached job, the driver is its only taker)."""
+and batch.run() takes it again around the run itself.
+
+A detached job writes its output with no process of it alive while it waits in the queue: its launcher notes
+the job in the file (note_job) and exits, and the job's driver takes the lock when the job starts. A run that
+finds the lock free but the file naming another detached job is refused as long as the job's scheduler says
+it is queued or running; once it has ended (finished, cancelled, failed), the output is free."""
 from __future__ import annotations
 
 import fcntl
@@ -31,6 +36,10 @@ class OutputLock:
         self._about.update(fields)
         self._write()
 
+    def note_job(self, ref: dict) -> None:
+        """The detached job (launcher/job.py job_ref) that writes this output, before and after this process."""
+        self.note(**ref, detached=True)
+
     def _write(self) -> None:
         data = json.dumps(self._about).encode()
         os.ftruncate(self._fd, 0)
@@ -49,8 +58,9 @@ class OutputLock:
         self.release()
 
 
-def lock_output(output: Path) -> OutputLock:
-    """Take OUTPUT's lock, or raise LaunchError naming the run that holds it."""
+def lock_output(output: Path, job: dict | None = None) -> OutputLock:
+    """Take OUTPUT's lock, or raise LaunchError naming the run that holds it. job: the detached job this process
+    runs (its driver), which takes over its own output (its launcher's note, or its earlier start's)."""
     path = lock_path(Path(output))
     if path in _held:
         _held[path]._takers += 1
@@ -71,15 +81,47 @@ def lock_output(output: Path) -> OutputLock:
         os.close(fd)
         raise LaunchError(f"batch.output={output}: cannot lock {path} ({e.strerror}); put the output on a file "
                           "system that supports flock") from None
+    earlier = _about(fd)
+    if earlier.get("detached") and earlier.get("job_id") != (job or {}).get("job_id"):
+        try:
+            runs = _runs(earlier)
+        except OSError as e:  # no scheduler here (squeue missing): the job may run elsewhere
+            os.close(fd)
+            raise LaunchError(f"batch.output={output} was last written by {_describe(earlier)}, whose state "
+                              f"cannot be asked here ({e}); once it has ended, remove {path}") from None
+        if runs:
+            os.close(fd)
+            raise LaunchError(f"batch.output={output} is being written by {_describe(earlier)}; wait until it "
+                              f"ends, cancel it (launch cancel {earlier['job_id']}), or give another batch.output")
     _held[path] = OutputLock(path, fd)
+    if job is not None:
+        _held[path].note_job(job)
     return _held[path]
 
 
-def _holder(fd: int) -> str:
+def _runs(job: dict) -> bool:
+    from fleetgen.launcher.job import still_runs  # not at the top: launcher/job.py imports launcher/batch/
+
+    return still_runs(job)
+
+
+def _about(fd: int) -> dict:
+    """What the lock file says of its last holder ({} if nothing yet)."""
     try:
         about = json.loads(os.pread(fd, 4096, 0))
     except (OSError, ValueError):
-        return "which has not said who it is yet"
+        return {}
+    return about if isinstance(about, dict) else {}
+
+
+def _holder(fd: int) -> str:
+    about = _about(fd)
+    return _describe(about) if about else "which has not said who it is yet"
+
+
+def _describe(about: dict) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(about["since"]))
+    if about.get("detached"):  # its launcher has exited; its driver runs in the job, wherever that is
+        return f"job {about['job_id']} ({about['kind']}, detached), since {since}"
     job = f"job {about['job_id']}, " if about.get("job_id") else ""
     return f"{job}launch {owner.describe(about)}, since {since}"

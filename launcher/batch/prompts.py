@@ -32,12 +32,12 @@ class PromptRules:
     def load(cls, cfg: LaunchConfig) -> PromptRules:
         """The model's tokenizer and chat template as the servers will have them; model.max_seq_len must be
         settled (launcher/validate.py fit_to_model)."""
-        from fleetgen.model.checkpoint.open import open_checkpoint
+        from fleetgen.model.checkpoint.open import read_tokenizer
         from fleetgen.model.checkpoint.source import CheckpointError
 
         model = cfg.model
         try:
-            tokenizer = open_checkpoint(model.checkpoint, format=model.format, tokenizer=model.tokenizer).tokenizer()
+            tokenizer = read_tokenizer(model.checkpoint, format=model.format, tokenizer=model.tokenizer)
             template = model_chat_template(model.chat_template, model.checkpoint, model.tokenizer)
         except (CheckpointError, ChatTemplateError) as e:
             raise LaunchError(str(e)) from None

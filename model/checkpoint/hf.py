@@ -11,13 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 from safetensors import safe_open
 
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
 from fleetgen.model.config import ModelConfig
+
+if TYPE_CHECKING:  # imported where tensors are read: the login node reads config.json without it
+    import torch
 
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                   "gelu": "gelu", "relu2": "squared_relu"}
@@ -33,16 +35,22 @@ class _View:
     length: Optional[int] = None  # canonical rows, when only part of the stored output axis
 
 
+def read_hf_config(path) -> ModelConfig:
+    """The architecture from config.json alone; no weight file is opened."""
+    file = Path(path) / "config.json"
+    raw = _read_config(file)
+    model_type = raw.get("model_type")
+    if model_type not in _FAMILIES:
+        raise CheckpointError(f"{file}: model_type {model_type!r} is not one of {sorted(_FAMILIES)}")
+    to_config, _ = _FAMILIES[model_type]
+    return to_config(_Fields(raw, file))
+
+
 class HFSource:
     def __init__(self, path):
         self.path = Path(path)
-        raw = _read_config(self.path / "config.json")
-        model_type = raw.get("model_type")
-        if model_type not in _FAMILIES:
-            raise CheckpointError(f"{self.path / 'config.json'}: model_type {model_type!r} is not one of "
-                                  f"{sorted(_FAMILIES)}")
-        to_config, to_views = _FAMILIES[model_type]
-        self.config: ModelConfig = to_config(_Fields(raw, self.path / "config.json"))
+        self.config: ModelConfig = read_hf_config(self.path)
+        _, to_views = _FAMILIES[self.config.family]
         self._files = _WeightFiles(self.path)
         self._views = to_views(self.config, self._files)
 
@@ -106,6 +114,8 @@ class _WeightFiles:
 
     def _torch(self, file: Path) -> dict:
         if file not in self._torch_files:  # memory-mapped: only pages of slices read are touched
+            import torch
+
             self._torch_files[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         return self._torch_files[file]
 

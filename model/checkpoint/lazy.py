@@ -14,13 +14,16 @@ import pickle
 import zipfile
 from itertools import product
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
+from fleetgen.model.checkpoint.torchpickle import flatten
 from fleetgen.model.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched: the login node builds views without it
+    import torch
 
 # Harmless types found in Megatron/NeMo pickles: the args Namespace and numpy RNG state arrays.
 _reconstruct = np._core.multiarray._reconstruct
@@ -43,12 +46,14 @@ class TorchFile:
     """
 
     def __init__(self, path: Path):
+        import torch
+
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: file not found")
         self._mappable = zipfile.is_zipfile(self.path)  # pre-1.6 (non-zip) files cannot be memory-mapped
         self._refuse_unsafe_globals()
-        contents = dict(_flatten(self._load()))
+        contents = dict(flatten(self._load()))
         self.values = {k: v for k, v in contents.items() if not isinstance(v, torch.Tensor)}
         self.shapes = {k: tuple(v.shape) for k, v in contents.items() if isinstance(v, torch.Tensor)}
         self.dtypes = {k: v.dtype for k, v in contents.items() if isinstance(v, torch.Tensor)}
@@ -60,6 +65,8 @@ class TorchFile:
         """Name every disallowed global up front (torch.load would stop at the first)."""
         if not self._mappable:
             return
+        import torch
+
         try:
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(self.path)) - SAFE_GLOBAL_NAMES
         except (RuntimeError, OSError, zipfile.BadZipFile, ValueError) as e:
@@ -69,6 +76,8 @@ class TorchFile:
                                   f"containers and {', '.join(sorted(SAFE_GLOBAL_NAMES))} are loaded")
 
     def _load(self) -> dict:
+        import torch
+
         try:
             with torch.serialization.safe_globals(SAFE_GLOBALS):
                 contents = torch.load(self.path, map_location="cpu", mmap=self._mappable, weights_only=True)
@@ -83,8 +92,10 @@ class TorchFile:
 
     def tensor(self, key: str) -> torch.Tensor:
         """The stored tensor, backed by the mapping: copy what you keep (its pages count as touched)."""
+        import torch
+
         if self._tensors is None:
-            self._tensors = {k: v for k, v in _flatten(self._load()) if isinstance(v, torch.Tensor)}
+            self._tensors = {k: v for k, v in flatten(self._load()) if isinstance(v, torch.Tensor)}
         t = self._tensors[key]
         self._touched += t.numel() * t.element_size()  # a column slice touches every page of the tensor
         return t
@@ -92,15 +103,6 @@ class TorchFile:
     def release(self) -> None:
         if self._mappable and self._touched > MAPPED_BYTES_BUDGET:
             self._tensors, self._touched = None, 0
-
-
-def _flatten(tree, prefix: str = ""):
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flatten(value, name + ".")
-        else:
-            yield name, value
 
 
 # ---- ranges -----------------------------------------------------------------------------------------
@@ -177,6 +179,8 @@ class Concat:
         self.origin = parts[0].origin if len(parts) == 1 else f"{parts[0].origin} (+{len(parts) - 1} shards)"
 
     def read(self, rows: range, cols: Optional[range]) -> torch.Tensor:
+        import torch
+
         wanted = rows if self.axis == 0 else cols
         pieces = []
         for part, lo, hi in zip(self.parts, self.offsets, self.offsets[1:]):
@@ -214,14 +218,16 @@ def qkv_group_major(part, groups: int, heads_per_group: int, head_dim: int) -> t
 
 # ---- zarr (v2, uncompressed, as written by Megatron's zarr strategy) ----------------------------------
 
-_ZARR_DTYPES = {"bfloat16": (np.uint16, torch.bfloat16), "<f2": (np.float16, torch.float16),
-                "<f4": (np.float32, torch.float32), "<f8": (np.float64, torch.float64)}
+_ZARR_DTYPES = {"bfloat16": (np.uint16, "bfloat16"), "<f2": (np.float16, "float16"),  # numpy's, torch's
+                "<f4": (np.float32, "float32"), "<f8": (np.float64, "float64")}
 
 
 class ZarrArray:
     """A zarr v2 array directory read chunk by chunk with numpy memmaps; no zarr dependency."""
 
     def __init__(self, directory: Path):
+        import torch
+
         meta_path = directory / ".zarray"
         try:
             meta = json.loads(meta_path.read_text())
@@ -236,7 +242,8 @@ class ZarrArray:
             raise CheckpointError(f"{meta_path}: dtype {meta['dtype']!r} is not one of {sorted(_ZARR_DTYPES)}")
         self.directory, self.origin = directory, str(directory)
         self.shape, self.chunks = tuple(meta["shape"]), tuple(meta["chunks"])
-        self.np_dtype, self.dtype = _ZARR_DTYPES[meta["dtype"]]
+        self.np_dtype, torch_dtype = _ZARR_DTYPES[meta["dtype"]]
+        self.dtype = getattr(torch, torch_dtype)
         self.separator = meta.get("dimension_separator", ".")
 
     def chunk_path(self, index: tuple[int, ...]) -> Path:
@@ -254,6 +261,8 @@ class ZarrArray:
                 src.append(_as_slice(local))
                 dst.append(_as_slice(placed))
             out[tuple(dst)] = self._chunk(index)[tuple(src)]
+        import torch
+
         return torch.from_numpy(out).view(self.dtype)
 
     def _chunk(self, index: tuple[int, ...]) -> np.memmap:

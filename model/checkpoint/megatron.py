@@ -17,7 +17,7 @@ from fleetgen.model.checkpoint.lazy import (Concat, LazySource, Rows, Stored, To
                                             qkv_group_major, split_rows)
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.tokenizer import load_tokenizer
+from fleetgen.model.tokenizer import given_tokenizer, load_tokenizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
@@ -74,7 +74,7 @@ def _first_shard(directory: Path) -> Path:
 
 def find_tokenizer(root: Path, override) -> Tokenizer:
     if override is not None:
-        return override if hasattr(override, "encode") else load_tokenizer(override)
+        return given_tokenizer(override)
     for d in (root, root.parent):
         if (d / "vocab.json").is_file() or (d / "tokenizer.json").is_file() or any(d.glob("*.model")):
             return load_tokenizer(d)
@@ -82,17 +82,19 @@ def find_tokenizer(root: Path, override) -> Tokenizer:
                           f"or *.model in it or its parent); pass tokenizer=")
 
 
-def open_megatron(path: Union[str, Path], tokenizer=None) -> LazySource:
-    """A Megatron-LM GPT checkpoint directory (the one holding latest_checkpointed_iteration.txt)."""
+def open_megatron(path: Union[str, Path], tokenizer=None, index=TorchFile) -> LazySource:
+    """A Megatron-LM GPT checkpoint directory (the one holding latest_checkpointed_iteration.txt). index: how
+    each shard file is opened; torchpickle.PickledIndex, without torch, gives a source that checks the
+    checkpoint's keys and shapes against its args but cannot read (the login node's check, open.read_config)."""
     root = Path(path)
     directory = checkpoint_dir(root)
-    first = TorchFile(_first_shard(directory))
+    first = index(_first_shard(directory))
     args = first.values.get("args")
     version = first.values.get("checkpoint_version", 0)
     if version not in SUPPORTED_VERSIONS:
         raise CheckpointError(f"{first.path}: checkpoint_version={version} is not supported "
                               f"({', '.join(map(str, SUPPORTED_VERSIONS))})")
-    files = {ranks: (first if p == first.path else TorchFile(p))
+    files = {ranks: (first if p == first.path else index(p))
              for ranks, p in sorted(shard_files(directory, args).items())}
     tok = find_tokenizer(root, tokenizer)
     config = megatron_config(args, tok, files, where=str(first.path))

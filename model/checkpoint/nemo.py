@@ -25,7 +25,7 @@ from fleetgen.model.checkpoint.lazy import (Concat, LazySource, Stored, TorchFil
 from fleetgen.model.checkpoint.megatron import LanguageModelLayout
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.tokenizer import load_tokenizer
+from fleetgen.model.tokenizer import given_tokenizer, load_tokenizer
 
 DEFAULT_CACHE = Path.home() / ".cache" / "fleetgen"
 CONFIG_FILE = "model_config.yaml"
@@ -188,7 +188,7 @@ def _activation(cfg: dict, bias: bool, where: str) -> str:
 def nemo_tokenizer(archive: NemoArchive, cfg: dict, override=None) -> Tokenizer:
     """The tokenizer model_config.yaml names (``nemo:`` members of the archive), unless overridden."""
     if override is not None:
-        return override if hasattr(override, "encode") else load_tokenizer(override)
+        return given_tokenizer(override)
     tok = cfg.get("tokenizer") or {}
     where = f"{archive.path}/{CONFIG_FILE}"
     if tok.get("library") == "sentencepiece":
@@ -252,14 +252,16 @@ def shard_files(archive: NemoArchive, cfg: dict) -> dict[tuple[int, int], str]:
     return found
 
 
-def open_nemo(path: Union[str, Path, NemoArchive], tokenizer=None, cache_dir: Optional[Path] = None) -> LazySource:
-    """A legacy (non-mcore) NeMo GPT checkpoint, .nemo tar or extracted directory, at any TP x PP split."""
+def open_nemo(path: Union[str, Path, NemoArchive], tokenizer=None, cache_dir: Optional[Path] = None,
+              index=TorchFile) -> LazySource:
+    """A legacy (non-mcore) NeMo GPT checkpoint, .nemo tar or extracted directory, at any TP x PP split. index:
+    how each shard file is opened (megatron.open_megatron says why)."""
     archive, cfg, tok, config = open_nemo_config(path, tokenizer, cache_dir)
     where = f"{archive.path}/{CONFIG_FILE}"
     if config.num_query_groups != config.num_attention_heads:
         raise CheckpointError(f"{where}: num_query_groups is not supported by legacy NeMo GPT checkpoints")
     members = shard_files(archive, cfg)
-    files = {ranks: TorchFile(archive.local(name)) for ranks, name in sorted(members.items())}
+    files = {ranks: index(archive.local(name)) for ranks, name in sorted(members.items())}
     views = LegacyLayout(files, config, cfg.get("activation") or "gelu").views()
     check_views(views, config, where)
     return LazySource(config, views, tok, list(files.values()))

@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from fleetgen.model.checkpoint.source import CheckpointError, CheckpointSource
+from fleetgen.model.checkpoint.source import CheckpointError, CheckpointSource, Tokenizer
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.tokenizer import load_tokenizer
+from fleetgen.model.tokenizer import given_tokenizer
 
 FORMATS = ("auto", "hf", "nemo", "distckpt", "megatron")
 _LOOKED_FOR = ("config.json (hf); a .nemo file, or model_config.yaml with model_weights.ckpt, mp_rank_*/ or "
@@ -66,12 +66,63 @@ def open_checkpoint(path: Union[str, Path], format: str = "auto", tokenizer=None
     return open_megatron(path, tokenizer)
 
 
+def read_config(path: Union[str, Path], format: str = "auto", tokenizer=None,
+                cache_dir: Optional[Path] = None) -> ModelConfig:
+    """The checkpoint's architecture, without torch and without reading a tensor: the login node's check
+    before submission, through the functions the ranks' open_checkpoint uses. From config.json (hf), or from
+    model_config.yaml and the tokenizer it names (distckpt); Megatron-LM and legacy NeMo shard files are
+    unpickled without their tensors (torchpickle.PickledIndex), so their keys and shapes are checked too."""
+    if format not in FORMATS:
+        raise CheckpointError(f"{path}: format={format!r} is not one of {FORMATS}")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "hf":
+        from fleetgen.model.checkpoint.hf import read_hf_config
+
+        if tokenizer is not None:
+            given_tokenizer(tokenizer)  # a tokenizer given that cannot be read is refused here, as by the ranks
+        return read_hf_config(path)
+    from fleetgen.model.checkpoint.torchpickle import PickledIndex
+
+    if fmt == "nemo":
+        from fleetgen.model.checkpoint.nemo import open_nemo
+
+        return open_nemo(path, tokenizer, cache_dir, index=PickledIndex).config
+    if fmt == "distckpt":
+        from fleetgen.model.checkpoint.nemo import open_nemo_config
+
+        return open_nemo_config(path, tokenizer, cache_dir)[3]
+    from fleetgen.model.checkpoint.megatron import open_megatron
+
+    return open_megatron(path, tokenizer, index=PickledIndex).config
+
+
+def read_tokenizer(path: Union[str, Path], format: str = "auto", tokenizer=None,
+                   cache_dir: Optional[Path] = None) -> Tokenizer:
+    """The checkpoint's tokenizer, as its source's tokenizer() gives it, without torch: what the login node
+    counts prompt tokens with."""
+    if tokenizer is not None:
+        return given_tokenizer(tokenizer)
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "hf":
+        from fleetgen.model.tokenizer import load_tokenizer
+
+        config = read_config(path, fmt)
+        return load_tokenizer(path, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id)
+    if fmt in ("nemo", "distckpt"):
+        from fleetgen.model.checkpoint.nemo import open_nemo_config
+
+        return open_nemo_config(path, None, cache_dir)[2]
+    from fleetgen.model.checkpoint.megatron import find_tokenizer
+
+    return find_tokenizer(Path(path), None)
+
+
 class _WithTokenizer:
     """A source whose tokenizer is replaced; everything else is the wrapped source's."""
 
     def __init__(self, source: CheckpointSource, tokenizer):
         self._source = source
-        self._tokenizer = tokenizer if hasattr(tokenizer, "encode") else load_tokenizer(tokenizer)
+        self._tokenizer = given_tokenizer(tokenizer)
         self.config = source.config
 
     def tokenizer(self):

@@ -32,11 +32,12 @@ Every layernorm has a bias (LayerNorm1P keeps one even when the linears have non
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from fleetgen.model.config import ModelConfig
+
+if TYPE_CHECKING:  # no torch on the login node: the launcher reads checkpoint metadata only (open.py)
+    import torch
 
 
 class CheckpointError(Exception):
