@@ -29,6 +29,7 @@ import json, sys, time
 from pathlib import Path
 start = time.perf_counter()
 from fleetgen.launcher.batch import prepare, run
+from fleetgen.launcher.batch.prompts import PromptRules
 from fleetgen.launcher.config import DATA_DIR
 from fleetgen.launcher.validate import validate
 from tests.batch_stub import batch_config
@@ -43,7 +44,7 @@ cfg = batch_config(workdir / "in.jsonl", workdir / "out.jsonl", checkpoint=DATA_
                    concurrency=8, prompts_per_request=128, restart=True, generation={"tokens_to_generate": 3})
 t0 = time.perf_counter()
 validate(cfg, [])
-plan = prepare(cfg)
+plan = prepare(cfg, PromptRules.load(cfg))  # every prompt's tokens counted, as launch does
 prepared_s, after_prepare = time.perf_counter() - t0, rss("VmRSS:")
 summary = run(plan, [url], None)
 print(json.dumps({"items": summary.items, "complete": summary.complete, "audit_ok": summary.audit["ok"],
