@@ -128,3 +128,17 @@ def test_a_checkpoint_lacking_a_tensor_is_refused_before_submission_without_torc
     assert seen == {"code": 2, "torch": []}
     assert f"launch: error: model.checkpoint={checkpoint}: {shard}: missing key " in stderr[0]
     assert not (tmp_path / "jobs").exists()  # nothing was submitted
+
+
+def test_a_hugging_face_checkpoint_without_its_weights_is_refused_before_submission_without_torch(tmp_path):
+    import shutil
+
+    checkpoint = tmp_path / "hf"
+    shutil.copytree(DATA_DIR / "tiny-gpt2", checkpoint)
+    (checkpoint / "model.safetensors").unlink()
+    stderr = []
+    seen = fresh_python(LAUNCH, "tiny", f"model.checkpoint={checkpoint}", "job.folder=jobs", cwd=tmp_path,
+                        timeout=120, stderr=stderr)
+    assert seen == {"code": 2, "torch": []}
+    assert f"{checkpoint}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin" in stderr[0]
+    assert not (tmp_path / "jobs").exists()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 from safetensors import safe_open
 
 from fleetgen.model.checkpoint.source import CheckpointError, Tokenizer
+from fleetgen.model.checkpoint.torchpickle import PickledIndex
 from fleetgen.model.config import ModelConfig
 
 if TYPE_CHECKING:  # imported where tensors are read: the login node reads config.json without it
@@ -93,6 +94,7 @@ class _WeightFiles:
 
     def __init__(self, path: Path):
         self._torch_files: dict[Path, dict] = {}
+        self._indexes: dict[Path, PickledIndex] = {}  # a .bin file's keys and shapes, read without torch
         for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (path / index).is_file():
                 self.origin = path / index
@@ -108,9 +110,14 @@ class _WeightFiles:
 
     def _keys(self, file: Path) -> list[str]:
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(file), framework="np") as f:  # the header alone: no torch on the login node
                 return list(f.keys())
-        return list(self._torch(file))
+        return list(self._index(file).shapes)
+
+    def _index(self, file: Path) -> PickledIndex:
+        if file not in self._indexes:
+            self._indexes[file] = PickledIndex(file)
+        return self._indexes[file]
 
     def _torch(self, file: Path) -> dict:
         if file not in self._torch_files:  # memory-mapped: only pages of slices read are touched
@@ -132,9 +139,9 @@ class _WeightFiles:
     def shape(self, key: str) -> tuple[int, ...]:
         file = self._file(key)
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(file), framework="np") as f:
                 return tuple(f.get_slice(key).get_shape())
-        return tuple(self._torch(file)[key].shape)
+        return tuple(self._index(file).shapes[key])
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         file = self._file(key)

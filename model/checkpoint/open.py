@@ -76,11 +76,11 @@ def read_config(path: Union[str, Path], format: str = "auto", tokenizer=None,
         raise CheckpointError(f"{path}: format={format!r} is not one of {FORMATS}")
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "hf":
-        from fleetgen.model.checkpoint.hf import read_hf_config
+        from fleetgen.model.checkpoint.hf import HFSource
 
         if tokenizer is not None:
             given_tokenizer(tokenizer)  # a tokenizer given that cannot be read is refused here, as by the ranks
-        return read_hf_config(path)
+        return HFSource(path).config  # its weight files' keys too, from their headers
     from fleetgen.model.checkpoint.torchpickle import PickledIndex
 
     if fmt == "nemo":
