@@ -288,10 +288,25 @@ class Engine:
                         temperature=floats[0], top_k=top_k, top_p=floats[1], greedy=greedy.bool(),
                         repetition_penalty=floats[2], ban_eos=ban_eos.bool(), seed=seed,
                         logprobs=any(s.request.logprobs for s in sequences),
-                        full_logprobs=any(s.request.full_logprobs for s in sequences))
+                        full_logprobs=any(s.request.full_logprobs for s in sequences),
+                        **_logits_processing(sampling))
 
     def _fail_all(self, error: Exception) -> None:
         self._take_submissions(block=False)
         for sequence in self.scheduler.every_sequence():
             self.outputs.fail(sequence, error)
         self.scheduler.clear()
+
+
+def _logits_processing(sampling: list[Sampling]) -> dict[str, torch.Tensor]:
+    """The plan's optional penalty and logit_bias columns, only when some row of the step has them."""
+    columns = {}
+    if any(x.presence_penalty or x.frequency_penalty for x in sampling):
+        columns["presence_penalty"] = torch.tensor([x.presence_penalty for x in sampling], dtype=torch.float32)
+        columns["frequency_penalty"] = torch.tensor([x.frequency_penalty for x in sampling], dtype=torch.float32)
+    width = max(len(x.logit_bias) for x in sampling)
+    if width:
+        pairs = [list(x.logit_bias) + [(-1, 0.0)] * (width - len(x.logit_bias)) for x in sampling]
+        columns["bias_ids"] = torch.tensor([[i for i, _ in row] for row in pairs])
+        columns["bias_values"] = torch.tensor([[v for _, v in row] for row in pairs], dtype=torch.float32)
+    return columns
