@@ -22,7 +22,7 @@ def _processed_plan(kind, n, width):
     plan.presence_penalty, plan.frequency_penalty = torch.linspace(-2, 2, n), torch.full((n,), 0.5)
     plan.bias_ids = torch.tensor([[5, 9, -1]] * n)
     plan.bias_values = torch.tensor([[100.0, -3.25, 0.0]] * n)
-    plan.token_mask = torch.tensor([[-1, 0, 2**31 - 1, -2**31]] * n, dtype=torch.int32)
+    plan.token_mask = torch.tensor([[-1, 0, 2**31 - 1, -2**31, 5]] * n, dtype=torch.int32)  # odd: a half column
     return plan
 
 
@@ -41,7 +41,8 @@ def _same(a: StepPlan, b: StepPlan) -> bool:
 def _round_trip(plan: StepPlan) -> StepPlan:
     return protocol.unpack(protocol.pack(plan), plan.kind, plan.logprobs, plan.full_logprobs,
                            plan.tokens.shape[1], plan.presence_penalty is not None,
-                           0 if plan.bias_ids is None else plan.bias_ids.shape[1])
+                           0 if plan.bias_ids is None else plan.bias_ids.shape[1],
+                           0 if plan.token_mask is None else plan.token_mask.shape[1])
 
 
 @pytest.mark.parametrize("make", [_plan, _processed_plan])

@@ -24,11 +24,13 @@ from typing import Optional
 
 import torch
 
+from fleetgen.model.constraints import Constraint
 from fleetgen.model.serve import protocol
 from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.generate import Flight, Generator, StepPlan, greedy_plan
 from fleetgen.model.parallel import ParallelState, describe_replica_devices
+from fleetgen.model.serve.grammar import Grammars
 from fleetgen.model.serve.output import OutputProcessor, SequenceResult  # noqa: F401 (SequenceResult: API)
 from fleetgen.model.serve.scheduler import ScheduledStep, Scheduler, SequenceState
 
@@ -77,6 +79,7 @@ class SequenceRequest:
     stop: StopCondition = StopCondition()
     logprobs: bool = False          # log-probabilities of every token after the first, prompt included
     full_logprobs: bool = False     # whole log-softmax rows at those positions
+    constraint: Optional[Constraint] = None  # the output must match it (model/constraints.py); ends when it does
 
 
 class EngineUnavailable(RuntimeError):
@@ -112,6 +115,7 @@ class Engine:
         self.startup_s: dict[str, float] = {}       # seconds each start-up phase took (the worker adds its own)
         self.scheduler = Scheduler(generator.lanes, max_prefill_tokens)
         self.outputs = OutputProcessor(tokenizer)
+        self.grammars = Grammars(tokenizer, config.vocab_size, config.eos_id)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._flights: deque[_InFlight] = deque()   # launched, not landed: oldest first, at most one a lane
         self._commands = protocol.Commands(ps, generator.max_batch)
@@ -178,7 +182,8 @@ class Engine:
             if self._stopping or self.error:
                 raise EngineUnavailable(self.error or "the engine has stopped")
             future: Future = Future()
-            self._inbox.put(SequenceState(request, future, on_token))
+            grammar = None if request.constraint is None else self.grammars.matcher(request.constraint)
+            self._inbox.put(SequenceState(request, future, on_token, grammar=grammar))
             return future
 
     def stop(self) -> None:
@@ -264,7 +269,8 @@ class Engine:
             if not self.scheduler.is_running(sequence):  # cancelled while its step was in flight
                 continue
             self.outputs.record(done.step, row, sequence, out)
-            reason = self.outputs.finish_reason(sequence)
+            complete = sequence.grammar is not None and Grammars.accept(sequence.grammar, sequence.tokens[-1])
+            reason = "stop" if complete else self.outputs.finish_reason(sequence)
             if reason:
                 self.scheduler.finish(sequence)
                 self.outputs.finish(sequence, reason)
@@ -280,7 +286,9 @@ class Engine:
             step.slots, step.lengths, [min(x.top_k, vocab) for x in sampling],
             [x.seed if step.kind == "prefill" and x.seed is not None else -1 for x in sampling],
             [x.greedy for x in sampling],
-            [eos is not None and len(s.tokens) + step.ahead < x.min_tokens for s, x in zip(sequences, sampling)]])
+            # a constrained row's grammar alone says when the end-of-document token may come
+            [eos is not None and s.grammar is None and len(s.tokens) + step.ahead < x.min_tokens
+             for s, x in zip(sequences, sampling)]])
         floats = torch.tensor([[x.temperature for x in sampling], [x.top_p for x in sampling],
                                [x.repetition_penalty for x in sampling]], dtype=torch.float32)
         slots, lengths, top_k, seed, greedy, ban_eos = ints
@@ -289,6 +297,7 @@ class Engine:
                         repetition_penalty=floats[2], ban_eos=ban_eos.bool(), seed=seed,
                         logprobs=any(s.request.logprobs for s in sequences),
                         full_logprobs=any(s.request.full_logprobs for s in sequences),
+                        token_mask=self.grammars.bitmask([s.grammar for s in sequences]),
                         **_logits_processing(sampling))
 
     def _fail_all(self, error: Exception) -> None:

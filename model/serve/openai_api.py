@@ -11,6 +11,7 @@ from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.serve.detokenize import CompletionText, token_spans
 from fleetgen.model.serve.engine import Engine, Sampling, SequenceRequest, SequenceResult, StopCondition
 from fleetgen.model.serve.request_schemas import CompletionRequest, OpenAISampling, RequestError, check_prompt
+from fleetgen.model.serve.structured import constraint_of
 
 MAX_LOGIT_BIAS = 100  # OpenAI's bound on a logit_bias value
 
@@ -51,6 +52,7 @@ def completion_sequences(request: CompletionRequest, engine: Engine) -> list[Seq
     if request.n != 1:
         raise RequestError(400, "n: only n=1 is served")
     sampling, stop = sampling_of(request, engine), stop_of(request, engine)
+    constraint = constraint_of(request, engine)
     sequences = []
     for i, text in enumerate(request.prompts):
         prompt = engine.tokenizer.encode(text)
@@ -59,7 +61,7 @@ def completion_sequences(request: CompletionRequest, engine: Engine) -> list[Seq
         seed = None if request.seed is None else request.seed + i
         sequences.append(SequenceRequest(tuple(prompt), request.max_tokens, replace(sampling, seed=seed), stop,
                                          logprobs=request.logprobs is not None,
-                                         full_logprobs=bool(request.logprobs)))
+                                         full_logprobs=bool(request.logprobs), constraint=constraint))
     return sequences
 
 

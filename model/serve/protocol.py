@@ -10,13 +10,13 @@ group's timeout is long): no polling, no pickling.
 
 A command is an envelope, int64 [HEADER_SIZE + inline_rows * (PARAMS + 1)]: the header, then a decode step's
 payload when it fits; a wider step's payload follows as a message of its own. A payload is int64
-[n, PARAMS + width + 2 * bias_width + mask_words]:
+[n, PARAMS + width + 2 * bias_width + ceil(mask_words / 2)]:
 
     slots, lengths, top_k, seed, greedy, ban_eos, temperature, top_p, repetition_penalty, presence_penalty,
-    frequency_penalty, tokens[width], bias_ids[bias_width], bias_values[bias_width], token_mask[mask_words]
+    frequency_penalty, tokens[width], bias_ids[bias_width], bias_values[bias_width], token_mask
 
-The float32 columns travel as their bit patterns, the int32 mask words as int64 values, so that one message
-carries the whole plan. The header says which of the plan's optional parts (the penalties, logit_bias, the
+The float32 columns travel as their bit patterns and the grammar's int32 mask words two to a column, so that
+one message carries the whole plan. The header says which of the plan's optional parts (the penalties, logit_bias, the
 grammar's mask) it has; a step without them sends no column of theirs beyond the two penalty columns.
 """
 from __future__ import annotations
@@ -86,14 +86,14 @@ class Commands:
             return None
         if command != STEP:
             raise RuntimeError(f"protocol: unknown command {command} from rank {self.ps.first_rank}")
-        columns = PARAMS + width + 2 * bias_width + mask_words
+        columns = PARAMS + width + 2 * bias_width + -(-mask_words // 2)
         if self._inline(n, columns):
             payload = envelope[HEADER_SIZE:HEADER_SIZE + n * columns].view(n, columns)
         else:
             payload = self._take(torch.zeros(n, columns, dtype=torch.long))
         self._post_next()  # after the payload: the pipeline group's messages arrive in the order posted
         return unpack(payload, KINDS[kind], bool(logprobs), bool(full_logprobs), width, bool(penalties),
-                      bias_width)
+                      bias_width, mask_words)
 
     def close(self) -> None:
         """Wait until the next stage has taken everything passed on to it."""
@@ -160,12 +160,14 @@ def pack(plan: StepPlan) -> torch.Tensor:
     if plan.bias_ids is not None:
         parts += [plan.bias_ids.long(), _float_bits(plan.bias_values)]
     if plan.token_mask is not None:
-        parts.append(plan.token_mask.long())
+        words = plan.token_mask.shape[1]
+        even = torch.nn.functional.pad(plan.token_mask, (0, words % 2)).contiguous()
+        parts.append(even.view(torch.int64))
     return torch.cat(parts, dim=1)
 
 
 def unpack(payload: torch.Tensor, kind: str, logprobs: bool, full_logprobs: bool, width: int, penalties: bool,
-           bias_width: int) -> StepPlan:
+           bias_width: int, mask_words: int) -> StepPlan:
     columns = dict(zip(INT_COLUMNS + FLOAT_COLUMNS, payload[:, :PARAMS].unbind(1)))
     for name in FLOAT_COLUMNS:
         columns[name] = _bits_float(columns[name])
@@ -179,8 +181,8 @@ def unpack(payload: torch.Tensor, kind: str, logprobs: bool, full_logprobs: bool
     optional = {}
     if bias_width:
         optional.update(bias_ids=bias[:, :bias_width].contiguous(), bias_values=_bits_float(bias[:, bias_width:]))
-    if mask.shape[1]:
-        optional["token_mask"] = mask.to(torch.int32)
+    if mask_words:
+        optional["token_mask"] = mask.contiguous().view(torch.int32)[:, :mask_words].contiguous()
     return StepPlan(kind=kind, tokens=payload[:, PARAMS:start].contiguous(), logprobs=logprobs,
                     full_logprobs=full_logprobs, **optional,
                     **{k: v if v is None else v.contiguous() for k, v in columns.items()})

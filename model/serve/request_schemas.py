@@ -6,7 +6,7 @@ nobody notices. Every problem is a RequestError whose message names the field.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,6 +30,20 @@ class GenerateRequest(Generation):
     all_probs: bool = False  # whole log-probability rows; not a batch record's field (they would not be kept)
     task_ids: Any = None    # NeMo's p-tuning task ids: accepted and ignored
     neighbors: Any = None   # NeMo's RETRO neighbours: accepted and ignored
+    json_schema: Optional[dict] = None  # inline only: a server reads no file a request names
+
+
+class JsonSchemaFormat(_Request):
+    """response_format's json_schema: OpenAI's structured outputs."""
+    name: str
+    description: Optional[str] = None
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: Optional[bool] = None  # fleetgen is always strict: the output matches the schema
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class OpenAISampling(_Request):
@@ -48,6 +62,12 @@ class OpenAISampling(_Request):
     n: int = Field(1, ge=1, le=MAX_SENTENCES)
     stream: bool = False
     user: Optional[str] = None
+    # structured output, OpenAI's and vLLM's ways (at most one; structured.py turns it into a constraint)
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Union[None, dict, str] = None   # a schema, or its JSON text
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None         # Lark (llguidance's dialect) or GBNF
 
     @property
     def stops(self) -> list[str]:
