@@ -2,8 +2,9 @@
 benchmarks/structured.py.
 
 Each schema is finite by construction (additionalProperties false, bounded strings, arrays and integers,
-numbers in multiples of 0.25, whose digits would otherwise never need to end, a depth limit), so that a constrained sequence always has a way to end within a small token budget: a test can
-demand that every output is complete.
+numbers in multiples of 0.25, whose digits would otherwise never need to end, a depth limit), so that a
+constrained sequence always has a way to end within a small token budget: a test can demand that every
+output is complete.
 """
 from __future__ import annotations
 
