@@ -123,6 +123,11 @@ def sample(logits: torch.Tensor, *, greedy: torch.Tensor, temperature: torch.Ten
     x = logits.index_select(0, index) / chosen(temperature)[:, None]
     if seen is not None:
         x = apply_repetition_penalty(x, chosen(repetition_penalty), seen.index_select(0, index))
-    x = apply_top_p(apply_top_k(x, chosen(top_k)), chosen(top_p))
+    # each a sort of the rows' whole vocabulary: only when some row asks (decided on the plan's CPU copies)
+    if (top_k.cpu()[rows] > 0).any():
+        x = apply_top_k(x, chosen(top_k))
+    p = top_p.cpu()[rows]
+    if ((p > 0) & (p < 1)).any():
+        x = apply_top_p(x, chosen(top_p))
     tokens[index] = multinomial(x.softmax(dim=-1), [generators[i] for i in rows.tolist()])
     return tokens
