@@ -150,8 +150,9 @@ def test_a_constrained_sequence_is_never_decoded_ahead():
         assert (scheduler.decode_after(step) is None) == constrained
 
 
-def test_constrained_rows_are_right_beside_others_with_run_ahead_on():
-    engine = make_engine(TINY, ParallelState.single(), max_batch=4, max_seq_len=512)
+def test_constrained_rows_are_right_beside_others_with_run_ahead_and_decode_graphs_on():
+    """The GPU's serving path as it runs on a CPU: decode steps fed ahead, through the bucketed graph steps."""
+    engine = make_engine(TINY, ParallelState.single(), max_batch=4, max_seq_len=512, graphs=True)
     engine.run_ahead = True
     engine.warm_up()
     engine.start()
