@@ -173,16 +173,17 @@ class Engine:
     def submit(self, request: SequenceRequest, on_token: Optional[Callable[[int], None]] = None) -> Future:
         """Queue one sequence (it waits for start() if need be); the future gets its SequenceResult.
         on_token(id) is called on the step thread for each new token. Cancelling the future frees the
-        sequence's slot at the next step."""
+        sequence's slot at the next step. A constrained sequence gets its grammar matcher here (ConstraintError
+        when its grammar does not fit the vocabulary; the first one also builds llguidance's vocabulary)."""
         total = len(request.prompt) + request.max_new_tokens
         if not request.prompt or total > self.max_seq_len:
             raise ValueError(f"a sequence needs 1 to {self.max_seq_len} tokens in all, got a prompt of "
                              f"{len(request.prompt)} + {request.max_new_tokens} new tokens")
+        grammar = None if request.constraint is None else self.grammars.matcher(request.constraint)
         with self._lock:
             if self._stopping or self.error:
                 raise EngineUnavailable(self.error or "the engine has stopped")
             future: Future = Future()
-            grammar = None if request.constraint is None else self.grammars.matcher(request.constraint)
             self._inbox.put(SequenceState(request, future, on_token, grammar=grammar))
             return future
 
