@@ -5,7 +5,9 @@ The split is vLLM v1's: the scheduler (scheduler.py, no torch) picks each lane's
 finished sequences and results. The engine's step thread owns all three. Each lane with no step in flight gets
 one; then the oldest step in flight lands. So with two pipeline stages, one runs a step of lane 0 while the
 other runs lane 1's. Every step goes to the other ranks (protocol.py) before it runs, since every rank runs
-every step. HTTP handlers only submit sequences and wait on their futures; they never touch the model.
+every step. HTTP handlers only submit sequences and wait on their futures; they never touch the model. A
+constrained sequence's grammar matcher (grammar.py) lives on the leader: each plan carries the step's
+allowed-token mask, and each landed token advances the matcher.
 
 The step thread starts by warming up: an eager step on every rank, then the GPU's decode graphs, captured by
 the thread that replays them (model/cuda_graphs.py). The engine is ready only then.
