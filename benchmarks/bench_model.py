@@ -10,22 +10,10 @@ import json
 import random
 from pathlib import Path
 
+from fleetgen.model.serve.vocabulary import byte_alphabet
+
 VOCAB = 50257
 EOD = "<|endoftext|>"
-
-
-def byte_alphabet() -> list[str]:
-    """GPT-2's bytes_to_unicode: the printable character standing for each byte, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
 
 
 def write_tokenizer(directory: Path) -> None:

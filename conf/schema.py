@@ -5,6 +5,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fleetgen.model import constraints
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -109,6 +111,19 @@ class Generation(BaseModel):
     end_strings: list[str] = [END_OF_DOCUMENT]
     random_seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     compute_logprob: bool = False
+    # fleetgen's: the output is JSON valid under this schema (given inline, or a .json file's path, read here)
+    json_schema: Union[None, dict, str] = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _compiles(cls, value: Union[None, dict, str]) -> Optional[dict]:
+        """A path becomes its schema, so that the server gets the schema itself; llguidance must compile it,
+        so that a schema it cannot enforce fails here, naming what it does not support."""
+        if value is None:
+            return None
+        schema = constraints.load_json_schema(value)
+        constraints.json_schema(schema)
+        return schema
 
 
 class Batch(_Strict):

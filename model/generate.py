@@ -30,7 +30,8 @@ from fleetgen.model.kv_cache import KVCache
 from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, recv_from_output_rank,
                                      recv_from_prev_pipeline_rank, send_to_first_rank, send_to_next_pipeline_rank,
                                      vocab_parallel_argmax)
-from fleetgen.model.sampling import ban_tokens, history_mask, sample
+from fleetgen.model.sampling import (apply_logit_bias, apply_penalties, apply_token_mask, ban_tokens,
+                                     generated_counts, history_mask, sample)
 from fleetgen.model.transformer import DecoderStage, LayerParts, decode_mask
 
 HOST_TOKEN_BUFFERS = 4  # pinned buffers the tokens of steps in flight (two at most) are copied into, in turn
@@ -69,6 +70,17 @@ class StepPlan:
     seed: torch.Tensor          # int64 [n], -1 = none; prefill only: seeds the slot's own torch.Generator
     logprobs: bool = False      # log_softmax(raw logits) at chosen tokens (and at prompt tokens in prefill)
     full_logprobs: bool = False  # whole log_softmax rows over the real vocabulary
+    # OpenAI's logits processing, every row greedy or not; None when no row of the step has it
+    presence_penalty: Optional[torch.Tensor] = None   # float32 [n], 0 = off: over the tokens generated so far
+    frequency_penalty: Optional[torch.Tensor] = None  # float32 [n], 0 = off: ditto, times each token's count
+    bias_ids: Optional[torch.Tensor] = None     # int64 [n, K] logit_bias token ids, -1 = none
+    bias_values: Optional[torch.Tensor] = None  # float32 [n, K] added to those logits
+    token_mask: Optional[torch.Tensor] = None   # int32 [n, ceil(vocab / 32)] allowed-token bitmask (-1 = all)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether some row's logits change before the choice (beyond ban_eos): then no argmax-only step."""
+        return self.presence_penalty is not None or self.bias_ids is not None or self.token_mask is not None
 
     @property
     def n(self) -> int:
@@ -126,9 +138,11 @@ class Generator:
         self.lanes = [range(first, min(first + self.lane_size, max_batch))
                       for first in range(0, max_batch, self.lane_size)]  # slot ranges
         self._lane_caches = [self.cache.slots(lane.start, len(lane)) for lane in self.lanes]
-        # each slot's prompt + fed tokens, for the repetition penalty
+        # each slot's prompt + fed tokens, for the repetition penalty; past prompt_len, the generated ones, for
+        # the presence and frequency penalties
         self.history = torch.zeros(max_batch, max_seq_len, dtype=torch.long, device=ps.device)
         self.history_len = torch.zeros(max_batch, dtype=torch.long, device=ps.device)
+        self.prompt_len = torch.zeros(max_batch, dtype=torch.long, device=ps.device)
         self.rngs: list[Optional[torch.Generator]] = [None] * max_batch
         # a lone rank's next decode step may take its tokens from the last step's outputs, still on the device
         # (launch(feed=)), so that the host prepares step t + 1 while the device runs step t
@@ -301,6 +315,7 @@ class Generator:
         width = tokens.shape[1]
         self.history[slots, :width] = tokens
         self.history_len[slots] = lengths
+        self.prompt_len[slots] = lengths
         for slot, seed in zip(plan.slots.tolist(), plan.seed.tolist()):
             self.rngs[slot] = None
             if seed >= 0:
@@ -382,7 +397,7 @@ class Generator:
     @staticmethod
     def _argmax_only(plan: StepPlan) -> bool:
         """Whether the step needs nothing but each row's argmax: then no TP rank gathers the logits."""
-        return bool(plan.greedy.all()) and not (plan.logprobs or plan.full_logprobs)
+        return bool(plan.greedy.all()) and not (plan.logprobs or plan.full_logprobs or plan.processes_logits)
 
     def _greedy(self, h: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Argmax tokens [n] of h [n, H] from each TP rank's slice of the vocabulary; eos banned where asked."""
@@ -415,6 +430,8 @@ class Generator:
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         device = logits.device
+        if plan.processes_logits:
+            logits = self._processed(plan, logits, slots)
         if plan.ban_eos.any():
             logits = ban_tokens(logits, to_device(plan.ban_eos, device), self.config.eos_id)
         penalised = ~plan.greedy & (plan.repetition_penalty != 1)
@@ -423,6 +440,20 @@ class Generator:
         return sample(logits, greedy=plan.greedy, temperature=plan.temperature, top_k=plan.top_k, top_p=plan.top_p,
                       repetition_penalty=plan.repetition_penalty, seen=seen,
                       generators=[self.rngs[s] for s in plan.slots.tolist()])
+
+    def _processed(self, plan: StepPlan, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The grammar's mask, logit_bias and the presence and frequency penalties (sampling.py's order)."""
+        device = logits.device
+        if plan.token_mask is not None:
+            logits = apply_token_mask(logits, to_device(plan.token_mask, device))
+        if plan.bias_ids is not None:
+            logits = apply_logit_bias(logits, to_device(plan.bias_ids, device), to_device(plan.bias_values, device))
+        if plan.presence_penalty is not None:
+            counts = generated_counts(self.history[slots], self.prompt_len[slots], self.history_len[slots],
+                                      logits.shape[-1])
+            logits = apply_penalties(logits, counts, to_device(plan.presence_penalty, device),
+                                     to_device(plan.frequency_penalty, device))
+        return logits
 
     def _share(self, plan: StepPlan, outputs: dict[str, torch.Tensor]) -> StepOutput:
         """Broadcast the output rank's results; the other ranks know the shapes from the plan."""
@@ -467,12 +498,29 @@ class Generator:
                      "seed"):
             if tuple(getattr(plan, name).shape) != (n,):
                 raise ValueError(f"StepPlan.{name} has shape {tuple(getattr(plan, name).shape)}, expected [{n}]")
+        self._check_processing(plan)
         self._check_positions(plan, width)
         if any(t <= 0 and not g for t, g in zip(plan.temperature.tolist(), plan.greedy.tolist())):
             raise ValueError("StepPlan.temperature must be > 0 where greedy is false")
         eos = self.config.eos_id
         if any(plan.ban_eos.tolist()) and (eos is None or not 0 <= eos < self.config.vocab_size):
             raise ValueError(f"StepPlan.ban_eos is set but the model's eos_id={eos} is not a vocabulary id")
+
+    def _check_processing(self, plan: StepPlan) -> None:
+        n, words = plan.n, -(-self.config.vocab_size // 32)
+        if (plan.presence_penalty is None) != (plan.frequency_penalty is None):
+            raise ValueError("StepPlan.presence_penalty and frequency_penalty come together or not at all")
+        if (plan.bias_ids is None) != (plan.bias_values is None):
+            raise ValueError("StepPlan.bias_ids and bias_values come together or not at all")
+        expected = {"presence_penalty": (n,), "frequency_penalty": (n,), "token_mask": (n, words)}
+        if plan.bias_ids is not None:
+            expected.update(bias_ids=(n, plan.bias_ids.shape[-1]), bias_values=(n, plan.bias_ids.shape[-1]))
+        for name, shape in expected.items():
+            tensor = getattr(plan, name)
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise ValueError(f"StepPlan.{name} has shape {tuple(tensor.shape)}, expected {list(shape)}")
+        if plan.bias_ids is not None and (plan.bias_ids >= self.config.vocab_size).any():
+            raise ValueError(f"StepPlan.bias_ids: ids must be below the vocabulary size {self.config.vocab_size}")
 
     def _check_positions(self, plan: StepPlan, width: int) -> None:
         lengths = plan.lengths.tolist()

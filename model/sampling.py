@@ -1,8 +1,10 @@
 """Next-token choice from fp32 logits [n, vocab], per row, in NeMo's order.
 
-ban_eos -> greedy argmax, or: / temperature, repetition penalty, top-k, top-p, softmax, multinomial with the
-row's own torch.Generator when it has one (so a seeded request does not depend on its batch neighbours).
-Every function is pure apart from the generators' state.
+First what applies to every row, greedy ones too (vLLM's order): the grammar's allowed tokens (a bitmask),
+OpenAI's logit_bias, presence and frequency penalties over the tokens generated so far, ban_eos. Then greedy
+argmax, or: / temperature, repetition penalty (NeMo's, over prompt + generated), top-k, top-p, softmax,
+multinomial with the row's own torch.Generator when it has one (so a seeded request does not depend on its
+batch neighbours). Every function is pure apart from the generators' state.
 """
 from __future__ import annotations
 
@@ -25,6 +27,41 @@ def history_mask(history: torch.Tensor, history_len: torch.Tensor, vocab: int) -
     ids = torch.where(valid, history, vocab)  # unused entries land in a spare column
     seen = torch.zeros(history.shape[0], vocab + 1, dtype=torch.bool, device=history.device)
     return seen.scatter_(1, ids, True)[:, :vocab]
+
+
+def generated_counts(history: torch.Tensor, start: torch.Tensor, end: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 [n, vocab]: how often each id occurs among entries [start[i], end[i]) of history[i] [n, T]."""
+    position = torch.arange(history.shape[1], device=history.device)
+    inside = (position >= start[:, None]) & (position < end[:, None])
+    ids = torch.where(inside, history, vocab)  # entries outside land in a spare column
+    counts = torch.zeros(history.shape[0], vocab + 1, device=history.device)
+    return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's: logit - frequency[i] * count - presence[i] * (count > 0), counts from generated_counts."""
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def apply_logit_bias(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """logits[i, ids[i, j]] += values[i, j]; ids [n, K] padded with -1 (no bias)."""
+    vocab = logits.shape[-1]
+    bias = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
+    bias.scatter_add_(1, torch.where(ids >= 0, ids, vocab), values.to(logits.dtype))
+    return logits + bias[:, :vocab]
+
+
+def allowed_tokens(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [n, vocab] from an int32 bitmask [n, ceil(vocab / 32)]: bit b of word w allows token 32 w + b (the
+    layout of llguidance and xgrammar)."""
+    bits = torch.arange(32, dtype=torch.int32, device=words.device)
+    return ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
+
+
+def apply_token_mask(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """-inf wherever the bitmask words [n, W] do not allow the token."""
+    return logits.masked_fill(~allowed_tokens(words, logits.shape[-1]), float("-inf"))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
@@ -86,6 +123,11 @@ def sample(logits: torch.Tensor, *, greedy: torch.Tensor, temperature: torch.Ten
     x = logits.index_select(0, index) / chosen(temperature)[:, None]
     if seen is not None:
         x = apply_repetition_penalty(x, chosen(repetition_penalty), seen.index_select(0, index))
-    x = apply_top_p(apply_top_k(x, chosen(top_k)), chosen(top_p))
+    # each a sort of the rows' whole vocabulary: only when some row asks (decided on the plan's CPU copies)
+    if (top_k.cpu()[rows] > 0).any():
+        x = apply_top_k(x, chosen(top_k))
+    p = top_p.cpu()[rows]
+    if ((p > 0) & (p < 1)).any():
+        x = apply_top_p(x, chosen(top_p))
     tokens[index] = multinomial(x.softmax(dim=-1), [generators[i] for i in rows.tolist()])
     return tokens

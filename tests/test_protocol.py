@@ -16,21 +16,44 @@ def _plan(kind, n, width):
                     seed=torch.arange(n) - 1, logprobs=True, full_logprobs=kind == "decode")
 
 
+def _processed_plan(kind, n, width):
+    """With the penalties, logit_bias (3 pairs a row) and a grammar's mask (every bit pattern a word can hold)."""
+    plan = _plan(kind, n, width)
+    plan.presence_penalty, plan.frequency_penalty = torch.linspace(-2, 2, n), torch.full((n,), 0.5)
+    plan.bias_ids = torch.tensor([[5, 9, -1]] * n)
+    plan.bias_values = torch.tensor([[100.0, -3.25, 0.0]] * n)
+    plan.token_mask = torch.tensor([[-1, 0, 2**31 - 1, -2**31, 5]] * n, dtype=torch.int32)  # odd: a half column
+    return plan
+
+
+FIELDS = ("slots", "tokens", "lengths", "temperature", "top_k", "top_p", "greedy", "repetition_penalty", "ban_eos",
+          "seed", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "token_mask")
+
+
 def _same(a: StepPlan, b: StepPlan) -> bool:
+    def equal(x, y):
+        return x is None and y is None or (x is not None and y is not None and x.dtype == y.dtype
+                                           and torch.equal(x, y))
     return a.kind == b.kind and a.logprobs == b.logprobs and a.full_logprobs == b.full_logprobs and all(
-        getattr(a, k).dtype == getattr(b, k).dtype and torch.equal(getattr(a, k), getattr(b, k))
-        for k in ("slots", "tokens", "lengths", "temperature", "top_k", "top_p", "greedy", "repetition_penalty",
-                  "ban_eos", "seed"))
+        equal(getattr(a, k), getattr(b, k)) for k in FIELDS)
 
 
-def test_pack_and_unpack_keep_every_field_bit_for_bit():
-    plan = _plan("prefill", 5, 7)
-    assert _same(protocol.unpack(protocol.pack(plan), "prefill", True, False), plan)
+def _round_trip(plan: StepPlan) -> StepPlan:
+    return protocol.unpack(protocol.pack(plan), plan.kind, plan.logprobs, plan.full_logprobs,
+                           plan.tokens.shape[1], plan.presence_penalty is not None,
+                           0 if plan.bias_ids is None else plan.bias_ids.shape[1],
+                           0 if plan.token_mask is None else plan.token_mask.shape[1])
+
+
+@pytest.mark.parametrize("make", [_plan, _processed_plan])
+def test_pack_and_unpack_keep_every_field_bit_for_bit(make):
+    plan = make("prefill", 5, 7)
+    assert _same(_round_trip(plan), plan)
 
 
 def _follow_protocol(rank, world_size, tensor, pipeline):
     ps = ParallelState.build(tensor, pipeline)
-    plans = [_plan("prefill", 3, 4), _plan("decode", 2, 1)]
+    plans = [_plan("prefill", 3, 4), _plan("decode", 2, 1), _processed_plan("decode", 2, 1)]
     commands = protocol.Commands(ps, inline_rows=2)  # the decode plan inline, the prefill's payload apart
     if rank == 0:
         for plan in plans:

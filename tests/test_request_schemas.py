@@ -9,7 +9,8 @@ from fleetgen.model.serve.request_schemas import (CompletionRequest, GenerateReq
 
 def test_generate_defaults_are_nemos():
     request = parse(GenerateRequest, {"sentences": ["a"]})
-    assert request.model_dump(exclude={"sentences", "task_ids", "neighbors", "truncate_prompt_tokens"}) == {
+    assert request.model_dump(exclude={"sentences", "task_ids", "neighbors", "truncate_prompt_tokens",
+                                       "json_schema"}) == {
         "tokens_to_generate": 64, "temperature": 1.0, "add_BOS": False, "top_k": 0, "top_p": 0.9,
         "greedy": False, "all_probs": False, "repetition_penalty": 1.0, "min_tokens_to_generate": 0,
         "end_strings": ["<|endoftext|>"], "compute_logprob": False, "random_seed": None}

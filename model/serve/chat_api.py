@@ -13,6 +13,7 @@ from fleetgen.model.serve.detokenize import token_spans
 from fleetgen.model.serve.engine import Engine, SequenceRequest, SequenceResult
 from fleetgen.model.serve.openai_api import prompt_sequences, sampling_of, shown_text, stop_of, token_string, usage
 from fleetgen.model.serve.request_schemas import ChatCompletionRequest, RequestError
+from fleetgen.model.serve.structured import constraint_of
 
 NO_TEMPLATE = ("this model has no chat template: set model.chat_template to a built-in one (nemotron4, chatml) or "
                "to a jinja file, or use /v1/completions")
@@ -37,7 +38,8 @@ def chat_sequences(request: ChatCompletionRequest, engine: Engine,
         max_tokens, field = request.max_tokens, "max_tokens"
     return prompt_sequences(prompt, "messages", request, max_tokens, field, engine, 0, sampling_of(request, engine),
                             stop_of(request, engine, template.stops), logprobs=bool(request.logprobs),
-                            full_logprobs=bool(request.logprobs and request.top_logprobs))
+                            full_logprobs=bool(request.logprobs and request.top_logprobs),
+                            constraint=constraint_of(request, engine))
 
 
 def chat_id() -> str:

@@ -5,7 +5,9 @@ The split is vLLM v1's: the scheduler (scheduler.py, no torch) picks each lane's
 finished sequences and results. The engine's step thread owns all three. Each lane with no step in flight gets
 one; then the oldest step in flight lands. So with two pipeline stages, one runs a step of lane 0 while the
 other runs lane 1's. Every step goes to the other ranks (protocol.py) before it runs, since every rank runs
-every step. HTTP handlers only submit sequences and wait on their futures; they never touch the model.
+every step. HTTP handlers only submit sequences and wait on their futures; they never touch the model. A
+constrained sequence's grammar matcher (grammar.py) lives on the leader: each plan carries the step's
+allowed-token mask, and each landed token advances the matcher.
 
 The step thread starts by warming up: an eager step on every rank, then the GPU's decode graphs, captured by
 the thread that replays them (model/cuda_graphs.py). The engine is ready only then.
@@ -24,11 +26,13 @@ from typing import Optional
 
 import torch
 
+from fleetgen.model.constraints import Constraint
 from fleetgen.model.serve import protocol
 from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.config import ModelConfig
 from fleetgen.model.generate import Flight, Generator, StepPlan, greedy_plan
 from fleetgen.model.parallel import ParallelState, describe_replica_devices
+from fleetgen.model.serve.grammar import Grammars
 from fleetgen.model.serve.output import OutputProcessor, SequenceResult  # noqa: F401 (SequenceResult: API)
 from fleetgen.model.serve.scheduler import ScheduledStep, Scheduler, SequenceState
 
@@ -77,6 +81,7 @@ class SequenceRequest:
     stop: StopCondition = StopCondition()
     logprobs: bool = False          # log-probabilities of every token after the first, prompt included
     full_logprobs: bool = False     # whole log-softmax rows at those positions
+    constraint: Optional[Constraint] = None  # the output must match it (model/constraints.py); ends when it does
 
 
 class EngineUnavailable(RuntimeError):
@@ -112,6 +117,7 @@ class Engine:
         self.startup_s: dict[str, float] = {}       # seconds each start-up phase took (the worker adds its own)
         self.scheduler = Scheduler(generator.lanes, max_prefill_tokens)
         self.outputs = OutputProcessor(tokenizer)
+        self.grammars = Grammars(tokenizer, config.vocab_size, config.eos_id)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._flights: deque[_InFlight] = deque()   # launched, not landed: oldest first, at most one a lane
         self._commands = protocol.Commands(ps, generator.max_batch)
@@ -169,16 +175,18 @@ class Engine:
     def submit(self, request: SequenceRequest, on_token: Optional[Callable[[int], None]] = None) -> Future:
         """Queue one sequence (it waits for start() if need be); the future gets its SequenceResult.
         on_token(id) is called on the step thread for each new token. Cancelling the future frees the
-        sequence's slot at the next step."""
+        sequence's slot at the next step. A constrained sequence gets its grammar matcher here (ConstraintError
+        when its grammar does not fit the vocabulary; the first one also builds llguidance's vocabulary)."""
         total = len(request.prompt) + request.max_new_tokens
         if not request.prompt or total > self.max_seq_len:
             raise ValueError(f"a sequence needs 1 to {self.max_seq_len} tokens in all, got a prompt of "
                              f"{len(request.prompt)} + {request.max_new_tokens} new tokens")
+        grammar = None if request.constraint is None else self.grammars.matcher(request.constraint)
         with self._lock:
             if self._stopping or self.error:
                 raise EngineUnavailable(self.error or "the engine has stopped")
             future: Future = Future()
-            self._inbox.put(SequenceState(request, future, on_token))
+            self._inbox.put(SequenceState(request, future, on_token, grammar=grammar))
             return future
 
     def stop(self) -> None:
@@ -264,7 +272,8 @@ class Engine:
             if not self.scheduler.is_running(sequence):  # cancelled while its step was in flight
                 continue
             self.outputs.record(done.step, row, sequence, out)
-            reason = self.outputs.finish_reason(sequence)
+            complete = sequence.grammar is not None and Grammars.accept(sequence.grammar, sequence.tokens[-1])
+            reason = "stop" if complete else self.outputs.finish_reason(sequence)
             if reason:
                 self.scheduler.finish(sequence)
                 self.outputs.finish(sequence, reason)
@@ -280,7 +289,9 @@ class Engine:
             step.slots, step.lengths, [min(x.top_k, vocab) for x in sampling],
             [x.seed if step.kind == "prefill" and x.seed is not None else -1 for x in sampling],
             [x.greedy for x in sampling],
-            [eos is not None and len(s.tokens) + step.ahead < x.min_tokens for s, x in zip(sequences, sampling)]])
+            # a constrained row's grammar alone says when the end-of-document token may come
+            [eos is not None and s.grammar is None and len(s.tokens) + step.ahead < x.min_tokens
+             for s, x in zip(sequences, sampling)]])
         floats = torch.tensor([[x.temperature for x in sampling], [x.top_p for x in sampling],
                                [x.repetition_penalty for x in sampling]], dtype=torch.float32)
         slots, lengths, top_k, seed, greedy, ban_eos = ints
@@ -288,10 +299,26 @@ class Engine:
                         temperature=floats[0], top_k=top_k, top_p=floats[1], greedy=greedy.bool(),
                         repetition_penalty=floats[2], ban_eos=ban_eos.bool(), seed=seed,
                         logprobs=any(s.request.logprobs for s in sequences),
-                        full_logprobs=any(s.request.full_logprobs for s in sequences))
+                        full_logprobs=any(s.request.full_logprobs for s in sequences),
+                        token_mask=self.grammars.bitmask([s.grammar for s in sequences]),
+                        **_logits_processing(sampling))
 
     def _fail_all(self, error: Exception) -> None:
         self._take_submissions(block=False)
         for sequence in self.scheduler.every_sequence():
             self.outputs.fail(sequence, error)
         self.scheduler.clear()
+
+
+def _logits_processing(sampling: list[Sampling]) -> dict[str, torch.Tensor]:
+    """The plan's optional penalty and logit_bias columns, only when some row of the step has them."""
+    columns = {}
+    if any(x.presence_penalty or x.frequency_penalty for x in sampling):
+        columns["presence_penalty"] = torch.tensor([x.presence_penalty for x in sampling], dtype=torch.float32)
+        columns["frequency_penalty"] = torch.tensor([x.frequency_penalty for x in sampling], dtype=torch.float32)
+    width = max(len(x.logit_bias) for x in sampling)
+    if width:
+        pairs = [list(x.logit_bias) + [(-1, 0.0)] * (width - len(x.logit_bias)) for x in sampling]
+        columns["bias_ids"] = torch.tensor([[i for i, _ in row] for row in pairs])
+        columns["bias_values"] = torch.tensor([[v for _, v in row] for row in pairs], dtype=torch.float32)
+    return columns

@@ -10,6 +10,7 @@ from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.serve.detokenize import token_spans
 from fleetgen.model.serve.engine import Engine, Sampling, SequenceRequest, SequenceResult, StopCondition
 from fleetgen.model.serve.request_schemas import GenerateRequest, RequestError, check_prompt
+from fleetgen.model.serve.structured import nemo_constraint
 
 
 def nemo_sequences(request: GenerateRequest, engine: Engine) -> list[SequenceRequest]:
@@ -22,6 +23,7 @@ def nemo_sequences(request: GenerateRequest, engine: Engine) -> list[SequenceReq
                         top_p=request.top_p, repetition_penalty=request.repetition_penalty,
                         min_tokens=request.min_tokens_to_generate)
     stop = nemo_stop(request.end_strings, tokenizer, engine.eos_id)
+    constraint = nemo_constraint(request, engine)
     sequences = []
     for i, sentence in enumerate(request.sentences):
         encoded = tokenizer.encode(sentence)
@@ -31,7 +33,8 @@ def nemo_sequences(request: GenerateRequest, engine: Engine) -> list[SequenceReq
         check_prompt(prompt, f"sentences[{i}]", request.tokens_to_generate, "tokens_to_generate", engine)
         seed = None if request.random_seed is None else request.random_seed + i
         sequences.append(SequenceRequest(tuple(prompt), request.tokens_to_generate, replace(sampling, seed=seed),
-                                         stop, logprobs=request.compute_logprob, full_logprobs=request.all_probs))
+                                         stop, logprobs=request.compute_logprob, full_logprobs=request.all_probs,
+                                         constraint=constraint))
     return sequences
 
 

@@ -11,6 +11,7 @@ from fleetgen.model.checkpoint.source import Tokenizer
 from fleetgen.model.serve.detokenize import CompletionText, token_spans
 from fleetgen.model.serve.engine import Engine, Sampling, SequenceRequest, SequenceResult, StopCondition
 from fleetgen.model.serve.request_schemas import CompletionRequest, OpenAISampling, RequestError, check_prompt
+from fleetgen.model.serve.structured import constraint_of
 
 MAX_LOGIT_BIAS = 100  # OpenAI's bound on a logit_bias value
 
@@ -47,7 +48,7 @@ def stop_of(request: OpenAISampling, engine: Engine, extra: tuple = ()) -> StopC
 
 def prompt_sequences(prompt: list[int], where: str, request: OpenAISampling, max_tokens: Optional[int],
                      max_field: str, engine: Engine, first: int, sampling: Sampling, stop: StopCondition,
-                     logprobs: bool, full_logprobs: bool) -> list[SequenceRequest]:
+                     logprobs: bool, full_logprobs: bool, constraint=None) -> list[SequenceRequest]:
     """A prompt's n sequences; the k-th completion of the request (first + j) is seeded with seed + k, as a
     batch seeds a record's samples. max_tokens None: up to the context window."""
     if request.truncate_prompt_tokens is not None:
@@ -60,7 +61,7 @@ def prompt_sequences(prompt: list[int], where: str, request: OpenAISampling, max
     check_prompt(prompt, where, max_tokens, max_field, engine)
     return [SequenceRequest(tuple(prompt), max_tokens,
                             replace(sampling, seed=None if request.seed is None else request.seed + first + j),
-                            stop, logprobs=logprobs, full_logprobs=full_logprobs)
+                            stop, logprobs=logprobs, full_logprobs=full_logprobs, constraint=constraint)
             for j in range(request.n)]
 
 
@@ -69,13 +70,14 @@ def completion_sequences(request: CompletionRequest, engine: Engine) -> list[Seq
     if request.stream and request.logprobs is not None:
         raise RequestError(400, "logprobs: not available with stream=true")
     sampling, stop = sampling_of(request, engine), stop_of(request, engine)
+    constraint = constraint_of(request, engine)
     sequences = []
     for i, prompt in enumerate(request.prompts):
         where = "prompt" if len(request.prompts) == 1 else f"prompt[{i}]"
         ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         sequences += prompt_sequences(ids, where, request, request.max_tokens, "max_tokens", engine,
                                       i * request.n, sampling, stop, logprobs=request.logprobs is not None,
-                                      full_logprobs=bool(request.logprobs))
+                                      full_logprobs=bool(request.logprobs), constraint=constraint)
     return sequences
 
 

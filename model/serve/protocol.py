@@ -10,11 +10,14 @@ group's timeout is long): no polling, no pickling.
 
 A command is an envelope, int64 [HEADER_SIZE + inline_rows * (PARAMS + 1)]: the header, then a decode step's
 payload when it fits; a wider step's payload follows as a message of its own. A payload is int64
-[n, PARAMS + width]:
+[n, PARAMS + width + 2 * bias_width + ceil(mask_words / 2)]:
 
-    slots, lengths, top_k, seed, greedy, ban_eos, temperature, top_p, repetition_penalty, tokens[width]
+    slots, lengths, top_k, seed, greedy, ban_eos, temperature, top_p, repetition_penalty, presence_penalty,
+    frequency_penalty, tokens[width], bias_ids[bias_width], bias_values[bias_width], token_mask
 
-The three float32 columns travel as their bit patterns so that one message carries the whole plan.
+The float32 columns travel as their bit patterns and the grammar's int32 mask words two to a column, so that
+one message carries the whole plan. The header says which of the plan's optional parts (the penalties, logit_bias, the
+grammar's mask) it has; a step without them sends no column of theirs beyond the two penalty columns.
 """
 from __future__ import annotations
 
@@ -29,9 +32,9 @@ from fleetgen.model.parallel import ParallelState
 
 STEP, SHUTDOWN, IDLE = 1, 2, 3
 KINDS = ("prefill", "decode")
-HEADER_SIZE = 6  # command, kind, n, width, logprobs, full_logprobs
+HEADER_SIZE = 9  # command, kind, n, width, logprobs, full_logprobs, penalties, bias_width, mask_words
 INT_COLUMNS = ("slots", "lengths", "top_k", "seed", "greedy", "ban_eos")
-FLOAT_COLUMNS = ("temperature", "top_p", "repetition_penalty")
+FLOAT_COLUMNS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 PARAMS = len(INT_COLUMNS) + len(FLOAT_COLUMNS)
 
 
@@ -51,9 +54,10 @@ class Commands:
         if self.alone:
             return
         n, width = plan.tokens.shape
-        header = [STEP, KINDS.index(plan.kind), n, width, int(plan.logprobs), int(plan.full_logprobs)]
         payload = pack(plan)
-        inline = self._inline(n, width)
+        header = [STEP, KINDS.index(plan.kind), n, width, int(plan.logprobs), int(plan.full_logprobs),
+                  int(plan.presence_penalty is not None), _width(plan.bias_ids), _width(plan.token_mask)]
+        inline = self._inline(n, payload.shape[1])
         self._give(self._envelope(header, payload if inline else None))
         if not inline:
             self._give(payload)
@@ -61,40 +65,43 @@ class Commands:
     def send_shutdown(self) -> None:
         """Leader: release every other rank from its loop."""
         if not self.alone:
-            self._give(self._envelope([SHUTDOWN, 0, 0, 0, 0, 0]))
+            self._give(self._envelope([SHUTDOWN] + [0] * (HEADER_SIZE - 1)))
             self.close()
 
     def send_idle(self) -> None:
         """Leader: nothing to run yet. Followers wait for commands in a receive, which would fail at the process
         group's timeout: an idle leader sends this well within it, so that idle waits are unbounded."""
         if not self.alone:
-            self._give(self._envelope([IDLE, 0, 0, 0, 0, 0]))
+            self._give(self._envelope([IDLE] + [0] * (HEADER_SIZE - 1)))
 
     def receive(self) -> Optional[StepPlan]:
         """Follower: block until the leader's next command; the plan to run, or None on shutdown."""
         command = IDLE
         while command == IDLE:
             envelope = self._take_envelope()
-            command, kind, n, width, logprobs, full_logprobs = envelope[:HEADER_SIZE].tolist()
+            header = envelope[:HEADER_SIZE].tolist()
+            command, kind, n, width, logprobs, full_logprobs, penalties, bias_width, mask_words = header
         if command == SHUTDOWN:
             self.close()
             return None
         if command != STEP:
             raise RuntimeError(f"protocol: unknown command {command} from rank {self.ps.first_rank}")
-        if self._inline(n, width):
-            payload = envelope[HEADER_SIZE:HEADER_SIZE + n * (PARAMS + width)].view(n, PARAMS + width)
+        columns = PARAMS + width + 2 * bias_width + -(-mask_words // 2)
+        if self._inline(n, columns):
+            payload = envelope[HEADER_SIZE:HEADER_SIZE + n * columns].view(n, columns)
         else:
-            payload = self._take(torch.zeros(n, PARAMS + width, dtype=torch.long))
+            payload = self._take(torch.zeros(n, columns, dtype=torch.long))
         self._post_next()  # after the payload: the pipeline group's messages arrive in the order posted
-        return unpack(payload, KINDS[kind], bool(logprobs), bool(full_logprobs))
+        return unpack(payload, KINDS[kind], bool(logprobs), bool(full_logprobs), width, bool(penalties),
+                      bias_width, mask_words)
 
     def close(self) -> None:
         """Wait until the next stage has taken everything passed on to it."""
         while self._passing_on:
             self._passing_on.popleft()[0].wait()
 
-    def _inline(self, n: int, width: int) -> bool:
-        return HEADER_SIZE + n * (PARAMS + width) <= self.envelope_size
+    def _inline(self, n: int, columns: int) -> bool:
+        return HEADER_SIZE + n * columns <= self.envelope_size
 
     def _envelope(self, header: list[int], payload: Optional[torch.Tensor] = None) -> torch.Tensor:
         envelope = torch.zeros(self.envelope_size, dtype=torch.long)
@@ -145,20 +152,48 @@ class Commands:
 
 
 def pack(plan: StepPlan) -> torch.Tensor:
-    """int64 [n, PARAMS + width]: the plan's per-row tensors side by side."""
+    """int64 [n, columns]: the plan's per-row tensors side by side (the module's docstring)."""
+    n = plan.n
     ints = [getattr(plan, name).long() for name in INT_COLUMNS]
-    floats = [_float_bits(getattr(plan, name)) for name in FLOAT_COLUMNS]
-    return torch.cat([torch.stack(ints + floats, dim=1), plan.tokens.long()], dim=1)
+    floats = [_float_bits(_or_zeros(getattr(plan, name), n)) for name in FLOAT_COLUMNS]
+    parts = [torch.stack(ints + floats, dim=1), plan.tokens.long()]
+    if plan.bias_ids is not None:
+        parts += [plan.bias_ids.long(), _float_bits(plan.bias_values)]
+    if plan.token_mask is not None:
+        words = plan.token_mask.shape[1]
+        even = torch.nn.functional.pad(plan.token_mask, (0, words % 2)).contiguous()
+        parts.append(even.view(torch.int64))
+    return torch.cat(parts, dim=1)
 
 
-def unpack(payload: torch.Tensor, kind: str, logprobs: bool, full_logprobs: bool) -> StepPlan:
+def unpack(payload: torch.Tensor, kind: str, logprobs: bool, full_logprobs: bool, width: int, penalties: bool,
+           bias_width: int, mask_words: int) -> StepPlan:
     columns = dict(zip(INT_COLUMNS + FLOAT_COLUMNS, payload[:, :PARAMS].unbind(1)))
     for name in FLOAT_COLUMNS:
         columns[name] = _bits_float(columns[name])
     for name in ("greedy", "ban_eos"):
         columns[name] = columns[name].bool()
-    return StepPlan(kind=kind, tokens=payload[:, PARAMS:].contiguous(), logprobs=logprobs,
-                    full_logprobs=full_logprobs, **{k: v.contiguous() for k, v in columns.items()})
+    if not penalties:
+        columns["presence_penalty"] = columns["frequency_penalty"] = None
+    start = PARAMS + width
+    bias = payload[:, start:start + 2 * bias_width]
+    mask = payload[:, start + 2 * bias_width:]
+    optional = {}
+    if bias_width:
+        optional.update(bias_ids=bias[:, :bias_width].contiguous(), bias_values=_bits_float(bias[:, bias_width:]))
+    if mask_words:
+        optional["token_mask"] = mask.contiguous().view(torch.int32)[:, :mask_words].contiguous()
+    return StepPlan(kind=kind, tokens=payload[:, PARAMS:start].contiguous(), logprobs=logprobs,
+                    full_logprobs=full_logprobs, **optional,
+                    **{k: v if v is None else v.contiguous() for k, v in columns.items()})
+
+
+def _width(x: Optional[torch.Tensor]) -> int:
+    return 0 if x is None else x.shape[1]
+
+
+def _or_zeros(x: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    return torch.zeros(n) if x is None else x
 
 
 def _float_bits(x: torch.Tensor) -> torch.Tensor:
@@ -166,4 +201,4 @@ def _float_bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def _bits_float(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.int32).view(torch.float32)
+    return x.to(torch.int32).contiguous().view(torch.float32)

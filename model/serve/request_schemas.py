@@ -6,7 +6,7 @@ nobody notices. Every problem is a RequestError whose message names the field.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,11 +31,25 @@ class GenerateRequest(Generation):
     task_ids: Any = None    # NeMo's p-tuning task ids: accepted and ignored
     neighbors: Any = None   # NeMo's RETRO neighbours: accepted and ignored
     truncate_prompt_tokens: Optional[int] = Field(None, ge=1)  # vLLM's: keep only each prompt's last k tokens
+    json_schema: Optional[dict] = None  # inline only: a server reads no file a request names
 
 
 class StreamOptions(_Request):
     include_usage: Optional[bool] = False  # a last chunk with the whole request's usage
     include_obfuscation: Optional[bool] = None  # OpenAI's padding against length side channels: none is added
+
+
+class JsonSchemaFormat(_Request):
+    """response_format's json_schema: OpenAI's structured outputs."""
+    name: str
+    description: Optional[str] = None
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: Optional[bool] = None  # fleetgen is always strict: the output matches the schema
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class OpenAISampling(_Request):
@@ -56,12 +70,15 @@ class OpenAISampling(_Request):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[int] = Field(None, ge=1)  # vLLM's: keep only the prompt's last k tokens
-    response_format: Optional[dict] = None
+    # structured output, OpenAI's and vLLM's ways (at most one; structured.py turns it into a constraint)
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Union[None, dict, str] = None   # a schema, or its JSON text
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None         # Lark (llguidance's dialect) or GBNF
 
     # fields OpenAI defines that only some values of can be honoured here: field -> (honoured values, why)
-    HONOURED: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "response_format": ((None, {"type": "text"}), "structured output is not served yet"),
-    }
+    HONOURED: ClassVar[dict[str, tuple[tuple, str]]] = {}
 
     @property
     def stops(self) -> list[str]:

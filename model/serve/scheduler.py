@@ -29,6 +29,7 @@ class SequenceState:
     tokens: list = field(default_factory=list)     # generated so far
     logprobs: list = field(default_factory=list)
     rows: list = field(default_factory=list)       # full log-softmax blocks, [k, vocab] each
+    grammar: Any = None                            # a constrained sequence's matcher (grammar.py)
 
     @property
     def length(self) -> int:
@@ -101,13 +102,15 @@ class Scheduler:
         (model/generate.py launch(feed=)): so that the host schedules step t + 1 while the device runs step t.
         Its sequences are step's that will still run by their token budget; one that step's token stops
         (a stop token or string, known only once step lands) loses the row's extra token. None when step
-        is not every running sequence of its lane, when waiting sequences could be admitted instead, or when
-        nothing would run."""
+        is not every running sequence of its lane, when waiting sequences could be admitted instead, when a
+        sequence is constrained (its grammar's mask needs the token step samples), or when nothing would run."""
         lane = self.lanes[step.lane]
         running = [s for s in step.sequences if self.is_running(s)]
         if len(running) != sum(slot in self.active for slot in lane):
             return None
         if self.waiting and len(running) < len(lane):
+            return None
+        if any(s.grammar is not None for s in running):
             return None
         going_on = [s for s in running if len(s.tokens) + 1 < s.request.max_new_tokens]
         if not going_on:
