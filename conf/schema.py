@@ -143,6 +143,9 @@ class Batch(_Strict):
     # a prompt too long for the context window with its new tokens, found by the validation pass: error (refuse the
     # batch, naming the lines), skip (into the errors file, no server asked) or truncate_left (keep its end)
     long_prompts: Literal["error", "skip", "truncate_left"] = "error"
+    # drivers: record k goes to driver k % shards, each with its own ledger, its share of the replicas (replica r
+    # to driver r % shards) and its own process; one merge and audit at the end. For fleets one driver cannot feed
+    shards: int = Field(1, ge=1)
 
 
 class Job(_Strict):

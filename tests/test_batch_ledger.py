@@ -169,7 +169,7 @@ def test_finalise_writes_input_order_and_audits(tmp_path, monkeypatch, span, buf
     positions = [(i, s) for i in range(10) for s in range(2)]
     random.Random(3).shuffle(positions)
     fill(path, positions + positions[:4])  # repeats are refused by add()
-    result = finalise(path, output, errors, items=20, samples=2)
+    result = finalise([path], output, errors, items=20, samples=2)
     ok = read_jsonl(output)
     failed = read_jsonl(errors)
     assert [(r["id"], r["sample"]) for r in ok] == [(f"k{i}", s) for i in range(10) if i % 5 != 3 for s in range(2)]
@@ -181,7 +181,7 @@ def test_finalise_refuses_a_ledger_with_missing_items(tmp_path):
     path = tmp_path / "l.jsonl"
     fill(path, [(0, 0)])
     with pytest.raises(RuntimeError, match="items have no entry"):
-        finalise(path, tmp_path / "o", tmp_path / "e", items=20, samples=2)
+        finalise([path], tmp_path / "o", tmp_path / "e", items=20, samples=2)
     assert not (tmp_path / "o").exists()
 
 

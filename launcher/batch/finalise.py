@@ -32,30 +32,42 @@ class Audit:
         return asdict(self)
 
 
-def finalise(ledger: Path, output: Path, errors: Path, items: int, samples: int) -> Audit:
-    """Write OUTPUT and OUTPUT.errors.jsonl in input order; every item must be in the ledger."""
-    with tempfile.TemporaryDirectory(prefix="fleetgen-merge-", dir=ledger.parent) as folder:
-        buckets, repeats = _index(ledger, Path(folder), samples), 0
-        with open(ledger, "rb") as source, _Atomic(output) as out, _Atomic(errors) as err:
-            for first in range(0, items, SPAN):
-                positions, offsets = buckets.load(first // SPAN)
-                repeats += len(positions) - len(offsets)
-                expected = min(SPAN, items - first)
-                if len(offsets) != expected:
-                    raise RuntimeError(f"{ledger}: {expected - len(offsets)} of {items} items have no entry; "
-                                       "the run is not complete")
-                for start in range(0, len(offsets), BUFFERED):  # Python ints a slice at a time: they are big
-                    for offset in offsets[start:start + BUFFERED].tolist():
-                        source.seek(abs(offset))
-                        (out if offset > 0 else err).write(record_bytes(source.readline()) + b"\n")
+def finalise(ledgers: list[Path], output: Path, errors: Path, items: int, samples: int) -> Audit:
+    """Write OUTPUT and OUTPUT.errors.jsonl in input order from the ledgers (one, or one a shard); every item
+    must be in one of them."""
+    with tempfile.TemporaryDirectory(prefix="fleetgen-merge-", dir=output.parent) as folder:
+        buckets, repeats = _index(ledgers, Path(folder), samples), 0
+        sources = [open(ledger, "rb") for ledger in ledgers]
+        try:
+            with _Atomic(output) as out, _Atomic(errors) as err:
+                for first in range(0, items, SPAN):
+                    positions, places = buckets.load(first // SPAN)
+                    repeats += len(positions) - len(places)
+                    expected = min(SPAN, items - first)
+                    if len(places) != expected:
+                        raise RuntimeError(f"{', '.join(map(str, ledgers))}: {expected - len(places)} of {items} "
+                                           "items have no entry; the run is not complete")
+                    for start in range(0, len(places), BUFFERED):  # Python ints a slice at a time: they are big
+                        for place in places[start:start + BUFFERED].tolist():
+                            ledger, offset = divmod(abs(place), _OFFSETS)
+                            sources[ledger].seek(offset)
+                            (out if place > 0 else err).write(record_bytes(sources[ledger].readline()) + b"\n")
+        finally:
+            for source in sources:
+                source.close()
     return audit(output, errors, items, repeats)
 
 
-def _index(ledger: Path, folder: Path, samples: int) -> _Buckets:
-    """(position, offset) of every entry, bucketed by position range; an error's offset is negated."""
+_OFFSETS = 1 << 50  # an entry's place: its ledger × this + its byte offset there (offsets start past the header)
+
+
+def _index(ledgers: list[Path], folder: Path, samples: int) -> _Buckets:
+    """(position, place) of every entry, bucketed by position range; an error's place is negated."""
     buckets = _Buckets(folder)
-    for offset, head, _ in entries(ledger):
-        buckets.add(head["i"] * samples + head["s"], offset if head["ok"] else -offset)
+    for number, ledger in enumerate(ledgers):
+        for offset, head, _ in entries(ledger):
+            place = number * _OFFSETS + offset
+            buckets.add(head["i"] * samples + head["s"], place if head["ok"] else -place)
     return buckets
 
 

@@ -75,10 +75,18 @@ def _refuse_repeated_keys(path: Path, fmt: Format, duplicates: DuplicateKeys) ->
                           f"its own {name}")
 
 
-def records(path: Path, fmt: Format) -> Iterator[Record]:
-    """The records in input order; the file was checked by scan()."""
+def shard_of(index: int, shards: int) -> int:
+    """The driver (batch.shards) of the record at this index: every shards-th record, so shards stay even
+    however records are spread over the file."""
+    return index % shards
+
+
+def records(path: Path, fmt: Format, shard: int = 0, shards: int = 1) -> Iterator[Record]:
+    """The records in input order (those of one shard: index % shards == shard); the file was checked by
+    scan(). Another shard's lines are not parsed."""
     for index, (line, text) in enumerate(_lines(path)):
-        yield fmt.parse(_json(text, path, line), index, line, f"{path}, line {line}")[0]
+        if shard_of(index, shards) == shard:
+            yield fmt.parse(_json(text, path, line), index, line, f"{path}, line {line}")[0]
 
 
 def _lines(path: Path, digest=None) -> Iterator[tuple[int, str]]:

@@ -24,8 +24,11 @@ VERSION = 1
 FSYNC_EVERY_S = 2.0
 
 
-def ledger_path(output: Path) -> Path:
-    return output.with_name(output.name + ".ledger.jsonl")
+def ledger_path(output: Path, shard: int = 0, shards: int = 1) -> Path:
+    """OUTPUT's ledger, or with batch.shards > 1 the ledger of driver `shard`."""
+    if shards == 1:
+        return output.with_name(output.name + ".ledger.jsonl")
+    return output.with_name(f"{output.name}.shard-{shard}-of-{shards}.ledger.jsonl")
 
 
 def make_header(input_fingerprint: str, settings: dict, items: int) -> dict:

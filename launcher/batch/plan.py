@@ -1,6 +1,7 @@
 """prepare(): everything about a batch that can be checked before a job is submitted."""
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,17 @@ class BatchPlan:
         return {**self.__dict__, "_rules": None}
 
     @property
+    def shards(self) -> int:
+        return self.cfg.batch.shards
+
+    def ledger(self, shard: int = 0) -> Path:
+        return ledger_path(self.output, shard, self.shards)
+
+    def shard_items(self, shard: int) -> int:
+        """Items of the records inputs.shard_of gives this shard: every shards-th from the shard-th."""
+        return len(range(shard, self.records, self.shards)) * self.cfg.batch.samples
+
+    @property
     def input(self) -> Path:
         return Path(self.cfg.batch.input)
 
@@ -55,9 +67,9 @@ def make_format(name: str, cfg: LaunchConfig, rules: Optional[PromptRules] = Non
 
 
 def run_files(output: Path) -> list[Path]:
-    """Every file a run writes beside OUTPUT, OUTPUT included."""
-    return [output, ledger_path(output), errors_path(output), summary_path(output), progress_path(output)]
-
+    """Every file a run writes beside OUTPUT, OUTPUT included (every shard's too, whatever batch.shards was)."""
+    shards = sorted(output.parent.glob(f"{glob.escape(output.name)}.shard-*-of-*.*"))
+    return [output, ledger_path(output), errors_path(output), summary_path(output), progress_path(output), *shards]
 
 def errors_path(output: Path) -> Path:
     return output.with_name(output.name + ".errors.jsonl")
@@ -77,6 +89,9 @@ def prepare(cfg: LaunchConfig, rules: Optional[PromptRules] = None) -> BatchPlan
         raise LaunchError("batch.input is not set: give batch.input=PATH (a JSONL file), or mode=serve")
     source, output = Path(cfg.batch.input), Path(cfg.batch.output)
     name = detect_format(source)
+    if cfg.batch.shards > cfg.parallel.replicas:
+        raise LaunchError(f"batch.shards={cfg.batch.shards}: more drivers than parallel.replicas="
+                          f"{cfg.parallel.replicas}; each driver feeds replicas of its own")
     if name == "openai" and cfg.batch.samples > 1:
         raise LaunchError(f"batch.samples={cfg.batch.samples}: {source} is in OpenAI's batch format, where a "
                           "request's completions are its own (one output line per custom_id); use batch.samples=1")
@@ -85,7 +100,8 @@ def prepare(cfg: LaunchConfig, rules: Optional[PromptRules] = None) -> BatchPlan
     items = scanned.records * cfg.batch.samples
     settings = {"format": name, "generation": cfg.generation.model_dump(), "samples": cfg.batch.samples,
                 "seed": cfg.batch.seed, "checkpoint": cfg.model.checkpoint,
-                "chat_template": cfg.model.chat_template, "long_prompts": cfg.batch.long_prompts}
+                "chat_template": cfg.model.chat_template, "long_prompts": cfg.batch.long_prompts,
+                "shards": cfg.batch.shards}
     header = make_header(scanned.fingerprint, settings, items)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +110,9 @@ def prepare(cfg: LaunchConfig, rules: Optional[PromptRules] = None) -> BatchPlan
     if cfg.batch.restart:
         for path in run_files(output):
             path.unlink(missing_ok=True)
-    else:
-        check_header(ledger_path(output), header, RESTART_HINT)
+    else:  # every ledger there, of whatever sharding: another batch.shards is another layout of the ledgers
+        for path in run_files(output):
+            if path.name.endswith(".ledger.jsonl"):
+                check_header(path, header, RESTART_HINT)
     return BatchPlan(cfg, name, scanned.records, items, scanned.keyed_by_id, header, measured=rules is not None,
                      _rules=rules)

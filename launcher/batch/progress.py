@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from typing import Optional
 from pathlib import Path
 from collections.abc import Callable
 
@@ -24,20 +25,26 @@ def write_json_atomically(path: Path, data: dict) -> None:
     write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
-def progress_path(output: Path) -> Path:
-    return output.with_name(output.name + ".progress.json")
+def progress_path(output: Path, shard: Optional[int] = None, shards: int = 1) -> Path:
+    """OUTPUT's progress, or with batch.shards > 1 that of driver `shard` (the launcher's sums them)."""
+    if shard is None:
+        return output.with_name(output.name + ".progress.json")
+    return output.with_name(f"{output.name}.shard-{shard}-of-{shards}.progress.json")
 
 
 class Reporter:
-    def __init__(self, path: Path, snapshot: Callable[[], dict], sync: Callable[[], None]):
-        self._path, self._snapshot, self._sync = path, snapshot, sync
+    def __init__(self, path: Path, snapshot: Callable[[], dict], sync: Callable[[], None], show: bool = True):
+        """show: the bar or plain lines too (a shard's driver only writes its file; the launcher shows them)."""
+        self._path, self._snapshot, self._sync, self._show = path, snapshot, sync, show
         self._stop = threading.Event()
         self._bar = None
         self._thread = threading.Thread(target=self._loop, name="fleetgen-batch-progress", daemon=True)
 
     def start(self) -> None:
         first = self._snapshot()
-        if _terminal_columns() > 0:
+        if not self._show:
+            pass
+        elif _terminal_columns() > 0:
             self._bar = tqdm(total=first["total"], initial=first["done"] + first["failed"], unit="item",
                              dynamic_ncols=True, leave=False)
         else:
@@ -66,7 +73,7 @@ class Reporter:
                 self._bar.n = snapshot["done"] + snapshot["failed"]
                 self._bar.set_postfix_str(f"{snapshot['tokens_per_s']:.0f} tok/s, {snapshot['failed']} failed, "
                                           f"ETA {_duration(snapshot['eta_s'])}")
-            elif time.monotonic() - last_line >= PLAIN_LINE_EVERY_S:
+            elif self._show and time.monotonic() - last_line >= PLAIN_LINE_EVERY_S:
                 print(plain_line(snapshot), flush=True)
                 last_line = time.monotonic()
 

@@ -11,7 +11,7 @@ from typing import Optional
 from fleetgen.launcher.batch.dispatch import Dispatcher
 from fleetgen.launcher.batch.finalise import finalise
 from fleetgen.launcher.batch.inputs import records
-from fleetgen.launcher.batch.ledger import Ledger, ledger_path
+from fleetgen.launcher.batch.ledger import Ledger
 from fleetgen.launcher.batch.outputlock import lock_output
 from fleetgen.launcher.batch.plan import BatchPlan, errors_path, summary_path
 from fleetgen.launcher.batch.progress import Reporter, progress_path, write_json_atomically
@@ -63,37 +63,66 @@ def run(plan: BatchPlan, servers: list[str], token: Optional[str],
     if not servers:
         raise LaunchError("batch: no server to send the batch to")
     with lock_output(plan.output):
+        if plan.shards > 1:
+            from fleetgen.launcher.batch.shards import run_sharded
+
+            return run_sharded(plan, servers, token, drain)
         return _run(plan, servers, token, drain)
 
 
+class Drive:
+    """One driver's run over its records (all of them, or a shard's): dispatch into its ledger, with its
+    progress file, until every item of its own is finished or it stops."""
+
+    def __init__(self, plan: BatchPlan, servers: list[str], token: Optional[str], shard: int = 0):
+        cfg, self.plan, self.started = plan.cfg, plan, time.monotonic()
+        fmt = plan.make_format()
+        self.items = plan.shard_items(shard)
+        self.ledger = Ledger(plan.ledger(shard), plan.header, cfg.batch.samples)
+        source = WorkSource(records(plan.input, fmt, shard, plan.shards), fmt, cfg.batch.samples, self.ledger.done,
+                            cfg.batch.prompts_per_request)
+        self.dispatcher = Dispatcher(source, fmt, self.ledger, servers, token, cfg.batch, cfg.recipe, self.items)
+        shown = None if plan.shards == 1 else shard
+        self.reporter = Reporter(progress_path(plan.output, shown, plan.shards), self.snapshot, self.ledger.sync,
+                                 show=plan.shards == 1)
+        self.interrupted: Optional[str] = None
+
+    def run(self, drain: Optional[threading.Event]) -> bool:
+        """Whether every item of this driver's is finished."""
+        self.reporter.start()
+        try:
+            self.dispatcher.run(drain)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (launcher/job.py): stop here, as a drain would
+            self.interrupted = f"interrupted by {'SIGTERM' if 'signal 15' in str(e) else 'Ctrl-C'}"
+        finally:
+            self.ledger.close()
+        return self.ledger.finished == self.items
+
+    def snapshot(self) -> dict:
+        return _snapshot(self.items, self.ledger, self.dispatcher, self.started)
+
+
 def _run(plan: BatchPlan, servers: list[str], token: Optional[str], drain: Optional[threading.Event]) -> Summary:
-    cfg, started = plan.cfg, time.monotonic()
-    fmt, output = plan.make_format(), plan.output
-    ledger = Ledger(ledger_path(output), plan.header, cfg.batch.samples)
-    rerun_of_finished = ledger.finished == plan.items
-    source = WorkSource(records(plan.input, fmt), fmt, cfg.batch.samples, ledger.done, cfg.batch.prompts_per_request)
-    dispatcher = Dispatcher(source, fmt, ledger, servers, token, cfg.batch, cfg.recipe, plan.items)
-    reporter = Reporter(progress_path(output), lambda: _snapshot(plan, ledger, dispatcher, started), ledger.sync)
-    reporter.start()
-    interrupted = None
-    try:
-        dispatcher.run(drain)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (launcher/job.py): stop here, as a drain would
-        interrupted = f"interrupted by {'SIGTERM' if 'signal 15' in str(e) else 'Ctrl-C'}"
-    finally:
-        ledger.close()
-    complete = ledger.finished == plan.items
-    audit = finalise(ledger.path, output, errors_path(output), plan.items, cfg.batch.samples) if complete else None
-    reporter.stop()
-    summary = _summary(plan, ledger, dispatcher, started, complete, audit, interrupted)
+    cfg, output = plan.cfg, plan.output
+    drive = Drive(plan, servers, token)
+    rerun_of_finished = drive.ledger.finished == plan.items
+    complete = drive.run(drain)
+    audit = finalise([drive.ledger.path], output, errors_path(output), plan.items, cfg.batch.samples) \
+        if complete else None
+    drive.reporter.stop()
+    summary = _summary(plan, drive.ledger, drive.dispatcher, drive.started, complete, audit, drive.interrupted)
     if rerun_of_finished:  # nothing was generated now: the figures of the run that did it stand
-        summary = _earlier_figures(summary_path(output), summary)
-    write_json_atomically(summary_path(output), {**asdict(summary), "fleetgen_version": _version(),
-                                                 "config": _shown_config(plan)})
+        summary = earlier_figures(summary_path(output), summary)
+    write_summary(plan, summary)
     return summary
 
 
-def _earlier_figures(path, summary: Summary) -> Summary:
+def write_summary(plan: BatchPlan, summary: Summary) -> None:
+    write_json_atomically(summary_path(plan.output), {**asdict(summary), "fleetgen_version": _version(),
+                                                      "config": _shown_config(plan)})
+
+
+def earlier_figures(path, summary: Summary) -> Summary:
     """The earlier complete run's summary with this run's audit (the files were written again)."""
     try:
         earlier = json.loads(path.read_text())
@@ -105,11 +134,11 @@ def _earlier_figures(path, summary: Summary) -> Summary:
     return Summary(**{**{k: v for k, v in earlier.items() if k in names}, "audit": summary.audit})
 
 
-def _snapshot(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: float) -> dict:
+def _snapshot(items: int, ledger: Ledger, dispatcher: Dispatcher, started: float) -> dict:
     elapsed = time.monotonic() - started
-    remaining = plan.items - ledger.finished
+    remaining = items - ledger.finished
     rate = dispatcher.done_now / elapsed if elapsed > 0 else 0.0
-    return {"total": plan.items, "done": ledger.finished - ledger.failed, "failed": ledger.failed,
+    return {"total": items, "done": ledger.finished - ledger.failed, "failed": ledger.failed,
             "retried": dispatcher.retried, "prompt_tokens": ledger.prompt_tokens,
             "completion_tokens": ledger.completion_tokens,
             "tokens_per_s": round(dispatcher.completion_tokens_now / elapsed, 1) if elapsed > 0 else 0.0,
