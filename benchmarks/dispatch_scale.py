@@ -12,6 +12,7 @@ machine's cores with the driver, so they bound items/s). Targets: ≤ 0.3 ms CPU
 
     python -m benchmarks.dispatch_scale [--replicas 4 64 256 1024] [--records 100000]
     python -m benchmarks.dispatch_scale --replicas 1024 --records 1000000      (RSS over a long input)
+    python -m benchmarks.dispatch_scale --replicas 1024 --shards 4             (four drivers, batch.shards)
 """
 from __future__ import annotations
 
@@ -83,12 +84,13 @@ async def serve(count: int, port_file: Path) -> None:
 
 # ---- one driver run (its own process)
 
-def drive(workdir: Path, urls: list[str]) -> dict:
+def drive(workdir: Path, shards: int, urls: list[str]) -> dict:
     from fleetgen.launcher.batch import prepare, run
     from tests.batch_stub import batch_config
 
     cfg = batch_config(workdir / "in.jsonl", workdir / "out.jsonl", concurrency=8, restart=True,
-                       generation={"tokens_to_generate": 3})
+                       generation={"tokens_to_generate": 3}, shards=shards)
+    cfg.parallel.replicas = len(urls)
     plan = prepare(cfg)
     peak_threads, stop = [0], threading.Event()
 
@@ -104,14 +106,16 @@ def drive(workdir: Path, urls: list[str]) -> dict:
     stop.set()
     sampler.join()
     assert summary.complete and summary.audit["ok"] and summary.failed == 0, summary
-    return {"replicas": len(urls), "items": summary.items, "items_per_s": summary.items / wall,
+    drivers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # batch.shards > 1: the largest
+    return {"replicas": len(urls), "shards": shards, "items": summary.items, "items_per_s": summary.items / wall,
             "cpu_ms_per_item": 1000 * cpu / summary.items, "wall_s": wall, "peak_threads": peak_threads[0],
-            "peak_rss_mb": status("VmHWM:") / 1024}
+            "peak_rss_mb": max(status("VmHWM:") / 1024, drivers)}
 
 
 def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU and its finished children's (the shards' drivers)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def status(field: str) -> int:
@@ -153,6 +157,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="+", default=[4, 64, 256, 1024])
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--shards", type=int, default=1, help="batch.shards: drivers, one process each")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: be the fake replicas
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--drive", nargs="+", help=argparse.SUPPRESS)  # internal: be one driver run
@@ -160,7 +165,7 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve(args.serve, args.port_file))
     elif args.drive:
-        print(json.dumps(drive(Path(args.drive[0]), args.drive[1:])))
+        print(json.dumps(drive(Path(args.drive[0]), int(args.drive[1]), args.drive[2:])))
     else:
         benchmark(args)
 
@@ -176,7 +181,7 @@ def benchmark(args) -> None:
                 urls = [f"http://127.0.0.1:{port}" for port in ports[:count]]
                 replicas_cpu = process_cpu_s(replicas.pid)
                 result = subprocess.run([sys.executable, "-m", "benchmarks.dispatch_scale", "--drive", str(workdir),
-                                         *urls], capture_output=True, text=True, check=True)
+                                         str(args.shards), *urls], capture_output=True, text=True, check=True)
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
                 spent = process_cpu_s(replicas.pid) - replicas_cpu
                 rows[-1]["replicas_cpu_ms_per_item"] = 1000 * spent / args.records
@@ -185,7 +190,7 @@ def benchmark(args) -> None:
             replicas.kill()
             replicas.wait()
     print(f"\n{date.today()}, {os.cpu_count()} cores, {args.records:,} records, batch.concurrency=8, "
-          f"4 prompts per request")
+          f"4 prompts per request, batch.shards={args.shards} (threads: the launcher's; RSS: the largest process)")
     print("| replicas | items/s | driver CPU per item | peak threads | peak RSS | fake replicas' CPU per item |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
