@@ -121,7 +121,7 @@ class FleetgenFormat:
                                   "not loaded")
             record.messages, record.prompt = messages, self._rules.render(messages, where)
             record.params = {**params, "end_strings": params["end_strings"] + list(self._rules.stops)}
-        if self._rules is not None:
+        if self._rules is not None and self._rules.measure:
             record.fit = self._rules.fit(record.prompt, params["tokens_to_generate"], extra=int(params["add_BOS"]))
             if record.keep is not None:
                 ids = self._rules.tokenizer.encode(record.prompt)
@@ -215,7 +215,7 @@ class OpenAIFormat:
         if not isinstance(obj["body"], dict):
             raise LaunchError(f"{where}: \"body\" must be a JSON object (a {obj['url']} request)")
         record = Record(index, line, obj["custom_id"], body=obj["body"], url=obj["url"])
-        if self._rules is not None:
+        if self._rules is not None and self._rules.measure:
             self._measure(record, where)
         return record, True
 

@@ -57,7 +57,7 @@ class BatchPlan:
     def make_format(self) -> FleetgenFormat | OpenAIFormat:
         if self.measured and self._rules is None:
             self._rules = PromptRules.load(self.cfg)
-        return make_format(self.format, self.cfg, self._rules)
+        return make_format(self.format, self.cfg, self._rules.for_run() if self._rules else None)
 
 
 def make_format(name: str, cfg: LaunchConfig, rules: Optional[PromptRules] = None) -> FleetgenFormat | OpenAIFormat:

@@ -25,8 +25,10 @@ class Fit:
 
 
 class PromptRules:
-    def __init__(self, tokenizer, template: Optional[ChatTemplate], context: int, policy: str):
+    def __init__(self, tokenizer, template: Optional[ChatTemplate], context: int, policy: str, measure: bool = True):
+        """measure: count each prompt's tokens (the validation pass; a run only where the policy acts on them)."""
         self.tokenizer, self.template, self.context, self.policy = tokenizer, template, context, policy
+        self.measure = measure
 
     @classmethod
     def load(cls, cfg: LaunchConfig) -> PromptRules:
@@ -42,6 +44,11 @@ class PromptRules:
         except (CheckpointError, ChatTemplateError) as e:
             raise LaunchError(str(e)) from None
         return cls(tokenizer, template, model.max_seq_len, cfg.batch.long_prompts)
+
+    def for_run(self) -> PromptRules:
+        """The rules for the run after the validation pass, which measures prompts again only to skip or cut
+        them (batch.long_prompts=error let none through)."""
+        return PromptRules(self.tokenizer, self.template, self.context, self.policy, measure=self.policy != "error")
 
     def render(self, messages: Any, where: str) -> str:
         """A record's messages as the prompt text the chat template makes of them."""
