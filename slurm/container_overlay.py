@@ -37,7 +37,9 @@ IMAGE_OWN = {"torch", "fleetgen"}  # never added: the image's torch is used; fle
 # Where the image cannot be looked into (pyxis), it is taken to have numpy too: its torch was built against its
 # numpy, and another numpy first on the path would break torch's numpy interop.
 ASSUMED_IN_TORCH_IMAGES = {"numpy"}
-ASSUMED_GLIBC = (2, 28)  # unprobed images: NeMo 24.x is Ubuntu 22.04 (glibc 2.35); manylinux_2_28 wheels fit
+# unprobed images: NeMo 24.x is Ubuntu 22.04 (glibc 2.35), NGC images since 2020 Ubuntu 20.04 (2.31) or newer;
+# 2.31 because llguidance (structured output) has no wheel for older ones since 1.7
+ASSUMED_GLIBC = (2, 31)
 
 
 @dataclass(frozen=True)
