@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = {  # module -> its fast tests
     "launcher/batch/ledger.py": ["tests/test_batch_ledger.py"],
     "launcher/batch/keys.py": ["tests/test_batch_ledger.py", "tests/test_batch_input.py"],
-    "launcher/batch/formats.py": ["tests/test_batch_input.py", "tests/test_batch_dispatch.py"],
-    "launcher/batch/dispatch.py": ["tests/test_batch_dispatch.py"],
+    "launcher/batch/formats.py": ["tests/test_batch_formats.py", "tests/test_batch_dispatch_unit.py",
+                                  "tests/test_batch_input.py", "tests/test_batch_dispatch.py"],
+    "launcher/batch/dispatch.py": ["tests/test_batch_dispatch_unit.py", "tests/test_batch_dispatch.py"],
     "model/sampling.py": ["tests/test_sampling.py"],
     "model/shard.py": ["tests/test_shard.py"],
     "model/serve/liveness.py": ["tests/test_liveness_unit.py"],
