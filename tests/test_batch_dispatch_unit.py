@@ -4,7 +4,8 @@ run stops. Fast: no server, no event loop (test_batch_dispatch.py drives the who
 import pytest
 
 from fleetgen.launcher.batch import dispatch, prepare
-from fleetgen.launcher.batch.dispatch import FIRST_ERRORS_SHOWN, MAX_PROBE_BACKOFF_S, Answer, Dispatcher
+from fleetgen.launcher.batch.dispatch import (FIRST_ERRORS_SHOWN, MAX_PROBE_BACKOFF_S, Answer, Dispatcher,
+                                              FreeReplicas, Replica)
 from fleetgen.launcher.batch.inputs import records
 from fleetgen.launcher.batch.ledger import Ledger, entries, ledger_path
 from fleetgen.launcher.batch.source import WorkSource
@@ -125,6 +126,20 @@ def test_an_answer_that_is_not_json_is_kept_as_its_first_500_characters():
 
 
 # ---- admitting work
+
+def test_the_free_replicas_drop_their_stale_entries_past_4_a_replica_plus_64_and_keep_the_live_ones():
+    free, replicas = FreeReplicas(concurrency=1, replicas=3), [Replica(f"http://r{i}") for i in range(3)]
+    sizes = []
+    for replica in replicas:
+        free.update(replica)
+    for _ in range(200):  # r0's older entries go stale
+        free.update(replicas[0])
+        sizes.append(len(free))
+    assert max(sizes) == 4 * 3 + 64 and min(sizes) == 3  # bounded, and compacted only past the bound
+    live = [free.pop() for _ in range(4)]
+    assert live[:2] == replicas[1:] and live[2:] == [replicas[0], None]
+
+
 
 def test_each_free_slot_takes_a_request_and_the_replica_counts_it(tmp_path):
     d = dispatcher(tmp_path, n=7, concurrency=2, prompts_per_request=3)

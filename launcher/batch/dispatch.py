@@ -51,10 +51,11 @@ class Replica:
 class FreeReplicas:
     """The healthy replicas with a free request slot, least outstanding items first (ties: the one waiting
     longest). O(log replicas) a change: an entry is never searched for, it goes stale when its replica changes
-    (update() is called after every change) and is dropped when it reaches the top."""
+    (update() is called after every change) and is dropped when it reaches the top, or when the heap grows past
+    4 entries a replica + 64 (each replica has one live entry at most: O(1) a change, amortised)."""
 
-    def __init__(self, concurrency: int):
-        self._concurrency = concurrency
+    def __init__(self, concurrency: int, replicas: int):
+        self._concurrency, self._most = concurrency, 4 * replicas + 64
         self._heap: list[tuple[int, int, int, Replica]] = []  # (outstanding, arrival, version, replica)
         self._arrival = itertools.count()
 
@@ -62,6 +63,8 @@ class FreeReplicas:
         replica.version += 1
         if replica.state == "healthy" and replica.requests < self._concurrency:
             heapq.heappush(self._heap, (replica.outstanding, next(self._arrival), replica.version, replica))
+            if len(self._heap) > self._most:
+                self._compact()
 
     def pop(self) -> Optional[Replica]:
         """The least loaded free replica, taken out until its next update(); None if none is free."""
@@ -74,8 +77,8 @@ class FreeReplicas:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def compact(self) -> None:
-        """Drop the stale entries (they are few unless many replicas changed while none was picked)."""
+    def _compact(self) -> None:
+        """Drop the stale entries."""
         self._heap = [entry for entry in self._heap if entry[2] == entry[3].version]
         heapq.heapify(self._heap)
 
@@ -103,7 +106,7 @@ class Dispatcher:
         self._model, self.total = model, total
         self.replicas = [Replica(url.rstrip("/")) for url in servers]
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._free = FreeReplicas(settings.concurrency)
+        self._free = FreeReplicas(settings.concurrency, len(self.replicas))
         self._tasks: set[asyncio.Task] = set()
         self._admitting = True
         self._flush_scheduled = False
@@ -191,8 +194,6 @@ class Dispatcher:
             task = self._loop.create_task(self._request(group))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if len(self._free) > 4 * len(self.replicas) + 64:
-            self._free.compact()
 
     async def _request(self, group: Group) -> None:
         answer = await self._send(group)
