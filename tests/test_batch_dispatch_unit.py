@@ -80,7 +80,7 @@ def good_answer(items) -> dict:
 
 @pytest.mark.parametrize("status, kind", [
     (400, "record"), (404, "record"), (422, "record"), (499, "record"),
-    (408, "replica"), (429, "replica"), (500, "replica"), (503, "replica"), (302, "replica"),
+    (408, "replica"), (429, "replica"), (500, "replica"), (503, "replica"), (302, "replica"), (399, "replica"),
     (401, "fatal"), (403, "fatal"),
 ])
 def test_a_client_error_is_the_records_a_server_error_the_replicas_and_a_refused_token_ends_the_run(
@@ -123,6 +123,12 @@ def test_an_answer_that_is_not_json_is_kept_as_its_first_500_characters():
     assert dispatch._json_or_text(b'{"error": "e"}') == {"error": "e"}
     assert dispatch._json_or_text(b"<html>" + b"y" * 600) == "<html>" + "y" * 494
     assert dispatch._json_or_text(b"\xff\xfe") == "\ufffd\ufffd"
+
+
+def test_a_request_may_take_the_request_timeout_plus_the_per_token_timeout_for_each_token_it_asks(tmp_path):
+    d = dispatcher(tmp_path, prompts_per_request=3, request_timeout_s=10, timeout_per_token_s=0.5,
+                   generation={"tokens_to_generate": 4})
+    assert d._timeout_s(d._source.take()) == 10 + 0.5 * 3 * 4
 
 
 # ---- admitting work

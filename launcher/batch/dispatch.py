@@ -211,7 +211,7 @@ class Dispatcher:
 
     async def _send(self, group: Group) -> Answer:
         fmt, items = self._fmt, group.items
-        timeout = self._settings.request_timeout_s + self._settings.timeout_per_token_s * fmt.tokens_requested(items)
+        timeout = self._timeout_s(items)
         if self.first_request_at is None:
             self.first_request_at = time.monotonic()
         try:
@@ -226,6 +226,9 @@ class Dispatcher:
             return Answer("replica", message=f"{type(e).__name__}: {e}")
         return self._judge(items, status, _json_or_text(data))
 
+    def _timeout_s(self, items: list[Item]) -> float:
+        return self._settings.request_timeout_s + self._settings.timeout_per_token_s * self._fmt.tokens_requested(items)
+
     def _judge(self, items: list[Item], status: int, body: Any) -> Answer:
         if status == 200:
             try:
@@ -235,7 +238,7 @@ class Dispatcher:
         message = f"HTTP {status}: {_error_text(body)}"
         if status in (401, 403):
             return Answer("fatal", status=status, message=f"{message} (the server refused the launcher's token)")
-        if 400 <= status < 500 and status not in (408, 429):
+        if status // 100 == 4 and status not in (408, 429):
             return Answer("record", status=status, body=body, message=message)
         return Answer("replica", status=status, message=message)
 
