@@ -1,6 +1,8 @@
 """The dispatcher's decisions on their own, with the test answering in the servers' place and the clock stopped:
 how an answer is judged, what a lost replica, a refused record or an item past its retries becomes, when the
 run stops. Fast: no server, no event loop (test_batch_dispatch.py drives the whole run against stand-ins)."""
+import asyncio
+
 import pytest
 
 from fleetgen.launcher.batch import dispatch, prepare
@@ -226,7 +228,7 @@ def test_a_lost_replica_is_probed_later_each_time_up_to_the_most(tmp_path, clock
     assert (replica.failures, replica.probe_at) == (2, NOW + 2)
     replica.state, replica.failures = "healthy", 30
     d._lose(replica, "many")
-    assert replica.probe_at == NOW + MAX_PROBE_BACKOFF_S
+    assert replica.probe_at == NOW + MAX_PROBE_BACKOFF_S == NOW + 60  # at least once a minute
 
 
 def test_a_refused_token_stops_the_run_with_the_first_reason(tmp_path):
@@ -298,3 +300,29 @@ def test_the_run_is_finished_when_nothing_is_left_to_take_or_in_flight(tmp_path)
     assert not d._finished()  # in flight
     d._settle(group, d._judge(group.items, 200, good_answer(group.items)))
     assert d._finished()
+
+
+def test_answers_are_written_once_a_loop_tick_and_the_last_one_wakes_the_run(tmp_path):
+    d = dispatcher(tmp_path, n=2, concurrency=2, prompts_per_request=1)
+    on_disk = []
+
+    async def answered_in_turn():
+        d._loop, d._wake = asyncio.get_running_loop(), asyncio.Event()
+        gates = {"r0": asyncio.Event(), "r1": asyncio.Event()}
+
+        async def send(group):
+            await gates[group.items[0].record.key].wait()
+            return d._judge(group.items, 200, good_answer(group.items))
+
+        d._send = send
+        d._admit()
+        tasks = list(d._tasks)
+        for key in ("r0", "r1"):
+            gates[key].set()
+            for _ in range(5):  # the answer settles, then its flush runs on the next tick
+                await asyncio.sleep(0)
+            on_disk.append(([head["k"] for _, head, _ in entries(d._ledger.path)], d._wake.is_set()))
+        await asyncio.gather(*tasks)
+
+    asyncio.run(answered_in_turn())
+    assert on_disk == [(["r0"], False), (["r0", "r1"], True)]  # r1 still in flight: no wake before the last
