@@ -152,9 +152,10 @@ class Dispatcher:
             await self._session.close()
 
     async def _sleep(self, seconds: float) -> None:
-        """Until `seconds` pass or a request settles with nothing in flight or a stop reason."""
+        """Until `seconds` pass (none when not above 0) or a request settles with nothing in flight or a stop
+        reason."""
         try:
-            await asyncio.wait_for(self._wake.wait(), max(seconds, 0))
+            await asyncio.wait_for(self._wake.wait(), seconds)
         except asyncio.TimeoutError:
             pass
         self._wake.clear()
