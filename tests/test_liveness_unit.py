@@ -111,14 +111,14 @@ def test_a_failing_rank_tells_the_others_writes_its_last_word_answers_503_for_a_
     leader.fail("rank 1 on nodeB exited\n(its connection closed)")
     assert theirs.recv(100) == b"failed rank 1 on nodeB exited (its connection closed)\n"  # one line
     assert told == ["rank 1 on nodeB exited\n(its connection closed)"]
-    assert (slept, exits) == ([liveness_module.FAILED_LINGER_S], [1])
+    assert (slept, exits) == ([5.0], [1])  # 503 for 5 s, as the README says, then exit 1
     [written] = tmp_path.rglob("*.json")
     assert json.loads(written.read_text()) == {"rank": 0, "node": "nodeA", "reason":
                                                "replica 0 failed: rank 1 on nodeB exited\n(its connection closed)"}
     follower = Liveness(state(1), ["nodeA", "nodeB"], TIMEOUT_S, 60.0, tmp_path / "f", SECRET)
     follower._leader = theirs
     follower.fail("lost")  # no server to answer 503: it exits at once
-    assert ours.recv(100) == b"failed lost\n" and (slept, exits) == ([liveness_module.FAILED_LINGER_S], [1, 1])
+    assert ours.recv(100) == b"failed lost\n" and (slept, exits) == ([5.0], [1, 1])
 
 
 def test_an_engine_failure_waits_a_moment_for_the_watcher_to_name_a_dead_peer(tmp_path, monkeypatch):
@@ -126,7 +126,7 @@ def test_an_engine_failure_waits_a_moment_for_the_watcher_to_name_a_dead_peer(tm
     monkeypatch.setattr(liveness_module.time, "sleep", slept.append)
     leader = make(0, tmp_path)
     leader.fail_engine("RuntimeError: gloo connection closed")
-    assert slept == [liveness_module.ATTRIBUTION_S]
+    assert slept == [1.0]
     assert leader.reason == "rank 0 on nodeA: RuntimeError: gloo connection closed"
 
 
