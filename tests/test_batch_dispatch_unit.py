@@ -231,6 +231,47 @@ def test_a_lost_replica_is_probed_later_each_time_up_to_the_most(tmp_path, clock
     assert replica.probe_at == NOW + MAX_PROBE_BACKOFF_S == NOW + 60  # at least once a minute
 
 
+def probe_once(d: Dispatcher, monkeypatch, healthy: bool) -> None:
+    """One round of the prober: it looks at the lost replicas that are due, then sleeps a tick (stopped there)."""
+    class Round(Exception):
+        pass
+
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):
+        if seconds == dispatch.TICK_S:
+            raise Round
+        await real_sleep(seconds)
+
+    async def answer(client, url):
+        return healthy
+
+    monkeypatch.setattr(dispatch, "_healthy", answer)
+    monkeypatch.setattr(dispatch.asyncio, "sleep", sleep)
+    with pytest.raises(Round):
+        asyncio.run(d._probe())
+    monkeypatch.setattr(dispatch.asyncio, "sleep", real_sleep)
+
+
+def test_a_lost_replica_is_probed_after_1_s_doubling_to_60_s_and_taken_back_when_healthy(
+        tmp_path, clock, monkeypatch):
+    d = dispatcher(tmp_path, n=2, prompts_per_request=1)
+    replica = d.replicas[0]
+    d._lose(replica, "lost")
+    waits = [replica.probe_at - clock.now]
+    probe_once(d, monkeypatch, healthy=False)  # not due yet: not probed
+    assert replica.probe_at - clock.now == waits[0]
+    for _ in range(7):
+        clock.now = replica.probe_at
+        probe_once(d, monkeypatch, healthy=False)
+        waits.append(replica.probe_at - clock.now)
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60] and replica.state == "failed"  # as the README says
+    d._loop = Loop()
+    clock.now = replica.probe_at
+    probe_once(d, monkeypatch, healthy=True)
+    assert replica.state == "healthy" and replica.outstanding == 2  # taken back, and given the work at once
+
+
 def test_a_refused_token_stops_the_run_with_the_first_reason(tmp_path):
     d = dispatcher(tmp_path, concurrency=2, prompts_per_request=2)
     first, second = admitted(d)
