@@ -256,7 +256,8 @@ class Dispatcher:
             if len(items) > 1:
                 self._source.give_back(items, first=True)  # which record was it? ask for each alone
             else:
-                self._fail(items[0], answer.message, answer.status, answer.body)
+                [item] = items
+                self._fail(item, answer.message, answer.status, answer.body)
         elif answer.kind == "replica" and not group.abandoned:
             self._lose(replica, answer.message)
             self._retry(items, answer.message)
