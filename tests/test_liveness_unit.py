@@ -71,7 +71,7 @@ def test_a_replica_of_one_rank_starts_alone_without_a_collective_or_a_port(tmp_p
     leader = Recorded.start(alone, "nodeA", "127.0.0.1", TIMEOUT_S, 60.0, tmp_path)
     assert (leader.nodes, leader._peers, leader._leader, leader.interval_s) == (["nodeA"], {}, None, TIMEOUT_S / 6)
     leader.close()
-    assert leader.reason is None
+    assert leader.reason is None and not leader._thread.is_alive()  # close() returns once the watcher ended
 
 
 def test_start_gathers_the_nodes_and_connects_the_follower_to_its_leader_with_the_leaders_secret(
@@ -214,6 +214,22 @@ def test_a_follower_that_loses_its_leader_says_so(tmp_path):
     server.close()
     assert follower.failed.wait(4 * TIMEOUT_S)
     assert follower.reason.startswith("rank 1 on nodeB lost its leader, rank 0 on nodeA")
+
+
+def test_a_follower_that_cannot_reach_its_leader_says_so(tmp_path):
+    server = socket.create_server(("127.0.0.1", 0))
+    follower = make(1, tmp_path)
+    follower._leader = socket.create_connection(("127.0.0.1", server.getsockname()[1]))
+    conn, _ = server.accept()
+    follower._leader.shutdown(socket.SHUT_WR)  # its beats cannot be sent, though nothing closed on it
+    follower._thread = threading.Thread(target=follower._beat, daemon=True)
+    follower._thread.start()
+    try:
+        assert follower.failed.wait(4 * TIMEOUT_S)
+        assert follower.reason == "rank 1 on nodeB lost its leader, rank 0 on nodeA: it cannot be reached"
+    finally:
+        conn.close()
+        server.close()
 
 
 def test_a_step_past_the_step_timeout_fails_the_replica(tmp_path):

@@ -184,8 +184,8 @@ class Liveness:
 
     def _hear(self, peer: _Peer) -> None:
         data = _receive(peer.sock)
-        if data is None:
-            if not peer.left and not self._closing.is_set():
+        if data is None:  # a peer that said goodbye is no longer watched: this one died, unless we are closing
+            if not self._closing.is_set():
                 self.fail(f"{self.describe(peer.rank)} exited (its liveness connection closed)")
             peer.left = True
             return
