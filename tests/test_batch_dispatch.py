@@ -39,6 +39,7 @@ def test_every_record_once_in_input_order_with_summary_and_progress(tmp_path, st
     assert [r["id"] for r in out] == [f"r{i}" for i in range(40)]
     assert out[5]["completion"] == stub_completion("prompt number 5", None) and out[5]["prompt_tokens"] == 3
     assert (summary.complete, summary.done, summary.failed, summary.audit["ok"]) == (True, 40, 0, True)
+    assert summary.first_request_s is not None and summary.first_request_s <= summary.wall_s
     on_disk = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert on_disk["audit"]["ok"] and on_disk["fleetgen_version"] and on_disk["config"]["batch"]["concurrency"] == 3
     progress = json.loads((tmp_path / "out.jsonl.progress.json").read_text())

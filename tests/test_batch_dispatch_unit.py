@@ -272,6 +272,31 @@ def test_a_lost_replica_is_probed_after_1_s_doubling_to_60_s_and_taken_back_when
     assert replica.state == "healthy" and replica.outstanding == 2  # taken back, and given the work at once
 
 
+def test_a_replica_is_healthy_only_when_its_health_check_answers_200():
+    import socket
+
+    import aiohttp
+
+    from tests.batch_stub import StubServer
+
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    up, starting = StubServer(), StubServer()
+    starting.unavailable = True
+
+    async def look(url):
+        async with aiohttp.ClientSession() as client:
+            return await dispatch._healthy(client, url)
+
+    try:
+        assert [asyncio.run(look(url)) for url in (up.url, starting.url, f"http://127.0.0.1:{port}")] == \
+            [True, False, False]
+    finally:
+        up.close()
+        starting.close()
+
+
 def test_a_refused_token_stops_the_run_with_the_first_reason(tmp_path):
     d = dispatcher(tmp_path, concurrency=2, prompts_per_request=2)
     first, second = admitted(d)
