@@ -36,8 +36,8 @@ def state(rank: int) -> ParallelState:
                          backend="gloo")
 
 
-def make(rank: int, tmp_path, step_timeout_s: float = 60.0) -> Recorded:
-    return Recorded(state(rank), ["nodeA", "nodeB"], TIMEOUT_S, step_timeout_s, tmp_path, SECRET)
+def make(rank: int, tmp_path, step_timeout_s: float = 60.0, heartbeat_s: float = TIMEOUT_S) -> Recorded:
+    return Recorded(state(rank), ["nodeA", "nodeB"], heartbeat_s, step_timeout_s, tmp_path, SECRET)
 
 
 def start_leader(tmp_path, **kwargs):
@@ -241,6 +241,19 @@ def test_a_step_past_the_step_timeout_fails_the_replica(tmp_path):
         assert "without finishing (server.step_timeout_s=2)" in leader.reason
     finally:
         follower.close()
+
+
+@pytest.mark.parametrize("silent_s, story", [(0.0, "=1): a rank is hung"), (2.0, "=1): hung: rank 1 on nodeB silent for ")])
+def test_a_step_timeout_names_the_ranks_silent_for_more_than_one_and_a_half_beats(tmp_path, silent_s, story):
+    leader, port = start_leader(tmp_path, heartbeat_s=6.0, step_timeout_s=1.0)  # a beat a second each way
+    sock = hello(port)
+    try:
+        time.sleep(silent_s + 0.1)
+        leader.engine = type("Engine", (), {"step_started": time.monotonic() - 10})()
+        assert leader.failed.wait(4 * TIMEOUT_S)
+        assert story in leader.reason, leader.reason
+    finally:
+        sock.close()
 
 
 @pytest.mark.parametrize("message", ["failed rank 1 on nodeB: RuntimeError: out of memory"])

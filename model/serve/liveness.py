@@ -220,7 +220,8 @@ class Liveness:
     def _beat(self) -> None:
         me, leader = self.describe(self.ps.world_rank), self.describe(self.ps.first_rank)
         self._send(self._leader, f"hello {self.ps.world_rank} {self._secret}")
-        heard, next_beat, buffer = time.monotonic(), 0.0, b""
+        heard = next_beat = time.monotonic()  # the first beat goes at once
+        buffer = b""
         while not self._closing.is_set():
             readable, _, _ = select.select([self._leader], [], [], POLL_S)
             data = _receive(self._leader) if readable else b""
