@@ -243,7 +243,8 @@ def test_a_step_past_the_step_timeout_fails_the_replica(tmp_path):
         follower.close()
 
 
-@pytest.mark.parametrize("silent_s, story", [(0.0, "=1): a rank is hung"), (2.0, "=1): hung: rank 1 on nodeB silent for ")])
+@pytest.mark.parametrize("silent_s, story", [(0.0, "=1): a rank is hung"),
+                                             (2.0, "=1): hung: rank 1 on nodeB silent for ")])
 def test_a_step_timeout_names_the_ranks_silent_for_more_than_one_and_a_half_beats(tmp_path, silent_s, story):
     leader, port = start_leader(tmp_path, heartbeat_s=6.0, step_timeout_s=1.0)  # a beat a second each way
     sock = hello(port)
