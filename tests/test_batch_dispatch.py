@@ -64,6 +64,16 @@ def test_a_drained_run_stops_and_a_rerun_finishes_without_redoing(tmp_path, stub
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"r{i}" for i in range(60)]
 
 
+@pytest.mark.parametrize("drain_timeout_s, done", [(60, 2), (0, 0)])
+def test_requests_in_flight_when_a_drain_comes_get_the_drain_timeout_to_finish(tmp_path, stubs, drain_timeout_s,
+                                                                                 done):
+    drain = threading.Event()
+    threading.Timer(0.2, drain.set).start()  # seen within a tick (0.5 s), long before the 2 s answers
+    summary = go(tmp_path, prompts(6), [stubs(delay_s=2)], drain=drain, concurrency=2, prompts_per_request=1,
+                 drain_timeout_s=drain_timeout_s)
+    assert (summary.stop_reason, summary.done) == ("drained", done)
+
+
 def test_a_refused_record_goes_to_the_errors_file_and_the_rest_is_done(tmp_path, stubs):
     summary = go(tmp_path, prompts(30, bad={7, 19}), [stubs()], prompts_per_request=4)
     errors = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")

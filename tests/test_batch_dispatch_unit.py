@@ -178,9 +178,10 @@ def test_an_ok_answer_records_each_item_and_frees_the_slot(tmp_path):
 
 
 def test_a_shared_request_refused_is_split_and_a_record_refused_alone_fails(tmp_path):
-    d = dispatcher(tmp_path, n=3, concurrency=1, prompts_per_request=3)
+    d = dispatcher(tmp_path, n=4, concurrency=1, prompts_per_request=3)
     refused = Answer("record", status=400, body={"error": "no"}, message="HTTP 400: no")
     [group] = admitted(d)
+    d._source.give_back(d._source.take())  # r3, given back by a lost server meanwhile
     d._settle(group, refused)
     assert d._ledger.finished == 0 and d.in_flight == 0
     [alone] = admitted(d)
@@ -189,7 +190,7 @@ def test_a_shared_request_refused_is_split_and_a_record_refused_alone_fails(tmp_
     [entry] = ledger_lines(d)
     assert (entry["k"], entry["ok"], d._ledger.failed, d.first_errors) == \
         ("r0", False, 1, ["key 'r0' (line 1, sample 0): HTTP 400: no"])
-    assert [keys(d._source.take()) for _ in range(2)] == [["r1"], ["r2"]]
+    assert [keys(d._source.take()) for _ in range(3)] == [["r1"], ["r2"], ["r3"]]
     assert d.replicas[0].state == "healthy"  # the record's fault, never the replica's
 
 

@@ -138,7 +138,6 @@ class Dispatcher:
                     self._stop("drained")
                 self._check_servers_left()
                 await self._sleep(TICK_S)
-            self._admitting = False
             deadline = time.monotonic() + self._settings.drain_timeout_s
             while self.in_flight and time.monotonic() < deadline:
                 await self._sleep(min(TICK_S, deadline - time.monotonic()))
@@ -266,7 +265,7 @@ class Dispatcher:
         self._free.update(replica)
 
     def _record(self, replica: Replica, items: list[Item], results: list) -> None:
-        for item, (record, prompt_tokens, completion_tokens) in zip(items, results, strict=True):
+        for item, (record, prompt_tokens, completion_tokens) in zip(items, results):
             index, sample = item.position
             if self._ledger.add(index, sample, item.record.key, True, record, (prompt_tokens, completion_tokens)):
                 replica.done += 1
