@@ -105,7 +105,7 @@ def test_a_failing_rank_tells_the_others_writes_its_last_word_answers_503_for_a_
     monkeypatch.setattr(liveness_module.os, "_exit", exits.append)
     leader = Liveness(state(0), ["nodeA", "nodeB"], TIMEOUT_S, 60.0, tmp_path, SECRET)
     ours, theirs = socket.socketpair()
-    leader._peers = {1: liveness_module._Peer(1, "nodeB", sock=ours)}
+    leader._peers = {1: liveness_module._Peer(1, "nodeB", heard=time.monotonic(), sock=ours)}
     told = []
     leader.on_failure = told.append
     leader.fail("rank 1 on nodeB exited\n(its connection closed)")
@@ -169,8 +169,9 @@ def test_a_follower_ends_on_its_leaders_goodbye_and_fails_on_its_leaders_failure
 
 
 def test_ranks_that_beat_outlive_the_timeout_and_part_without_a_failure(tmp_path):
-    leader, port = start_leader(tmp_path)
+    leader, port = start_leader(tmp_path, step_timeout_s=60.0)
     follower = start_follower(tmp_path, port)
+    leader.engine = type("Engine", (), {"step_started": time.monotonic()})()  # a long step, within its timeout
     time.sleep(2.5 * TIMEOUT_S)
     follower.close()
     leader.close()
@@ -186,6 +187,19 @@ def test_a_silent_follower_is_named_after_the_heartbeat_timeout(tmp_path):
         assert leader.reason.startswith("rank 1 on nodeB sent no heartbeat for 3 s")
     finally:
         sock.close()
+
+
+def test_a_connection_that_says_nothing_is_dropped_after_the_hello_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(liveness_module, "HELLO_TIMEOUT_S", 0.5)
+    leader, port = start_leader(tmp_path)
+    silent = socket.create_connection(("127.0.0.1", port))
+    try:
+        silent.settimeout(4 * TIMEOUT_S)
+        assert silent.recv(100) == b""  # the leader closed it
+        assert leader.reason is None
+    finally:
+        silent.close()
+        leader.close()
 
 
 def test_a_follower_whose_connection_closes_without_a_goodbye_has_exited(tmp_path):

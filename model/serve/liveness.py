@@ -42,9 +42,9 @@ MAX_HELLO_BYTES = 256
 class _Peer:
     rank: int
     node: str
+    heard: float          # monotonic time of its last message (at first: when the leader started watching)
     sock: Optional[socket.socket] = None
     buffer: bytes = b""
-    heard: float = 0.0    # monotonic time of its last message
     left: bool = False    # said goodbye: it ended normally
 
 
