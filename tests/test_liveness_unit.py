@@ -72,6 +72,15 @@ def test_a_replica_of_one_rank_starts_alone_without_a_collective_or_a_port(tmp_p
     assert (leader.nodes, leader._peers, leader._leader, leader.interval_s) == (["nodeA"], {}, None, TIMEOUT_S / 6)
     leader.close()
     assert leader.reason is None and not leader._thread.is_alive()  # close() returns once the watcher ended
+    assert leader._thread.daemon  # it never keeps a rank's process alive
+
+
+def test_a_rank_is_named_with_its_own_node_in_a_replica_past_the_first(tmp_path):
+    second = ParallelState(world_rank=3, replica=1, tp_rank=1, tp_size=2, pp_rank=0, pp_size=1, tp_group=None,
+                           pp_group=None, replica_group=None, replica_ranks=(2, 3), device=torch.device("cpu"),
+                           backend="gloo")
+    side = Liveness(second, ["nodeC", "nodeD"], TIMEOUT_S, 60.0, tmp_path, SECRET)
+    assert (side.describe(2), side.describe(3)) == ("rank 2 on nodeC", "rank 3 on nodeD")
 
 
 def test_start_gathers_the_nodes_and_connects_the_follower_to_its_leader_with_the_leaders_secret(
