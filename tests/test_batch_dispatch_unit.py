@@ -178,10 +178,10 @@ def test_an_ok_answer_records_each_item_and_frees_the_slot(tmp_path):
 
 
 def test_a_shared_request_refused_is_split_and_a_record_refused_alone_fails(tmp_path):
-    d = dispatcher(tmp_path, n=4, concurrency=1, prompts_per_request=3)
+    d = dispatcher(tmp_path, n=3, concurrency=1, prompts_per_request=2)
     refused = Answer("record", status=400, body={"error": "no"}, message="HTTP 400: no")
     [group] = admitted(d)
-    d._source.give_back(d._source.take())  # r3, given back by a lost server meanwhile
+    d._source.give_back(d._source.take())  # r2, given back by a lost server meanwhile
     d._settle(group, refused)
     assert d._ledger.finished == 0 and d.in_flight == 0
     [alone] = admitted(d)
@@ -190,7 +190,7 @@ def test_a_shared_request_refused_is_split_and_a_record_refused_alone_fails(tmp_
     [entry] = ledger_lines(d)
     assert (entry["k"], entry["ok"], d._ledger.failed, d.first_errors) == \
         ("r0", False, 1, ["key 'r0' (line 1, sample 0): HTTP 400: no"])
-    assert [keys(d._source.take()) for _ in range(3)] == [["r1"], ["r2"], ["r3"]]
+    assert [keys(d._source.take()) for _ in range(2)] == [["r1"], ["r2"]]
     assert d.replicas[0].state == "healthy"  # the record's fault, never the replica's
 
 
@@ -393,3 +393,23 @@ def test_answers_are_written_once_a_loop_tick_and_the_last_one_wakes_the_run(tmp
 
     asyncio.run(answered_in_turn())
     assert on_disk == [(["r0"], False), (["r0", "r1"], True)]  # r1 still in flight: no wake before the last
+
+
+def test_answers_settled_in_one_loop_tick_are_written_in_one_flush(tmp_path):
+    d = dispatcher(tmp_path, n=3, concurrency=3, prompts_per_request=1)
+    flushes, flush = [], d._ledger.flush
+    d._ledger.flush = lambda: (flushes.append(d._ledger.finished), flush())
+
+    async def answered_together():
+        d._loop, d._wake = asyncio.get_running_loop(), asyncio.Event()
+
+        async def send(group):
+            return d._judge(group.items, 200, good_answer(group.items))
+
+        d._send = send
+        d._admit()
+        await asyncio.gather(*list(d._tasks))
+        await asyncio.sleep(0)
+
+    asyncio.run(answered_together())
+    assert flushes == [3]

@@ -187,8 +187,7 @@ class Liveness:
         if data is None:  # a peer that said goodbye is no longer watched: this one died, unless we are closing
             if not self._closing.is_set():
                 self.fail(f"{self.describe(peer.rank)} exited (its liveness connection closed)")
-            peer.left = True
-            return
+            return  # failing or closing: the watch ends
         peer.heard = time.monotonic()
         self._handle(peer, data)
 
