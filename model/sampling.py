@@ -73,8 +73,8 @@ def apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, seen: 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep each row's top_k[i] largest logits (ties with the k-th kept); 0 keeps all."""
-    k = top_k.clamp(0, logits.shape[-1])
-    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])  # [n, 1]
+    k = top_k.clamp(max=logits.shape[1])  # top_k >= 0: the schema's bound
+    kth = logits.sort(dim=1, descending=True).values.gather(1, (k - 1).clamp(min=0)[:, None])  # [n, 1]
     drop = (logits < kth) & (k > 0)[:, None]
     return logits.masked_fill(drop, float("-inf"))
 
@@ -82,9 +82,9 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the most likely tokens up to and including the first one whose cumulative probability crosses
     top_p[i]; 0 or 1 keeps all."""
-    ordered, order = logits.sort(dim=-1, descending=True)
-    probs = ordered.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
+    ordered, order = logits.sort(dim=1, descending=True)
+    probs = ordered.softmax(dim=1)
+    before = probs.cumsum(dim=1) - probs  # probability mass ranked above each token
     active = (top_p > 0) & (top_p < 1)
     drop_sorted = (before > top_p[:, None]) & active[:, None]
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
@@ -96,11 +96,11 @@ def multinomial(probs: torch.Tensor, generators: Sequence[Optional[torch.Generat
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
-        index = torch.tensor(shared).to(probs.device, non_blocking=True)
+        index = _to(probs.device, torch.tensor(shared))
         out[index] = torch.multinomial(probs.index_select(0, index), 1).squeeze(1)
     for i, g in enumerate(generators):
         if g is not None:
-            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+            out[i] = torch.multinomial(probs[i], 1, generator=g).squeeze()
     return out
 
 
@@ -110,15 +110,15 @@ def sample(logits: torch.Tensor, *, greedy: torch.Tensor, temperature: torch.Ten
     """Token ids [n] from logits [n, vocab] (already -inf where banned), on logits' device. The settings [n]
     are the plan's CPU tensors, so which rows sample is known without waiting for the device. seen:
     history_mask on the device, or None when no row has a repetition penalty."""
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.argmax(dim=1)
     rows = (~greedy.cpu()).nonzero().squeeze(1)
     if not rows.numel():
         return tokens
     device = logits.device
-    index = rows.to(device, non_blocking=True)
+    index = _to(device, rows)
 
     def chosen(setting: torch.Tensor) -> torch.Tensor:
-        return setting.cpu()[rows].to(device, non_blocking=True)
+        return _to(device, setting.cpu()[rows])
 
     x = logits.index_select(0, index) / chosen(temperature)[:, None]
     if seen is not None:
@@ -129,5 +129,10 @@ def sample(logits: torch.Tensor, *, greedy: torch.Tensor, temperature: torch.Ten
     p = top_p.cpu()[rows]
     if ((p > 0) & (p < 1)).any():
         x = apply_top_p(x, chosen(top_p))
-    tokens[index] = multinomial(x.softmax(dim=-1), [generators[i] for i in rows.tolist()])
+    tokens[index] = multinomial(x.softmax(dim=1), [generators[i] for i in rows.tolist()])
     return tokens
+
+
+def _to(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    """A host tensor onto the device without waiting: the copy is queued before the kernels that read it."""
+    return tensor.to(device, non_blocking=True)

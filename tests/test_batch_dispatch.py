@@ -39,6 +39,7 @@ def test_every_record_once_in_input_order_with_summary_and_progress(tmp_path, st
     assert [r["id"] for r in out] == [f"r{i}" for i in range(40)]
     assert out[5]["completion"] == stub_completion("prompt number 5", None) and out[5]["prompt_tokens"] == 3
     assert (summary.complete, summary.done, summary.failed, summary.audit["ok"]) == (True, 40, 0, True)
+    assert summary.first_request_s is not None and summary.first_request_s <= summary.wall_s
     on_disk = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert on_disk["audit"]["ok"] and on_disk["fleetgen_version"] and on_disk["config"]["batch"]["concurrency"] == 3
     progress = json.loads((tmp_path / "out.jsonl.progress.json").read_text())
@@ -61,6 +62,16 @@ def test_a_drained_run_stops_and_a_rerun_finishes_without_redoing(tmp_path, stub
     second = go(tmp_path, prompts(60), [slow], concurrency=2, prompts_per_request=1)
     assert second.complete and slow.sentences == 60 - first.done
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"r{i}" for i in range(60)]
+
+
+@pytest.mark.parametrize("drain_timeout_s, done", [(60, 2), (0, 0)])
+def test_requests_in_flight_when_a_drain_comes_get_the_drain_timeout_to_finish(tmp_path, stubs, drain_timeout_s,
+                                                                                 done):
+    drain = threading.Event()
+    threading.Timer(0.2, drain.set).start()  # seen within a tick (0.5 s), long before the 2 s answers
+    summary = go(tmp_path, prompts(6), [stubs(delay_s=2)], drain=drain, concurrency=2, prompts_per_request=1,
+                 drain_timeout_s=drain_timeout_s)
+    assert (summary.stop_reason, summary.done) == ("drained", done)
 
 
 def test_a_refused_record_goes_to_the_errors_file_and_the_rest_is_done(tmp_path, stubs):
@@ -236,7 +247,7 @@ def test_outside_a_terminal_progress_is_a_plain_line(tmp_path, stubs, monkeypatc
 def test_free_replicas_give_the_least_loaded_free_one_and_skip_stale_entries():
     from fleetgen.launcher.batch.dispatch import FreeReplicas, Replica
 
-    free, replicas = FreeReplicas(concurrency=2), [Replica(f"http://r{i}") for i in range(4)]
+    free, replicas = FreeReplicas(concurrency=2, replicas=4), [Replica(f"http://r{i}") for i in range(4)]
     for replica in replicas:
         free.update(replica)
     picked = []
@@ -257,5 +268,3 @@ def test_free_replicas_give_the_least_loaded_free_one_and_skip_stale_entries():
     free.update(replicas[0])
     free.update(replicas[0])
     assert free.pop() is replicas[0] and free.pop() is None
-    free.compact()
-    assert len(free) == 0

@@ -197,6 +197,31 @@ def test_repeated_keys_are_found_across_spilled_buckets(monkeypatch):
         (7, 7, 501)
 
 
+def test_the_duplicate_finder_holds_at_most_4_MiB_of_hashes_and_spills_a_full_bucket(monkeypatch):
+    from fleetgen.launcher.batch import keys
+
+    assert keys.BUCKETS * keys.BUFFERED * 8 <= 4 << 20  # whatever the input's length (on a login node too)
+    monkeypatch.setattr(keys, "BUFFERED", 2)
+    found = keys.DuplicateKeys()
+    held = []
+    for key in range(300):
+        found.add(key)
+        held.append(max(len(bucket) for bucket in found._buffers))
+    assert max(held) == 1 and found.suspects() == set()  # a bucket's second hash sends both to its file
+
+
+def test_the_duplicate_finder_spreads_keys_evenly_so_each_sorted_bucket_is_a_64th(monkeypatch):
+    from fleetgen.launcher.batch import keys
+
+    monkeypatch.setattr(keys, "BUFFERED", 10**6)  # all held: the buckets can be looked at
+    found = keys.DuplicateKeys()
+    for key in range(64 * 100):
+        found.add(f"r{key}")
+    sizes = [len(bucket) for bucket in found._buffers]
+    assert len(sizes) == 64 and 50 < min(sizes) and max(sizes) < 150, sizes
+    found.suspects()
+
+
 def test_the_audit_catches_a_repeated_key_and_a_missing_record(tmp_path):
     output, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     output.write_text("".join(json.dumps({"id": i, "sample": 0}) + "\n" for i in [1, 2, 2]))

@@ -50,6 +50,19 @@ def test_top_p_keeps_the_first_token_crossing_p():
     assert kept[2] == kept[3] == [True, True, True]  # 0 and 1 are off
 
 
+
+def test_top_p_keeps_a_token_whose_mass_above_equals_p_as_nemo_does():
+    out = apply_top_p(torch.zeros(1, 4), torch.tensor([0.5]))  # 0.25 each: 0.5 lies above the third, exactly
+    assert (out > INF).tolist() == [[True, True, True, False]]
+
+
+def test_top_p_of_one_keeps_every_token_even_past_a_rounding_of_the_mass_above_one():
+    logits = -torch.arange(18.0)[None]  # float32: the mass ranked above the last token sums to just over 1
+    probs = logits.softmax(dim=1)
+    assert (probs.cumsum(dim=1) - probs)[0, -1] > 1
+    assert (apply_top_p(logits, torch.tensor([1.0])) == logits).all()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(-20, 20), min_size=2, max_size=12), st.integers(0, 12), st.floats(0, 1))
 def test_top_k_then_top_p_always_keeps_the_argmax(values, k, p):

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = {  # module -> its fast tests
     "launcher/batch/ledger.py": ["tests/test_batch_ledger.py"],
     "launcher/batch/keys.py": ["tests/test_batch_ledger.py", "tests/test_batch_input.py"],
-    "launcher/batch/formats.py": ["tests/test_batch_input.py", "tests/test_batch_dispatch.py"],
-    "launcher/batch/dispatch.py": ["tests/test_batch_dispatch.py"],
+    "launcher/batch/formats.py": ["tests/test_batch_formats.py", "tests/test_batch_dispatch_unit.py",
+                                  "tests/test_batch_input.py", "tests/test_batch_dispatch.py"],
+    "launcher/batch/dispatch.py": ["tests/test_batch_dispatch_unit.py", "tests/test_batch_dispatch.py"],
     "model/sampling.py": ["tests/test_sampling.py"],
     "model/shard.py": ["tests/test_shard.py"],
     "model/serve/liveness.py": ["tests/test_liveness_unit.py"],
@@ -36,7 +37,7 @@ KEPT_COMPARISON = ["Lt_GtE", "LtE_Gt", "Gt_LtE", "GtE_Lt", "Lt_LtE", "LtE_Lt", "
 EXCLUDED = [f"core/ReplaceBinaryOperator_(?!({'|'.join(KEPT_BINARY)})$)",
             f"core/ReplaceComparisonOperator_(?!({'|'.join(KEPT_COMPARISON)})$)",
             "core/ReplaceUnaryOperator_(?!(USub_UAdd|Delete_Not|Delete_Invert|Delete_USub)$)", "core/RemoveDecorator"]
-TIMEOUT_S = 120.0
+TIMEOUT_S = 90.0  # a mutant that hangs the tests is killed this long after it started (no module takes 30 s)
 
 
 def config(module: str) -> str:

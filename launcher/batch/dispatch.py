@@ -54,10 +54,11 @@ class Replica:
 class FreeReplicas:
     """The healthy replicas with a free request slot, least outstanding items first (ties: the one waiting
     longest). O(log replicas) a change: an entry is never searched for, it goes stale when its replica changes
-    (update() is called after every change) and is dropped when it reaches the top."""
+    (update() is called after every change) and is dropped when it reaches the top, or when the heap grows past
+    4 entries a replica + 64 (each replica has one live entry at most: O(1) a change, amortised)."""
 
-    def __init__(self, concurrency: int):
-        self._concurrency = concurrency
+    def __init__(self, concurrency: int, replicas: int):
+        self._concurrency, self._most = concurrency, 4 * replicas + 64
         self._heap: list[tuple[int, int, int, Replica]] = []  # (outstanding, arrival, version, replica)
         self._arrival = itertools.count()
 
@@ -65,6 +66,8 @@ class FreeReplicas:
         replica.version += 1
         if replica.state == "healthy" and replica.requests < self._concurrency:
             heapq.heappush(self._heap, (replica.outstanding, next(self._arrival), replica.version, replica))
+            if len(self._heap) > self._most:
+                self._compact()
 
     def pop(self) -> Optional[Replica]:
         """The least loaded free replica, taken out until its next update(); None if none is free."""
@@ -77,8 +80,8 @@ class FreeReplicas:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def compact(self) -> None:
-        """Drop the stale entries (they are few unless many replicas changed while none was picked)."""
+    def _compact(self) -> None:
+        """Drop the stale entries."""
         self._heap = [entry for entry in self._heap if entry[2] == entry[3].version]
         heapq.heapify(self._heap)
 
@@ -106,7 +109,7 @@ class Dispatcher:
         self._model, self.total = model, total
         self.replicas = [Replica(url.rstrip("/")) for url in servers]
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._free = FreeReplicas(settings.concurrency)
+        self._free = FreeReplicas(settings.concurrency, len(self.replicas))
         self._tasks: set[asyncio.Task] = set()
         self._admitting = True
         self._flush_scheduled = False
@@ -139,7 +142,6 @@ class Dispatcher:
                     self._stop("drained")
                 self._check_servers_left()
                 await self._sleep(TICK_S)
-            self._admitting = False
             deadline = time.monotonic() + self._settings.drain_timeout_s
             while self.in_flight and time.monotonic() < deadline:
                 await self._sleep(min(TICK_S, deadline - time.monotonic()))
@@ -153,9 +155,10 @@ class Dispatcher:
             await self._session.close()
 
     async def _sleep(self, seconds: float) -> None:
-        """Until `seconds` pass or a request settles with nothing in flight or a stop reason."""
+        """Until `seconds` pass (none when not above 0) or a request settles with nothing in flight or a stop
+        reason."""
         try:
-            await asyncio.wait_for(self._wake.wait(), max(seconds, 0))
+            await asyncio.wait_for(self._wake.wait(), seconds)
         except asyncio.TimeoutError:
             pass
         self._wake.clear()
@@ -195,8 +198,6 @@ class Dispatcher:
             task = self._loop.create_task(self._request(group))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if len(self._free) > 4 * len(self.replicas) + 64:
-            self._free.compact()
 
     async def _request(self, group: Group) -> None:
         answer = await self._send(group)
@@ -219,7 +220,7 @@ class Dispatcher:
             return Answer("record", status=400, message=refusal,
                           body={"error": {"message": refusal, "type": "invalid_request_error", "param": None,
                                           "code": 400}})
-        timeout = self._settings.request_timeout_s + self._settings.timeout_per_token_s * fmt.tokens_requested(items)
+        timeout = self._timeout_s(items)
         if self.first_request_at is None:
             self.first_request_at = time.monotonic()
         try:
@@ -234,6 +235,9 @@ class Dispatcher:
             return Answer("replica", message=f"{type(e).__name__}: {e}")
         return self._judge(items, status, _json_or_text(data))
 
+    def _timeout_s(self, items: list[Item]) -> float:
+        return self._settings.request_timeout_s + self._settings.timeout_per_token_s * self._fmt.tokens_requested(items)
+
     def _judge(self, items: list[Item], status: int, body: Any) -> Answer:
         if status == 200:
             try:
@@ -243,7 +247,7 @@ class Dispatcher:
         message = f"HTTP {status}: {_error_text(body)}"
         if status in (401, 403):
             return Answer("fatal", status=status, message=f"{message} (the server refused the launcher's token)")
-        if 400 <= status < 500 and status not in (408, 429):
+        if status // 100 == 4 and status not in (408, 429):
             return Answer("record", status=status, body=body, message=message)
         return Answer("replica", status=status, message=message)
 
@@ -260,7 +264,8 @@ class Dispatcher:
             if len(items) > 1:
                 self._source.give_back(items, first=True)  # which record was it? ask for each alone
             else:
-                self._fail(items[0], answer.message, answer.status, answer.body)
+                [item] = items
+                self._fail(item, answer.message, answer.status, answer.body)
         elif answer.kind == "replica" and not group.abandoned:
             self._lose(replica, answer.message)
             self._retry(items, answer.message)
@@ -269,7 +274,7 @@ class Dispatcher:
         self._free.update(replica)
 
     def _record(self, replica: Replica, items: list[Item], results: list) -> None:
-        for item, (record, prompt_tokens, completion_tokens) in zip(items, results, strict=True):
+        for item, (record, prompt_tokens, completion_tokens) in zip(items, results):
             index, sample = item.position
             if self._ledger.add(index, sample, item.record.key, True, record, (prompt_tokens, completion_tokens)):
                 replica.done += 1

@@ -146,15 +146,14 @@ class FleetgenFormat:
 
     @staticmethod
     def body(items: list[Item], model: str) -> dict:
-        params = dict(items[0].record.params)
-        params["random_seed"] = items[0].seed if items[0].seed is not None else params["random_seed"]
-        if items[0].record.keep is not None:
-            params["truncate_prompt_tokens"] = items[0].record.keep
-        return {"sentences": [item.record.prompt for item in items], **params}
+        first = items[0]  # the items' settings are equal (can_share); sentence i is seeded with its seed + i
+        seed = first.seed if first.seed is not None else first.record.params["random_seed"]
+        cut = {} if first.record.keep is None else {"truncate_prompt_tokens": first.record.keep}
+        return {"sentences": [item.record.prompt for item in items], **first.record.params, "random_seed": seed, **cut}
 
     @staticmethod
     def tokens_requested(items: list[Item]) -> int:
-        return items[0].record.params["tokens_to_generate"] * len(items)
+        return sum(item.record.params["tokens_to_generate"] for item in items)
 
     @staticmethod
     def results(items: list[Item], answer: dict) -> list[tuple[dict, int, int]]:
@@ -245,7 +244,7 @@ class OpenAIFormat:
     def items(self, record: Record, samples: int) -> list[Item]:
         body = record.body
         seed = body.get("seed")
-        if seed is None and body.get("temperature", 1.0) != 0:
+        if seed is None and body.get("temperature") != 0:  # OpenAI's default temperature, 1, samples
             seed = base_seed(self._batch_seed, record.key)
         return [Item(record, 0, seed)]
 
@@ -256,21 +255,24 @@ class OpenAIFormat:
     @staticmethod
     def body(items: list[Item], model: str) -> dict:
         """The served model answers whatever model the file names (files move between tools)."""
-        seed = {"seed": items[0].seed} if items[0].seed is not None else {}
-        return {**items[0].record.body, **seed, "model": model}
+        [item] = items
+        seed = {"seed": item.seed} if item.seed is not None else {}
+        return {**item.record.body, **seed, "model": model}
 
     @staticmethod
     def tokens_requested(items: list[Item]) -> int:
-        body = items[0].record.body
+        [item] = items
+        body = item.record.body
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens", 16)
         prompts = body.get("prompt")
-        count = len(prompts) if isinstance(prompts, list) else 1
-        return (max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16) * max(count, 1)
+        count = max(len(prompts), 1) if isinstance(prompts, list) else 1  # an empty list is still asked once
+        return (max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16) * count
 
     @staticmethod
     def results(items: list[Item], answer: dict) -> list[tuple[dict, int, int]]:
+        [item] = items
         usage = answer.get("usage") or {}
-        record = {"id": _batch_request_id(), "custom_id": items[0].record.key,
+        record = {"id": _batch_request_id(), "custom_id": item.record.key,
                   "response": {"status_code": 200, "request_id": answer.get("id", _batch_request_id()),
                                "body": answer},
                   "error": None}

@@ -6,7 +6,7 @@ import json
 import tempfile
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 from collections.abc import Iterable
 
 import numpy as np
@@ -33,7 +33,8 @@ def base_seed(batch_seed: int, key: Any) -> int:
 
 class DuplicateKeys:
     """Finds keys that repeat in flat memory: each key's 8-byte hash goes to one of BUCKETS files by its top
-    bits, then each bucket is sorted alone; the few suspects' real keys are compared by first_repeat()."""
+    bits (at most BUFFERED hashes a bucket, 4 MiB in all, are held before they go), then each bucket is sorted
+    alone; the few suspects' real keys are compared by first_repeat()."""
 
     def __init__(self):
         self._folder = tempfile.TemporaryDirectory(prefix="fleetgen-keys-")
@@ -62,7 +63,7 @@ class DuplicateKeys:
         return repeated
 
     @staticmethod
-    def first_repeat(suspects: set[int], keyed_lines: Iterable[tuple[Any, int]]) -> tuple[Any, int, int] | None:
+    def first_repeat(suspects: set[int], keyed_lines: Iterable[tuple[Any, int]]) -> Optional[tuple[Any, int, int]]:
         """(key, first line, repeating line) of the first key seen twice, checked on the real keys."""
         seen: dict[str, int] = {}
         for key, line in keyed_lines:

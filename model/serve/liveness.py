@@ -42,9 +42,9 @@ MAX_HELLO_BYTES = 256
 class _Peer:
     rank: int
     node: str
+    heard: float          # monotonic time of its last message (at first: when the leader started watching)
     sock: Optional[socket.socket] = None
     buffer: bytes = b""
-    heard: float = 0.0    # monotonic time of its last message
     left: bool = False    # said goodbye: it ended normally
 
 
@@ -184,11 +184,10 @@ class Liveness:
 
     def _hear(self, peer: _Peer) -> None:
         data = _receive(peer.sock)
-        if data is None:
-            if not peer.left and not self._closing.is_set():
+        if data is None:  # a peer that said goodbye is no longer watched: this one died, unless we are closing
+            if not self._closing.is_set():
                 self.fail(f"{self.describe(peer.rank)} exited (its liveness connection closed)")
-            peer.left = True
-            return
+            return  # failing or closing: the watch ends
         peer.heard = time.monotonic()
         self._handle(peer, data)
 
@@ -220,7 +219,8 @@ class Liveness:
     def _beat(self) -> None:
         me, leader = self.describe(self.ps.world_rank), self.describe(self.ps.first_rank)
         self._send(self._leader, f"hello {self.ps.world_rank} {self._secret}")
-        heard, next_beat, buffer = time.monotonic(), 0.0, b""
+        heard = next_beat = time.monotonic()  # the first beat goes at once
+        buffer = b""
         while not self._closing.is_set():
             readable, _, _ = select.select([self._leader], [], [], POLL_S)
             data = _receive(self._leader) if readable else b""
