@@ -6,8 +6,8 @@ PUT /generate and GET /health, a minimal HTTP/1.1 with keep-alive). For each cou
 prepare() and run() (dispatch, ledger, final merge and audit) over the first N ports with batch.concurrency=8
 and the default batch.prompts_per_request (4). Measured in the driver, over run(): items/s (items / wall),
 CPU (user + system) per item, peak OS threads (/proc/self/status, sampled every 10 ms, the sampler not
-counted), peak connections (open files beyond those before run(), every 0.25 s; 0 with batch.shards > 1, whose
-drivers are processes of their own) and peak RSS (VmHWM, whole process); and the fake replicas' CPU per item
+counted), peak connections (open files beyond those before run(), every 0.25 s; with batch.shards > 1 not the
+drivers', processes of their own) and peak RSS (VmHWM, whole process); and the fake replicas' CPU per item
 (they share the machine's cores with the driver, so they bound items/s). Targets: ≤ 0.3 ms CPU per item at every
 count, items/s at 1,024 ≥ 0.5× at 4, ≤ 32 threads, RSS flat (< 150 MB at 1,024 replicas with 1 M records).
 
