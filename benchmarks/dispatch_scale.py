@@ -6,9 +6,10 @@ PUT /generate and GET /health, a minimal HTTP/1.1 with keep-alive). For each cou
 prepare() and run() (dispatch, ledger, final merge and audit) over the first N ports with batch.concurrency=8
 and the default batch.prompts_per_request (4). Measured in the driver, over run(): items/s (items / wall),
 CPU (user + system) per item, peak OS threads (/proc/self/status, sampled every 10 ms, the sampler not
-counted) and peak RSS (VmHWM, whole process); and the fake replicas' CPU per item (they share the
-machine's cores with the driver, so they bound items/s). Targets: ≤ 0.3 ms CPU per item at every count, items/s at
-1,024 ≥ 0.5× at 4, ≤ 32 threads, RSS flat.
+counted), peak connections (open files beyond those before run(), every 0.25 s; with batch.shards > 1 not the
+drivers', processes of their own) and peak RSS (VmHWM, whole process); and the fake replicas' CPU per item
+(they share the machine's cores with the driver, so they bound items/s). Targets: ≤ 0.3 ms CPU per item at every
+count, items/s at 1,024 ≥ 0.5× at 4, ≤ 32 threads, RSS flat (< 150 MB at 1,024 replicas with 1 M records).
 
     python -m benchmarks.dispatch_scale [--replicas 4 64 256 1024] [--records 100000]
     python -m benchmarks.dispatch_scale --replicas 1024 --records 1000000      (RSS over a long input)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import resource
@@ -92,11 +94,16 @@ def drive(workdir: Path, shards: int, urls: list[str]) -> dict:
                        generation={"tokens_to_generate": 3}, shards=shards)
     cfg.parallel.replicas = len(urls)
     plan = prepare(cfg)
-    peak_threads, stop = [0], threading.Event()
+    peak_threads, peak_files, stop = [0], [0], threading.Event()
+    files_before = len(os.listdir("/proc/self/fd"))
 
     def sample() -> None:
-        while not stop.wait(0.01):
+        for tick in itertools.count():
+            if stop.wait(0.01):
+                return
             peak_threads[0] = max(peak_threads[0], status("Threads:") - 1)
+            if tick % 25 == 0:  # open files (the connections, mostly) every 0.25 s: listing 8,192 costs CPU
+                peak_files[0] = max(peak_files[0], len(os.listdir("/proc/self/fd")) - files_before)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -109,6 +116,7 @@ def drive(workdir: Path, shards: int, urls: list[str]) -> dict:
     drivers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # batch.shards > 1: the largest
     return {"replicas": len(urls), "shards": shards, "items": summary.items, "items_per_s": summary.items / wall,
             "cpu_ms_per_item": 1000 * cpu / summary.items, "wall_s": wall, "peak_threads": peak_threads[0],
+            "peak_connections": peak_files[0],
             "peak_rss_mb": max(status("VmHWM:") / 1024, drivers)}
 
 
@@ -191,11 +199,13 @@ def benchmark(args) -> None:
             replicas.wait()
     print(f"\n{date.today()}, {os.cpu_count()} cores, {args.records:,} records, batch.concurrency=8, "
           f"4 prompts per request, batch.shards={args.shards} (threads: the launcher's; RSS: the largest process)")
-    print("| replicas | items/s | driver CPU per item | peak threads | peak RSS | fake replicas' CPU per item |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| replicas | items/s | driver CPU per item | peak threads | peak connections | peak RSS "
+          "| fake replicas' CPU per item |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['replicas']:,} | {r['items_per_s']:,.0f} | {r['cpu_ms_per_item']:.3f} ms | "
-              f"{r['peak_threads']} | {r['peak_rss_mb']:.0f} MB | {r['replicas_cpu_ms_per_item']:.3f} ms |")
+              f"{r['peak_threads']} | {r['peak_connections']:,} | {r['peak_rss_mb']:.0f} MB "
+              f"| {r['replicas_cpu_ms_per_item']:.3f} ms |")
     if len(rows) > 1:
         print(f"\nitems/s at {rows[-1]['replicas']:,} over {rows[0]['replicas']:,} replicas: "
               f"{rows[-1]['items_per_s'] / rows[0]['items_per_s']:.2f}×")

@@ -2,6 +2,7 @@
 how an answer is judged, what a lost replica, a refused record or an item past its retries becomes, when the
 run stops. Fast: no server, no event loop (test_batch_dispatch.py drives the whole run against stand-ins)."""
 import asyncio
+import json
 
 import pytest
 
@@ -24,19 +25,6 @@ class Clock:
         return self.now
 
 
-class Loop:
-    """Stands in for the event loop: a request admitted is not sent, the test answers it."""
-
-    def create_task(self, coroutine):
-        coroutine.close()
-        return Task()
-
-
-class Task:
-    def add_done_callback(self, callback):
-        pass
-
-
 @pytest.fixture
 def clock(monkeypatch):
     clock = Clock()
@@ -51,7 +39,7 @@ def dispatcher(tmp_path, n=4, servers=("http://a/",), **batch) -> Dispatcher:
     ledger = Ledger(ledger_path(plan.output), plan.header, settings.samples)
     source = WorkSource(records(plan.input, fmt), fmt, settings.samples, ledger.done, settings.prompts_per_request)
     d = Dispatcher(source, fmt, ledger, list(servers), None, settings, "tiny", plan.items)
-    d._loop = Loop()
+    d._send = lambda group: None  # a request admitted is not sent: the test answers it (d._settle)
     for replica in d.replicas:  # as the run starts
         d._free.update(replica)
     return d
@@ -218,6 +206,14 @@ def test_an_abandoned_requests_answer_still_counts_and_a_refusal_of_it_is_ignore
     assert [e["k"] for e in ledger_lines(d)] == ["r0", "r1"] and d._ledger.failed == 0 and d.in_flight == 0
 
 
+def test_a_lost_replicas_idle_connections_are_closed_and_those_in_flight_left_to_answer(tmp_path, clock):
+    d = dispatcher(tmp_path)
+    closed, pool = [], d.replicas[0].pool
+    pool.close_idle, pool.close = (lambda: closed.append("idle")), (lambda: closed.append("every"))
+    d._lose(d.replicas[0], "lost")
+    assert closed == ["idle"]  # a server that comes back has reset them; an answer in flight still counts
+
+
 def test_a_lost_replica_is_probed_later_each_time_up_to_the_most(tmp_path, clock):
     d = dispatcher(tmp_path)
     replica = d.replicas[0]
@@ -244,7 +240,7 @@ def probe_once(d: Dispatcher, monkeypatch, healthy: bool) -> None:
             raise Round
         await real_sleep(seconds)
 
-    async def answer(client, url):
+    async def answer(pool):
         return healthy
 
     monkeypatch.setattr(dispatch, "_healthy", answer)
@@ -267,7 +263,6 @@ def test_a_lost_replica_is_probed_after_1_s_doubling_to_60_s_and_taken_back_when
         probe_once(d, monkeypatch, healthy=False)
         waits.append(replica.probe_at - clock.now)
     assert waits == [1, 2, 4, 8, 16, 32, 60, 60] and replica.state == "failed"  # as the README says
-    d._loop = Loop()
     clock.now = replica.probe_at
     probe_once(d, monkeypatch, healthy=True)
     assert replica.state == "healthy" and replica.outstanding == 2  # taken back, and given the work at once
@@ -276,8 +271,7 @@ def test_a_lost_replica_is_probed_after_1_s_doubling_to_60_s_and_taken_back_when
 def test_a_replica_is_healthy_only_when_its_health_check_answers_200():
     import socket
 
-    import aiohttp
-
+    from fleetgen.launcher.batch.http import Pool
     from tests.batch_stub import StubServer
 
     closed = socket.create_server(("127.0.0.1", 0))
@@ -287,8 +281,7 @@ def test_a_replica_is_healthy_only_when_its_health_check_answers_200():
     starting.unavailable = True
 
     async def look(url):
-        async with aiohttp.ClientSession() as client:
-            return await dispatch._healthy(client, url)
+        return await dispatch._healthy(Pool(url, {}))
 
     try:
         assert [asyncio.run(look(url)) for url in (up.url, starting.url, f"http://127.0.0.1:{port}")] == \
@@ -375,21 +368,14 @@ def test_answers_are_written_once_a_loop_tick_and_the_last_one_wakes_the_run(tmp
 
     async def answered_in_turn():
         d._loop, d._wake = asyncio.get_running_loop(), asyncio.Event()
-        gates = {"r0": asyncio.Event(), "r1": asyncio.Event()}
-
-        async def send(group):
-            await gates[group.items[0].record.key].wait()
-            return d._judge(group.items, 200, good_answer(group.items))
-
-        d._send = send
+        sent = {}
+        d._send = lambda group: sent.setdefault(group.items[0].record.key, group)
         d._admit()
-        tasks = list(d._tasks)
-        for key in ("r0", "r1"):
-            gates[key].set()
-            for _ in range(5):  # the answer settles, then its flush runs on the next tick
+        for key in ("r0", "r1"):  # each answered by the server in its own loop tick
+            d._reply(sent[key], (200, json.dumps(good_answer(sent[key].items)).encode()))
+            for _ in range(5):  # its flush runs on the next tick
                 await asyncio.sleep(0)
             on_disk.append(([head["k"] for _, head, _ in entries(d._ledger.path)], d._wake.is_set()))
-        await asyncio.gather(*tasks)
 
     asyncio.run(answered_in_turn())
     assert on_disk == [(["r0"], False), (["r0", "r1"], True)]  # r1 still in flight: no wake before the last
@@ -402,13 +388,11 @@ def test_answers_settled_in_one_loop_tick_are_written_in_one_flush(tmp_path):
 
     async def answered_together():
         d._loop, d._wake = asyncio.get_running_loop(), asyncio.Event()
-
-        async def send(group):
-            return d._judge(group.items, 200, good_answer(group.items))
-
-        d._send = send
+        sent = []
+        d._send = sent.append
         d._admit()
-        await asyncio.gather(*list(d._tasks))
+        for group in sent:  # the three answers arrive in one tick
+            d._reply(group, (200, json.dumps(good_answer(group.items)).encode()))
         await asyncio.sleep(0)
 
     asyncio.run(answered_together())

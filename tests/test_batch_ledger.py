@@ -289,3 +289,17 @@ def test_seeds_are_stable_distinct_per_key_and_within_what_the_server_accepts():
         [1530363106073631340, 731616167769418490, 4277640504367129270]
     seeds = [base_seed(3, i) for i in range(200)]
     assert max(seeds) < 2**62 and max(seeds) > 2**61  # 62 bits: room for the sentences' offsets below 2**63
+
+
+def test_lines_waiting_past_the_most_are_written_before_the_ticks_flush(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "PENDING_MOST", 300)  # a burst of answers in one loop tick is not held whole
+    path = tmp_path / "out.ledger.jsonl"
+    ledger = Ledger(path, HEADER, samples=2)
+    on_disk = []
+    for i in range(4):
+        ledger.add(i, 0, f"k{i}", True, {"id": f"k{i}", "text": "x" * 100})
+        on_disk.append(len(path.read_bytes().splitlines()) - 1)
+    assert on_disk == [0, 2, 2, 4]  # each 170 bytes: written (two in one write) once more than 300 waited
+    ledger.flush()
+    assert len(path.read_bytes().splitlines()) - 1 == 4
+    ledger.close()

@@ -1,8 +1,8 @@
 """Requests to the servers (replicas): each goes to the live replica with the least outstanding work.
 
-One event loop drives every request (a task each, no thread per slot): a heap of the replicas with a free slot
-picks the least loaded in O(log replicas), each replica gets at most batch.concurrency connections (aiohttp,
-whose compiled parser makes a request cost a fraction of httpx's), and the ledger's lines are written once per
+One event loop drives every request (a callback each: no thread, no task): a heap of the replicas with a free slot
+picks the least loaded in O(log replicas), each replica gets at most batch.concurrency kept-alive connections
+(launcher/batch/http.py: asyncio and h11, a few kB a connection), and the ledger's lines are written once per
 loop tick. A replica that fails (connection refused or lost, a timeout, 503 or another 5xx) is taken out at
 once; its requests in flight are given back and done by the others, and it is probed on GET /health with
 back-off and taken back when healthy. A client error (4xx) belongs to the record, never to the replica: a
@@ -22,12 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import aiohttp
+import h11
 
 from fleetgen.conf.schema import Batch
 from fleetgen.launcher.batch.formats import Item
+from fleetgen.launcher.batch.http import Pool
 from fleetgen.launcher.batch.ledger import Ledger
 from fleetgen.launcher.batch.source import WorkSource
+from fleetgen.launcher.errors import LaunchError
 
 PROBE_TIMEOUT_S = 5
 MAX_PROBE_BACKOFF_S = 60
@@ -49,6 +51,7 @@ class Replica:
     probe_at: float = 0.0
     in_flight: set = field(default_factory=set)
     version: int = 0                # FreeReplicas' entries of an older version are stale
+    pool: Optional[Pool] = field(default=None, repr=False)  # its connections
 
 
 class FreeReplicas:
@@ -86,11 +89,12 @@ class FreeReplicas:
         heapq.heapify(self._heap)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Group:
     items: list[Item]
     replica: Replica
     abandoned: bool = False  # its replica was lost: the items were given back already
+    timeout: float = 0.0     # seconds it may take
 
 
 @dataclass
@@ -107,10 +111,14 @@ class Dispatcher:
                  settings: Batch, model: str, total: int):
         self._source, self._fmt, self._ledger, self._settings = source, fmt, ledger, settings
         self._model, self.total = model, total
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.replicas = [Replica(url.rstrip("/")) for url in servers]
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        for replica in self.replicas:
+            try:
+                replica.pool = Pool(replica.url, headers)
+            except ValueError as e:
+                raise LaunchError(f"batch: server {e} (the replicas serve plain HTTP)") from None
         self._free = FreeReplicas(settings.concurrency, len(self.replicas))
-        self._tasks: set[asyncio.Task] = set()
         self._admitting = True
         self._flush_scheduled = False
         self.stop_reason: Optional[str] = None
@@ -128,10 +136,6 @@ class Dispatcher:
 
     async def _run(self, drain: Optional[threading.Event]) -> None:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
-        slots = self._settings.concurrency
-        # one pool, keyed by host and port: a replica's connections are its own and never wait for another's
-        self._session = aiohttp.ClientSession(headers=self._headers, connector=aiohttp.TCPConnector(
-            limit=0, limit_per_host=slots, ttl_dns_cache=None), json_serialize=json.dumps)
         for replica in self.replicas:
             self._free.update(replica)
         prober = self._loop.create_task(self._probe())
@@ -147,12 +151,11 @@ class Dispatcher:
                 await self._sleep(min(TICK_S, deadline - time.monotonic()))
         finally:
             self._admitting = False
-            pending = [prober, *self._tasks]
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
+            for replica in self.replicas:  # the answers still in flight are never settled
+                replica.pool.close()
             self._ledger.flush()
-            await self._session.close()
 
     async def _sleep(self, seconds: float) -> None:
         """Until `seconds` pass (none when not above 0) or a request settles with nothing in flight or a stop
@@ -195,12 +198,9 @@ class Dispatcher:
             replica.in_flight.add(group)
             self.in_flight += len(items)
             self._free.update(replica)
-            task = self._loop.create_task(self._request(group))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._send(group)
 
-    async def _request(self, group: Group) -> None:
-        answer = await self._send(group)
+    def _answered(self, group: Group, answer: Answer) -> None:
         self._settle(group, answer)
         self._admit()
         if not self._flush_scheduled:  # the lines of every answer settled in this loop tick, in one write
@@ -213,27 +213,33 @@ class Dispatcher:
         self._flush_scheduled = False
         self._ledger.flush()
 
-    async def _send(self, group: Group) -> Answer:
+    def _send(self, group: Group) -> None:
+        """Send the group's request; its answer comes to _answered, from the event loop. No task: a request in
+        flight is its connection, its timer and this callback (launcher/batch/http.py)."""
         fmt, items = self._fmt, group.items
         refusal = next((item.record.refusal for item in items if item.record.refusal), None)
         if refusal is not None:  # batch.long_prompts=skip: the answer a server would give, without asking one
-            return Answer("record", status=400, message=refusal,
-                          body={"error": {"message": refusal, "type": "invalid_request_error", "param": None,
-                                          "code": 400}})
-        timeout = self._timeout_s(items)
+            self._loop.call_soon(self._answered, group, Answer(
+                "record", status=400, message=refusal,
+                body={"error": {"message": refusal, "type": "invalid_request_error", "param": None, "code": 400}}))
+            return
+        group.timeout = self._timeout_s(items)
         if self.first_request_at is None:
             self.first_request_at = time.monotonic()
-        try:
-            async with self._session.request(fmt.method, group.replica.url + fmt.route(items),
-                                             json=fmt.body(items, self._model),
-                                             timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-                status, data = response.status, await response.read()
-        except asyncio.TimeoutError:
-            return Answer("replica", message=f"no answer within {timeout:.3g} s (batch.request_timeout_s + "
-                                             "batch.timeout_per_token_s × tokens asked)")
-        except (aiohttp.ClientError, OSError) as e:
-            return Answer("replica", message=f"{type(e).__name__}: {e}")
-        return self._judge(items, status, _json_or_text(data))
+        group.replica.pool.request(fmt.method, fmt.route(items), json.dumps(fmt.body(items, self._model)).encode(),
+                                   group.timeout, self._reply, group)
+
+    def _reply(self, group: Group, outcome: Any) -> None:
+        """The server's (status, body), or the exception that ended the request."""
+        if isinstance(outcome, (asyncio.TimeoutError, TimeoutError)):  # TimeoutError is an OSError
+            answer = Answer("replica", message=f"no answer within {group.timeout:.3g} s (batch.request_timeout_s + "
+                                               "batch.timeout_per_token_s × tokens asked)")
+        elif isinstance(outcome, BaseException):  # OSError, h11.ProtocolError
+            answer = Answer("replica", message=f"{type(outcome).__name__}: {outcome}")
+        else:
+            status, data = outcome
+            answer = self._judge(group.items, status, _json_or_text(data))
+        self._answered(group, answer)
 
     def _timeout_s(self, items: list[Item]) -> float:
         return self._settings.request_timeout_s + self._settings.timeout_per_token_s * self._fmt.tokens_requested(items)
@@ -304,6 +310,7 @@ class Dispatcher:
             return
         replica.state, replica.reason = "failed", reason
         replica.failures += 1
+        replica.pool.close_idle()  # a server that comes back has them reset; those in flight answer still
         self._free.update(replica)
         replica.probe_at = time.monotonic() + min(2 ** (replica.failures - 1), MAX_PROBE_BACKOFF_S)
         for group in list(replica.in_flight):
@@ -324,22 +331,20 @@ class Dispatcher:
     # ---- taking lost replicas back
 
     async def _probe(self) -> None:
-        async with aiohttp.ClientSession(headers=self._headers,
-                                         timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as client:
-            while True:
-                now = time.monotonic()
-                due = [r for r in self.replicas if r.state == "failed" and r.probe_at <= now]
-                answers = await asyncio.gather(*(_healthy(client, r.url) for r in due))
-                for replica, healthy in zip(due, answers):
-                    if healthy:
-                        replica.state = "healthy"
-                        self._free.update(replica)
-                    else:
-                        replica.probe_at = time.monotonic() + min(2 ** replica.failures, MAX_PROBE_BACKOFF_S)
-                        replica.failures += 1
-                if any(answers):
-                    self._admit()
-                await asyncio.sleep(TICK_S)
+        while True:
+            now = time.monotonic()
+            due = [r for r in self.replicas if r.state == "failed" and r.probe_at <= now]
+            answers = await asyncio.gather(*(_healthy(r.pool) for r in due))
+            for replica, healthy in zip(due, answers):
+                if healthy:
+                    replica.state = "healthy"
+                    self._free.update(replica)
+                else:
+                    replica.probe_at = time.monotonic() + min(2 ** replica.failures, MAX_PROBE_BACKOFF_S)
+                    replica.failures += 1
+            if any(answers):
+                self._admit()
+            await asyncio.sleep(TICK_S)
 
 
 @contextmanager
@@ -359,12 +364,12 @@ def fewer_collections():
         gc.unfreeze()
 
 
-async def _healthy(client: aiohttp.ClientSession, url: str) -> bool:
+async def _healthy(pool: Pool) -> bool:
     try:
-        async with client.get(f"{url}/health") as response:
-            return response.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        status, _ = await pool.fetch("GET", "/health", None, PROBE_TIMEOUT_S)
+    except (asyncio.TimeoutError, OSError, h11.ProtocolError):  # TimeoutError is an OSError
         return False
+    return status == 200
 
 
 def _json_or_text(data: bytes) -> Any:

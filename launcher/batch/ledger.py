@@ -1,6 +1,6 @@
 """The ledger beside the output: one JSON line per finished item, appended and flushed (a batch of lines at
-once: the dispatcher flushes once per event-loop tick), fsynced every few seconds and on close. Its first
-line ties it to the input file and the generation settings.
+once: the dispatcher flushes once per event-loop tick, and lines are written anyway once 256 kB wait), fsynced
+every few seconds and on close. Its first line ties it to the input file and the generation settings.
 
 A rerun replays it: finished items are skipped, a torn last line (a kill or a crash mid-write) is cut off
 and its item redone. Entries: {"i": record index, "s": sample, "k": key, "ok": bool, "tokens": [p, c],
@@ -22,6 +22,7 @@ from fleetgen.launcher.errors import LaunchError
 
 VERSION = 1
 FSYNC_EVERY_S = 2.0
+PENDING_MOST = 1 << 18  # bytes of lines held before they are written anyway (a loop tick of 8,192 answers is 18 MB)
 
 
 def ledger_path(output: Path, shard: int = 0, shards: int = 1) -> Path:
@@ -172,6 +173,7 @@ class Ledger:
         self._file = open(path, "ab")
         self._lock, self._synced, self._closed = threading.Lock(), time.monotonic(), False
         self._pending: list[bytes] = []  # lines added, not yet written
+        self._pending_bytes = 0
 
     def _count(self, entry: dict) -> bool:
         position = entry["i"] * self.samples + entry["s"]
@@ -193,7 +195,10 @@ class Ledger:
             if self._closed or self.done[index * self.samples + sample]:
                 return False
             self._pending.append(line)
+            self._pending_bytes += len(line)
             self._count(entry)
+            if self._pending_bytes > PENDING_MOST:
+                self._write()
         return True
 
     def flush(self) -> None:
@@ -209,6 +214,7 @@ class Ledger:
             self._file.write(b"".join(self._pending))
             self._file.flush()
             self._pending.clear()
+            self._pending_bytes = 0
 
     def sync(self) -> None:
         with self._lock:
