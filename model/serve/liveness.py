@@ -35,10 +35,10 @@ POLL_S = 0.5            # how often the liveness threads look at the clock
 FAILED_LINGER_S = 5.0   # a failed leader keeps answering 503 with the reason this long, then exits
 ATTRIBUTION_S = 1.0     # after a failed collective, how long the leader waits to learn which peer died
 HELLO_TIMEOUT_S = 10.0  # an unauthenticated connection to the leader must say hello within this
-MAX_HELLO_BYTES = 256
+MAX_HELLO_BYTES = 256  # a stranger's hello may be this long before its end of line; longer, it is dropped
 
 
-@dataclass(eq=False)
+@dataclass
 class _Peer:
     rank: int
     node: str
@@ -94,9 +94,9 @@ class Liveness:
 
     def fail(self, reason: str) -> NoReturn:
         """This replica has failed: tell the other ranks, let the leader answer 503 for a while, exit 1."""
-        if not self._failing.acquire(blocking=False):
-            threading.Event().wait()  # another thread is already failing the replica; it ends the process
-        print(f"rank {self.ps.world_rank}: replica {self.ps.replica} failed: {reason}", file=sys.stderr, flush=True)
+        self._failing.acquire()  # held for good: a second failing thread waits here until the first ends the process
+        # stderr is line-buffered (Python 3.9+): this line is out at once
+        print(f"rank {self.ps.world_rank}: replica {self.ps.replica} failed: {reason}", file=sys.stderr)
         node = self.nodes[self.ps.world_rank - self.ps.first_rank]
         write_exit(self.job_folder, self.ps.world_rank, node, f"replica {self.ps.replica} failed: {reason}")
         for sock in [self._leader, *(p.sock for p in self._peers.values())]:
