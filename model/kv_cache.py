@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-BLOCK_SIZE = 16  # positions a block: vLLM's default
+from fleetgen.model.split import BLOCK_SIZE
 
 
 class KVCache:
@@ -102,12 +102,6 @@ class KVCache:
     @property
     def bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
-
-    @staticmethod
-    def block_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                    block_size: int = BLOCK_SIZE) -> int:
-        """Keys and values of one block in every layer of a stage: what kv_cache_gb is divided by."""
-        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     def describe(self) -> str:
         layers, blocks, size, heads, dim = self.k.shape
