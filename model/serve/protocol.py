@@ -179,8 +179,9 @@ def unpack(payload: torch.Tensor, kind: str, logprobs: bool, full_logprobs: bool
         columns[name] = columns[name].bool()
     if not penalties:
         columns["presence_penalty"] = columns["frequency_penalty"] = None
-    if kind != "prefill":
-        columns["starts"] = columns["resumed"] = None
+    for name in ("starts", "resumed"):  # zeros mean what None does
+        if kind != "prefill" or not columns[name].any():
+            columns[name] = None
     start = PARAMS + width
     bias = payload[:, start:start + 2 * bias_width]
     mask_end = payload.shape[1] - table_width
