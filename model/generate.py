@@ -343,43 +343,55 @@ class Generator:
         """Last stage: fp32 logits [n, vocab] at each prompt's last token, or [n, s, vocab] when every.
         Rows with starts compute only their prompt's tokens past them, attending to the cached ones too."""
         ps, stage = self.ps, self.stage
-        tokens, positions, writes, context = self._prefill_rows(plan, tokens, lengths)
-        n, s = tokens.shape
-        select = lengths - 1 if context is None else lengths - to_device(plan.starts, tokens.device) - 1
-        size = max(1, self.microbatch_threshold // s) if n * s >= self.microbatch_threshold and s > 1 else n
+        starts = plan.starts if plan.starts is not None and plan.starts.any() else None  # CPU: no device sync
+        computed = plan.lengths - (0 if starts is None else starts)
+        widths = [tokens.shape[1]] * plan.n if every else computed.tolist()  # every: one width, for the logits
         logits = []
-        for start in range(0, n, size):
-            rows = slice(start, start + size)
-            m = tokens[rows].shape[0]
+        for first, last in self._microbatches(widths):
+            rows, m, s = slice(first, last), last - first, max(widths[first:last])
+            ids, positions, writes = self._prefill_rows(tokens[rows], lengths[rows],
+                                                        None if starts is None else starts[rows], s)
             if ps.is_first_stage:
-                h = stage.embed(tokens[rows], positions[rows])  # [m, s, H]
+                h = stage.embed(ids, positions)  # [m, s, H]
             else:
                 h = recv_from_prev_pipeline_rank((m, s, self.config.hidden_size), stage.dtype, ps)
-            mask = None if context is None else decode_mask(positions[rows], context, stage.dtype)
-            h = stage.prefill_layers(h, positions[rows], slots[rows], self.cache, writes[rows], mask)
+            mask = None if starts is None else decode_mask(positions, int(plan.lengths[rows].max()), stage.dtype)
+            h = stage.prefill_layers(h, positions, slots[rows], self.cache, writes, mask)
             if not ps.is_last_stage:
                 sends.append((send_to_next_pipeline_rank(h, ps), h))  # h stays alive until sent
             elif every:
                 logits.append(stage.logits(h))  # [m, s, vocab]
             else:
-                logits.append(stage.logits(h[torch.arange(m, device=h.device), select[rows]]))  # [m, vocab]
+                last_token = to_device(computed[rows] - 1, h.device)
+                logits.append(stage.logits(h[torch.arange(m, device=h.device), last_token]))  # [m, vocab]
         return torch.cat(logits) if ps.is_last_stage else None
 
-    def _prefill_rows(self, plan: StepPlan, tokens: torch.Tensor, lengths: torch.Tensor):
-        """The tokens a prefill computes [n, s], their positions and where they are stored [n, s] (padding at
-        the cache's scratch position), and the context they attend over: None when every row starts at 0 (then
-        fresh keys alone, causal), else the longest prompt (through the block tables)."""
-        device = tokens.device
-        scratch = self.cache.scratch
-        if plan.starts is None or not plan.starts.any():  # the plan's CPU copy: no device sync
-            positions = torch.arange(tokens.shape[1], device=device).expand(tokens.shape[0], -1)
-            return tokens, positions, torch.where(positions < lengths[:, None], positions, scratch), None
-        starts = to_device(plan.starts, device)
-        offsets = torch.arange(int((plan.lengths - plan.starts).max()), device=device)
-        positions = (starts[:, None] + offsets).clamp(max=tokens.shape[1] - 1)  # [n, s]; padding: any valid one
+    def _microbatches(self, widths: list[int]) -> list[tuple[int, int]]:
+        """Row ranges [first, last) of a prefill, in order, each padded to its own widest row: Megatron's rule
+        (rows × width within microbatch_threshold, at least one row) taken row by row, so that a long prompt
+        does not pad the short remainders of prompts found in the cache."""
+        ranges, first, widest = [], 0, 0
+        for row, width in enumerate(widths):
+            wider = max(widest, width)
+            if row > first and wider * (row - first + 1) > self.microbatch_threshold:
+                ranges.append((first, row))
+                first, wider = row, width
+            widest = wider
+        return ranges + [(first, len(widths))]
+
+    def _prefill_rows(self, tokens: torch.Tensor, lengths: torch.Tensor, starts: Optional[torch.Tensor],
+                      width: int):
+        """The tokens [m, width] a micro-batch computes, their positions, and where they are stored (padding at
+        the cache's scratch position). starts None: every row from position 0."""
+        device, scratch = tokens.device, self.cache.scratch
+        offsets = torch.arange(width, device=device)
+        if starts is None:
+            positions = offsets.expand(tokens.shape[0], -1)
+            return tokens[:, :width], positions, torch.where(positions < lengths[:, None], positions, scratch)
+        starts = to_device(starts, device)
+        positions = (starts[:, None] + offsets).clamp(max=tokens.shape[1] - 1)  # padding: any valid position
         inside = offsets < (lengths - starts)[:, None]
-        return tokens.gather(1, positions), positions, torch.where(inside, positions, scratch), \
-            int(plan.lengths.max())
+        return tokens.gather(1, positions), positions, torch.where(inside, positions, scratch)
 
     def _decode(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
                 sends: list) -> Optional[torch.Tensor]:
