@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--static", type=Path, help="a directory holding the static cache's fleetgen package")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", default="decode,concurrency,prefix", help="which kinds of rows, by name")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a row's own process
     parser.add_argument("--model", type=Path, default=Path.home() / ".cache/fleetgen/bench/gpt2-small")
     args = parser.parse_args()
@@ -101,8 +102,9 @@ def main() -> None:
     bench_model.gpt2_small(args.model)
     best: dict[str, float] = {}
     extra: dict[str, dict] = {}
+    rows = [row for row in ROWS if row.partition(":")[0] in args.rows.split(",")]
     for _ in range(args.rounds):
-        for row in ROWS:
+        for row in rows:
             env = dict(os.environ)
             if row.endswith(":static"):
                 env["PYTHONPATH"] = str(args.static)
@@ -115,12 +117,13 @@ def main() -> None:
                 extra[row] = results[0]
             print(f"{row:20s} {results[-1]['tokens_per_s']:8.1f} tokens/s {extra.get(row, '')}", flush=True)
     print("best of each:")
-    for row in ROWS:
+    for row in rows:
         print(f"  {row:20s} {best[row]:8.1f} tokens/s")
     for name, (a, b) in {"decode paged/static": ("decode:paged", "decode:static"),
                          "64 clients paged / 16 slots static": ("concurrency:paged", "concurrency:static"),
                          "prefix caching on/off": ("prefix:on", "prefix:off")}.items():
-        print(f"  {name}: {best[a] / best[b]:.2f}x")
+        if a in best:
+            print(f"  {name}: {best[a] / best[b]:.2f}x")
 
 
 if __name__ == "__main__":

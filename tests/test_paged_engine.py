@@ -80,6 +80,8 @@ def test_a_shared_prompt_is_computed_once_and_gives_the_same_tokens(checkpoint, 
             # the same step, all the first sample's full blocks, which that step writes before they read them
             assert blocks.hit_tokens == len(system) // 16 * 16 + 2 * ((len(other) - 1) // 16 * 16)
             assert blocks.computed_tokens == computed - blocks.hit_tokens
+            assert [s.result().cached_tokens for s in samples] == [len(system) // 16 * 16] + \
+                [(len(other) - 1) // 16 * 16] * 2  # what OpenAI's usage reports as cached_tokens
         else:
             assert (blocks.hit_tokens, blocks.computed_tokens) == (0, computed)
         assert all_blocks_free(engine)

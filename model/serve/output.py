@@ -23,6 +23,7 @@ class SequenceResult:
     finish_reason: str              # "stop" | "length"
     logprobs: Optional[list[float]] = None       # len(prompt) + len(tokens) - 1
     full_logprobs: Optional[torch.Tensor] = None  # [len(prompt) + len(tokens) - 1, vocab]
+    cached_tokens: int = 0          # leading prompt tokens found in the KV cache, not computed (first admission)
 
 
 class OutputProcessor:
@@ -58,7 +59,7 @@ class OutputProcessor:
         request = sequence.request
         rows = torch.cat(sequence.rows) if request.full_logprobs else None
         result = SequenceResult(list(request.prompt), sequence.tokens, reason,
-                              sequence.logprobs if request.logprobs else None, rows)
+                              sequence.logprobs if request.logprobs else None, rows, sequence.prompt_cached)
         try:
             sequence.future.set_result(result)
         except InvalidStateError:  # cancelled by its client meanwhile: nobody is waiting

@@ -46,6 +46,7 @@ class SequenceState:
     grammar: Any = None                            # a constrained sequence's matcher (grammar.py)
     admission: int = 0                             # which admission this is, counted over the scheduler's life
     cached: int = 0                                # prompt tokens found in the cache at admission
+    prompt_cached: int = 0                         # ditto at its first admission (a preempted one is admitted again)
 
     @property
     def wants_every_logit(self) -> bool:
@@ -210,6 +211,8 @@ class Scheduler:
             self._register(sequence, context)
             self.admissions += 1
             sequence.slot, sequence.cached, sequence.admission = free[len(admitted)], cached, self.admissions
+            if not sequence.tokens:
+                sequence.prompt_cached = cached
             self.active[sequence.slot] = sequence
             admitted.append(sequence)
             width = wider
