@@ -6,7 +6,8 @@ DIR holds the static cache's fleetgen as a package (DIR/fleetgen): `git archive 
 DIR/fleetgen`. Each row runs in a process of its own, the static and paged ones taking turns round by round;
 each keeps its best round (the CPU is shared). Rows, all greedy and forced to full length, in process (no
 HTTP):
-- decode: Generator.generate_greedy of 16 prompts of 32 tokens, 64 new tokens: what a static cache is best at;
+- decode: Generator.generate_greedy of 16 prompts of 32 tokens, 128 new tokens (throughput.py's in-process row);
+  long: the same with prompts of 480 tokens and 32 new ones (a decode step gathers 15x more blocks);
 - concurrency: the engine with 64 sequences of 32 + 64 tokens submitted at once: the static cache with 16
   slots of max_seq_len, the paged one with model.max_batch=64 in the same memory;
 - prefix: the engine with records sharing a 512-token prefix, each with its own 32 tokens and 32 new ones:
@@ -43,13 +44,17 @@ def run_row(row: str, model_dir: Path, quick: bool) -> float:
     torch.set_num_threads(2)
     source, ps = open_checkpoint(model_dir), ParallelState.single()
     kind, _, variant = row.partition(":")
-    if kind == "decode":
-        prompts = bench_model.token_ids(model_dir, bench_model.prompts(16, 32))
+    if kind in ("decode", "long"):
+        length, new = (32, 16 if quick else 128) if kind == "decode" else (480, 8 if quick else 32)
+        prompts = bench_model.token_ids(model_dir, bench_model.prompts(16, length))
         generator = build_generator(source, ps, "fp32", SLOTS, MAX_SEQ_LEN)
         generator.generate_greedy(prompts[:2], 4)  # warm
-        started = time.perf_counter()
-        generator.generate_greedy(prompts, 16 if quick else 64)
-        return 16 * (16 if quick else 64) / (time.perf_counter() - started)
+        started, cpu = time.perf_counter(), time.process_time()
+        generator.generate_greedy(prompts, new)
+        tokens = 16 * new
+        # CPU time is less moved by the other processes on shared cores than wall time
+        print(json.dumps({"cpu_ms_per_token": round(1000 * (time.process_time() - cpu) / tokens, 2)}))
+        return tokens / (time.perf_counter() - started)
     if kind == "concurrency":
         clients, new = (16, 16) if quick else (64, 64)
         prompts = bench_model.token_ids(model_dir, bench_model.prompts(clients, 32))
@@ -82,7 +87,8 @@ def _static_gb(config) -> float:
     return 2 * config.num_layers * SLOTS * MAX_SEQ_LEN * config.num_query_groups * config.head_dim * 4 / 2**30
 
 
-ROWS = ["decode:static", "decode:paged", "concurrency:static", "concurrency:paged", "prefix:off", "prefix:on"]
+ROWS = ["decode:static", "decode:paged", "long:static", "long:paged", "concurrency:static", "concurrency:paged",
+        "prefix:off", "prefix:on"]
 
 
 def main() -> None:
@@ -90,7 +96,7 @@ def main() -> None:
     parser.add_argument("--static", type=Path, help="a directory holding the static cache's fleetgen package")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rows", default="decode,concurrency,prefix", help="which kinds of rows, by name")
+    parser.add_argument("--rows", default="decode,long,concurrency,prefix", help="which kinds of rows, by name")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a row's own process
     parser.add_argument("--model", type=Path, default=Path.home() / ".cache/fleetgen/bench/gpt2-small")
     args = parser.parse_args()
@@ -120,6 +126,7 @@ def main() -> None:
     for row in rows:
         print(f"  {row:20s} {best[row]:8.1f} tokens/s")
     for name, (a, b) in {"decode paged/static": ("decode:paged", "decode:static"),
+                         "long decode paged/static": ("long:paged", "long:static"),
                          "64 clients paged / 16 slots static": ("concurrency:paged", "concurrency:static"),
                          "prefix caching on/off": ("prefix:on", "prefix:off")}.items():
         if a in best:

@@ -41,9 +41,12 @@ def test_the_cache_size_is_its_blocks_and_must_hold_a_sequence_of_max_seq_len(ch
         engine_of(checkpoint, blocks=5, max_seq_len=81)
 
 
-def test_a_cache_too_small_for_every_sequence_preempts_and_recomputes_to_the_same_tokens(checkpoint, reference):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_cache_too_small_for_every_sequence_preempts_and_recomputes_to_the_same_tokens(checkpoint, reference,
+                                                                                          lanes):
+    """Two lanes: a sequence is preempted while its lane's step is in flight (that row lands without it)."""
     texts = ["def encode(self, o):", "import re", "class JSONDecoder(object):", "x = 1"]
-    engine = engine_of(checkpoint, blocks=6, max_seq_len=96)  # for four sequences that grow to some 50 each
+    engine = engine_of(checkpoint, blocks=6, max_seq_len=96, lanes=lanes)  # four sequences that grow to ~50 each
     try:
         prompts = [prompt_of(engine, t) for t in texts]
         futures = [engine.submit(SequenceRequest(p, 40, GREEDY, logprobs=True)) for p in prompts]

@@ -134,7 +134,7 @@ class Scheduler:
         if not running:
             return None
         for sequence in running:
-            self._register(sequence, sequence.context)
+            self._register(sequence)
         return self._step("decode", lane, running, [[s.tokens[-1]] for s in running],
                           [s.length - 1 for s in running])
 
@@ -159,11 +159,12 @@ class Scheduler:
         self.waiting.appendleft(sequence)
         self.preemptions += 1
 
-    def _register(self, sequence: SequenceState, tokens: list[int]) -> None:
-        """tokens' full blocks are stored by the step being scheduled: findable for reuse from now on."""
+    def _register(self, sequence: SequenceState) -> None:
+        """The step being scheduled stores sequence's context (its length): its full blocks are findable for
+        reuse from now on. Only when one more is full: a decode step builds no list of the whole context."""
         table = self.blocks.tables[sequence]
-        if self.blocks.prefix_caching and len(table.keys) < len(tokens) // self.blocks.block_size:
-            self.blocks.written(sequence, tokens)
+        if self.blocks.prefix_caching and len(table.keys) < sequence.length // self.blocks.block_size:
+            self.blocks.written(sequence, sequence.context)
 
     def _step(self, kind: str, lane: int, sequences: list[SequenceState], tokens: list[list[int]],
               lengths: list[int], ahead: int = 0) -> ScheduledStep:
@@ -208,7 +209,7 @@ class Scheduler:
             if cached is None:
                 break
             self.waiting.popleft()
-            self._register(sequence, context)
+            self._register(sequence)
             self.admissions += 1
             sequence.slot, sequence.cached, sequence.admission = free[len(admitted)], cached, self.admissions
             if not sequence.tokens:
