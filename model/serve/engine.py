@@ -209,6 +209,14 @@ class Engine:
         elif not already:
             self._commands.send_shutdown()
 
+    def cache_report(self) -> dict[str, int]:
+        """The KV cache's blocks, and the prompt tokens computed and reused over the engine's life (read from
+        another thread: plain counters)."""
+        blocks = self.blocks
+        return {"blocks": len(blocks.blocks), "free_blocks": blocks.free_blocks,
+                "prompt_tokens_computed": blocks.computed_tokens, "prompt_tokens_reused": blocks.hit_tokens,
+                "preemptions": self.scheduler.preemptions}
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
