@@ -1,5 +1,7 @@
 """The engine over a paged KV cache (model/kv_cache.py, model/serve/kv_blocks.py): admission by free blocks,
 preemption by recompute when they run out, prefix reuse, and every block back in the free pool afterwards."""
+import random
+import time
 from concurrent.futures import wait
 
 import pytest
@@ -114,5 +116,35 @@ def test_cancelled_and_finished_sequences_give_every_block_back(checkpoint):
         done = [engine.submit(SequenceRequest(prompt, 3, GREEDY)) for _ in range(2)]
         wait(futures[1::2] + done, timeout=120)
         assert not engine.scheduler.busy and all_blocks_free(engine)
+    finally:
+        engine.stop()
+
+
+def test_random_admissions_cancellations_and_preemptions_keep_the_tokens_and_every_block(checkpoint, reference):
+    """Shared heads, random tails and budgets, a third cancelled at random moments, over two lanes and a cache
+    of 8 blocks: every finished sequence has the reference's tokens, and every block comes back."""
+    rng = random.Random(0)
+    engine = engine_of(checkpoint, blocks=8, max_seq_len=64, lanes=2)
+    try:
+        heads = [[rng.randrange(1, 400) for _ in range(rng.choice([17, 20, 33]))] for _ in range(3)]
+        requests = []
+        for _ in range(30):
+            prompt = tuple(rng.choice(heads) + [rng.randrange(1, 400) for _ in range(rng.randrange(0, 6))])
+            requests.append((prompt, rng.randrange(1, 20)))
+        futures = []
+        for prompt, budget in requests:
+            futures.append(engine.submit(SequenceRequest(prompt, budget, GREEDY)))
+            if rng.random() < 0.3:
+                time.sleep(rng.random() * 0.02)
+                rng.choice(futures).cancel()
+        wait([f for f in futures if not f.cancelled()], timeout=120)  # wait() never counts a cancelled one done
+        for (prompt, budget), future in zip(requests, futures):
+            if not future.cancelled():
+                assert future.result().tokens == reference_greedy(reference, list(prompt), budget)
+        assert engine.blocks.hit_tokens > 0 and engine.scheduler.preemptions > 0
+        deadline = time.monotonic() + 10  # a cancelled sequence leaves at the step loop's next turn
+        while engine.scheduler.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all_blocks_free(engine)
     finally:
         engine.stop()
