@@ -92,7 +92,7 @@ class KVCache:
     def window(self, layer: int, slots: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots [n] at positions [0, context), gathered block by block through their tables
         into a contiguous copy, [n, context, kv_heads, head_dim] each. The copy runs at memcpy speed, which on a
-        CPU made decode steps as fast as a static cache read in place at 160 positions, but near 2x slower at 500
+        CPU made decode steps as fast as a static cache read in place at 160 positions, but 1.5-2x slower at 500
         (benchmarks/paged_cache.py): a kernel that reads blocks in place would remove it."""
         n, used = slots.numel(), -(-context // self.block_size)
         blocks = self.table[slots, :used].flatten()  # [n * used]
