@@ -2,11 +2,13 @@
 
 Every rank of a replica runs each step with the same StepPlan, in the same order. Each stage receives
 activations from the previous one (or embeds the tokens), runs its layers against its own KV cache and passes
-the result on; prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold,
-micro-batches of threshold // seq rows) so the stages overlap. A decode step runs over slot rows [0, rows) of
-its lane up to a context length, attention reading the KV cache in place. On a GPU, rows and context come from
-a few buckets, one CUDA graph each, captured at warm-up (cuda_graphs.py); on a CPU a step reads no more cache
-than its longest row needs. model.compile compiles each layer's parts around attention (once for every layer).
+the result on; prefill batches are split into micro-batches (Megatron's rule, row by row: rows × width within
+threshold, each micro-batch as wide as its widest row) so the stages overlap. A decode step runs over slot
+rows [0, rows) of its lane up to a context length, attention reading the paged KV cache through each slot's
+block table (kv_cache.py), which the plan sets; a prefill may start past a prompt's blocks already in the
+cache. On a GPU, rows and context come from a few buckets, one CUDA graph each, captured at warm-up
+(cuda_graphs.py); on a CPU a step reads no more cache than its longest row needs. model.compile compiles each
+layer's parts around attention (once for every layer).
 The last stage's TP rank 0 (the output rank) turns the logits into tokens and log-probabilities, on the
 device; greedy-only steps never gather the logits. A step copies only its outputs to the host.
 
@@ -396,7 +398,7 @@ class Generator:
     def _decode(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
                 sends: list) -> Optional[torch.Tensor]:
         """Last stage: hidden states [n, 1, H] of the plan's rows. The step runs over the slot rows
-        [0, rows) of the plan's lane whatever the plan's slots, so that attention reads the cache in place: a
+        [0, rows) of the plan's lane whatever the plan's slots, so that its shapes depend on rows alone: a
         captured graph at bucketed rows and context on a GPU, an eager step on exactly what it needs on a CPU.
         Rows without a token of this plan store at the cache's scratch position."""
         lane = self.lane_of(int(plan.slots.min()))  # from the plan's CPU copies: no device sync
