@@ -56,7 +56,11 @@ class Model(_Strict):
     # chat_template, chat_template.jinja); or a built-in name (nemotron4, chatml); or a jinja file
     chat_template: Optional[str] = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    max_batch: int = Field(16, ge=1)  # KV-cache slots: sequences decoded together
+    max_batch: int = Field(16, ge=1)  # the most sequences decoded together (each a slot of the KV cache's tables)
+    # each rank's paged KV cache in GiB (model/kv_cache.py); None: max_seq_len positions for each of max_batch
+    # sequences, a static cache's memory
+    kv_cache_gb: Optional[float] = Field(None, gt=0)
+    prefix_caching: bool = True  # a prompt's leading blocks already in the KV cache are reused, not computed again
     # KV-cache length per slot (prompt + generated); None: the checkpoint's context length. A recipe's value is an
     # upper bound; one given on the command line must fit the model
     max_seq_len: Optional[int] = Field(None, ge=2)

@@ -15,7 +15,7 @@ from fleetgen.conf.schema import LaunchConfig
 from fleetgen.model.checkpoint.open import read_config, validate_against
 from fleetgen.model.checkpoint.source import CheckpointError
 from fleetgen.model.config import ModelConfig
-from fleetgen.model.split import SplitError, check_max_seq_len, check_split
+from fleetgen.model.split import SplitError, check_max_seq_len, check_split, kv_cache_blocks
 
 
 def validate(cfg: LaunchConfig, overrides: list[str]) -> None:
@@ -84,6 +84,17 @@ def fit_to_model(cfg: LaunchConfig, model: ModelConfig, overrides: list[str]) ->
     check_model(cfg, model)
     on_command_line = any(o.lstrip("+~").partition("=")[0] == "model.max_seq_len" for o in overrides)
     cfg.model.max_seq_len = fit_max_seq_len(cfg, model, on_command_line)
+    check_kv_cache(cfg, model)
+
+
+def check_kv_cache(cfg: LaunchConfig, model: ModelConfig) -> None:
+    """model.kv_cache_gb holds a sequence of model.max_seq_len on every pipeline stage."""
+    try:
+        for stage in range(cfg.parallel.pipeline):
+            kv_cache_blocks(model, cfg.parallel.tensor, cfg.parallel.pipeline, stage, cfg.model.precision,
+                            cfg.model.kv_cache_gb, cfg.model.max_seq_len)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
 
 
 def check_model(cfg: LaunchConfig, model: ModelConfig) -> None:

@@ -2,11 +2,13 @@
 
 Every rank of a replica runs each step with the same StepPlan, in the same order. Each stage receives
 activations from the previous one (or embeds the tokens), runs its layers against its own KV cache and passes
-the result on; prefill batches are split into micro-batches (Megatron's rule: when batch * seq >= threshold,
-micro-batches of threshold // seq rows) so the stages overlap. A decode step runs over slot rows [0, rows) of
-its lane up to a context length, attention reading the KV cache in place. On a GPU, rows and context come from
-a few buckets, one CUDA graph each, captured at warm-up (cuda_graphs.py); on a CPU a step reads no more cache
-than its longest row needs. model.compile compiles each layer's parts around attention (once for every layer).
+the result on; prefill batches are split into micro-batches (Megatron's rule, row by row: rows × width within
+threshold, each micro-batch as wide as its widest row) so the stages overlap. A decode step runs over slot
+rows [0, rows) of its lane up to a context length, attention reading the paged KV cache through each slot's
+block table (kv_cache.py), which the plan sets; a prefill may start past a prompt's blocks already in the
+cache. On a GPU, rows and context come from a few buckets, one CUDA graph each, captured at warm-up
+(cuda_graphs.py); on a CPU a step reads no more cache than its longest row needs. model.compile compiles each
+layer's parts around attention (once for every layer).
 The last stage's TP rank 0 (the output rank) turns the logits into tokens and log-probabilities, on the
 device; greedy-only steps never gather the logits. A step copies only its outputs to the host.
 
@@ -26,7 +28,7 @@ from typing import Optional
 import torch
 
 from fleetgen.model.cuda_graphs import DecodeGraphs, StepInputs, context_buckets, row_buckets
-from fleetgen.model.kv_cache import KVCache
+from fleetgen.model.kv_cache import BLOCK_SIZE, KVCache
 from fleetgen.model.parallel import (ParallelState, broadcast_from_last_stage, recv_from_output_rank,
                                      recv_from_prev_pipeline_rank, send_to_first_rank, send_to_next_pipeline_rank,
                                      vocab_parallel_argmax)
@@ -76,6 +78,12 @@ class StepPlan:
     bias_ids: Optional[torch.Tensor] = None     # int64 [n, K] logit_bias token ids, -1 = none
     bias_values: Optional[torch.Tensor] = None  # float32 [n, K] added to those logits
     token_mask: Optional[torch.Tensor] = None   # int32 [n, ceil(vocab / 32)] allowed-token bitmask (-1 = all)
+    # the paged KV cache (kv_cache.py): each row's blocks, in position order (-1 = none); None: prefill gives each
+    # slot its own run of blocks, decode keeps the slot's table
+    blocks: Optional[torch.Tensor] = None       # int64 [n, W]
+    starts: Optional[torch.Tensor] = None       # int64 [n] prefill: leading prompt tokens already in those blocks
+    resumed: Optional[torch.Tensor] = None      # int64 [n] prefill: trailing prompt tokens that were generated
+                                                # (a preempted sequence computed again), not prompt for penalties
 
     @property
     def processes_logits(self) -> bool:
@@ -126,14 +134,16 @@ def greedy_plan(kind: str, slots: torch.Tensor, tokens: torch.Tensor, lengths: t
 class Generator:
     def __init__(self, stage: DecoderStage, ps: ParallelState, max_batch: int, max_seq_len: int,
                  microbatch_threshold: int = MICROBATCH_THRESHOLD, compile: bool = False, lanes: int = 1,
-                 graphs: Optional[bool] = None):
+                 graphs: Optional[bool] = None, num_blocks: Optional[int] = None, block_size: int = BLOCK_SIZE):
         """graphs: decode through bucketed graphs (cuda_graphs.py) once capture_graphs() has run; None: on a GPU.
-        On a CPU they are not captured but run as they are, which tests use."""
+        On a CPU they are not captured but run as they are, which tests use. max_batch: slots, the most
+        sequences at once; num_blocks: the KV cache's blocks of block_size positions (None: max_seq_len
+        positions for every slot, kv_cache.py)."""
         self.stage, self.ps, self.config = stage, ps, stage.config
         self._parts = compiled_layer_parts() if compile else None
         self.max_batch, self.max_seq_len, self.microbatch_threshold = max_batch, max_seq_len, microbatch_threshold
         self.cache = KVCache(len(stage.layers), max_batch, max_seq_len, stage.kv_heads, self.config.head_dim,
-                             stage.dtype, ps.device)
+                             stage.dtype, ps.device, num_blocks, block_size)
         self.lane_size = -(-max_batch // lanes)
         self.lanes = [range(first, min(first + self.lane_size, max_batch))
                       for first in range(0, max_batch, self.lane_size)]  # slot ranges
@@ -283,6 +293,10 @@ class Generator:
         if feed is not None:
             tokens = self._fed_tokens(plan, feed)
         every = self._wants_all(plan)
+        if plan.blocks is not None:
+            self.cache.set_tables(slots, to_device(plan.blocks, device))
+        elif plan.kind == "prefill":
+            self.cache.reset_tables(slots)
         if plan.kind == "prefill":
             self._start(plan, slots, tokens, lengths)
         else:
@@ -291,7 +305,7 @@ class Generator:
         sends: list[tuple[object, torch.Tensor]] = []
         with torch.no_grad():  # not inference_mode: callers may modify the returned tensors in place
             if plan.kind == "prefill":
-                logits = self._prefill(tokens, slots, None if every else lengths - 1, sends)
+                logits = self._prefill(plan, tokens, slots, lengths, every, sends)
             else:
                 h = self._decode(plan, tokens, slots, lengths, sends)
                 if self.ps.is_last_stage and self._argmax_only(plan):
@@ -315,7 +329,7 @@ class Generator:
         width = tokens.shape[1]
         self.history[slots, :width] = tokens
         self.history_len[slots] = lengths
-        self.prompt_len[slots] = lengths
+        self.prompt_len[slots] = lengths if plan.resumed is None else lengths - to_device(plan.resumed, slots.device)
         for slot, seed in zip(plan.slots.tolist(), plan.seed.tolist()):
             self.rngs[slot] = None
             if seed >= 0:
@@ -326,33 +340,65 @@ class Generator:
         """Whether every position's logits are needed, not just each row's last."""
         return (plan.logprobs and plan.kind == "prefill") or plan.full_logprobs
 
-    def _prefill(self, tokens: torch.Tensor, slots: torch.Tensor, select: Optional[torch.Tensor], sends: list):
-        """Last stage: fp32 logits [n, vocab] at positions select, or [n, s, vocab] when select is None."""
+    def _prefill(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                 every: bool, sends: list):
+        """Last stage: fp32 logits [n, vocab] at each prompt's last token, or [n, s, vocab] when every.
+        Rows with starts compute only their prompt's tokens past them, attending to the cached ones too."""
         ps, stage = self.ps, self.stage
-        n, s = tokens.shape
-        positions = torch.arange(s, device=tokens.device).expand(n, -1)  # [n, s]
-        size = max(1, self.microbatch_threshold // s) if n * s >= self.microbatch_threshold and s > 1 else n
+        starts = plan.starts if plan.starts is not None and plan.starts.any() else None  # CPU: no device sync
+        computed = plan.lengths - (0 if starts is None else starts)
+        widths = [tokens.shape[1]] * plan.n if every else computed.tolist()  # every: one width, for the logits
         logits = []
-        for start in range(0, n, size):
-            rows = slice(start, start + size)
-            m = tokens[rows].shape[0]
+        for first, last in self._microbatches(widths):
+            rows, m, s = slice(first, last), last - first, max(widths[first:last])
+            ids, positions, writes = self._prefill_rows(tokens[rows], lengths[rows],
+                                                        None if starts is None else starts[rows], s)
             if ps.is_first_stage:
-                h = stage.embed(tokens[rows], positions[rows])  # [m, s, H]
+                h = stage.embed(ids, positions)  # [m, s, H]
             else:
                 h = recv_from_prev_pipeline_rank((m, s, self.config.hidden_size), stage.dtype, ps)
-            h = stage.prefill_layers(h, positions[rows], slots[rows], self.cache)
+            mask = None if starts is None else decode_mask(positions, int(plan.lengths[rows].max()), stage.dtype)
+            h = stage.prefill_layers(h, positions, slots[rows], self.cache, writes, mask)
             if not ps.is_last_stage:
                 sends.append((send_to_next_pipeline_rank(h, ps), h))  # h stays alive until sent
-            elif select is None:
+            elif every:
                 logits.append(stage.logits(h))  # [m, s, vocab]
             else:
-                logits.append(stage.logits(h[torch.arange(m, device=h.device), select[rows]]))  # [m, vocab]
+                last_token = to_device(computed[rows] - 1, h.device)
+                logits.append(stage.logits(h[torch.arange(m, device=h.device), last_token]))  # [m, vocab]
         return torch.cat(logits) if ps.is_last_stage else None
+
+    def _microbatches(self, widths: list[int]) -> list[tuple[int, int]]:
+        """Row ranges [first, last) of a prefill, in order, each padded to its own widest row: Megatron's rule
+        (rows × width within microbatch_threshold, at least one row) taken row by row, so that a long prompt
+        does not pad the short remainders of prompts found in the cache."""
+        ranges, first, widest = [], 0, 0
+        for row, width in enumerate(widths):
+            wider = max(widest, width)
+            if row > first and wider * (row - first + 1) > self.microbatch_threshold:
+                ranges.append((first, row))
+                first, wider = row, width
+            widest = wider
+        return ranges + [(first, len(widths))]
+
+    def _prefill_rows(self, tokens: torch.Tensor, lengths: torch.Tensor, starts: Optional[torch.Tensor],
+                      width: int):
+        """The tokens [m, width] a micro-batch computes, their positions, and where they are stored (padding at
+        the cache's scratch position). starts None: every row from position 0."""
+        device, scratch = tokens.device, self.cache.scratch
+        offsets = torch.arange(width, device=device)
+        if starts is None:
+            positions = offsets.expand(tokens.shape[0], -1)
+            return tokens[:, :width], positions, torch.where(positions < lengths[:, None], positions, scratch)
+        starts = to_device(starts, device)
+        positions = (starts[:, None] + offsets).clamp(max=tokens.shape[1] - 1)  # padding: any valid position
+        inside = offsets < (lengths - starts)[:, None]
+        return tokens.gather(1, positions), positions, torch.where(inside, positions, scratch)
 
     def _decode(self, plan: StepPlan, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
                 sends: list) -> Optional[torch.Tensor]:
         """Last stage: hidden states [n, 1, H] of the plan's rows. The step runs over the slot rows
-        [0, rows) of the plan's lane whatever the plan's slots, so that attention reads the cache in place: a
+        [0, rows) of the plan's lane whatever the plan's slots, so that its shapes depend on rows alone: a
         captured graph at bucketed rows and context on a GPU, an eager step on exactly what it needs on a CPU.
         Rows without a token of this plan store at the cache's scratch position."""
         lane = self.lane_of(int(plan.slots.min()))  # from the plan's CPU copies: no device sync
@@ -500,6 +546,7 @@ class Generator:
                 raise ValueError(f"StepPlan.{name} has shape {tuple(getattr(plan, name).shape)}, expected [{n}]")
         self._check_processing(plan)
         self._check_positions(plan, width)
+        self._check_blocks(plan)
         if any(t <= 0 and not g for t, g in zip(plan.temperature.tolist(), plan.greedy.tolist())):
             raise ValueError("StepPlan.temperature must be > 0 where greedy is false")
         eos = self.config.eos_id
@@ -521,6 +568,31 @@ class Generator:
                 raise ValueError(f"StepPlan.{name} has shape {tuple(tensor.shape)}, expected {list(shape)}")
         if plan.bias_ids is not None and (plan.bias_ids >= self.config.vocab_size).any():
             raise ValueError(f"StepPlan.bias_ids: ids must be below the vocabulary size {self.config.vocab_size}")
+
+    def _check_blocks(self, plan: StepPlan) -> None:
+        cache, n = self.cache, plan.n
+        if plan.blocks is None and not cache.identity_tables:
+            raise ValueError(f"StepPlan.blocks: a cache of {cache.num_blocks} blocks cannot give each of "
+                             f"{cache.max_batch} slots its own, so every plan names its rows' blocks")
+        if plan.blocks is not None:
+            if plan.blocks.dim() != 2 or plan.blocks.shape[0] != n or plan.blocks.shape[1] > cache.table.shape[1] - 1:
+                raise ValueError(f"StepPlan.blocks has shape {tuple(plan.blocks.shape)}, expected [{n}, W <= "
+                                 f"{cache.table.shape[1] - 1}]")
+            if plan.blocks.numel() and not (-1 <= int(plan.blocks.min()) and int(plan.blocks.max()) < cache.num_blocks):
+                raise ValueError(f"StepPlan.blocks: ids must be in [-1, {cache.num_blocks})")
+        for name in ("starts", "resumed"):
+            column = getattr(plan, name)
+            if column is None:
+                continue
+            if plan.kind != "prefill" or tuple(column.shape) != (n,):
+                raise ValueError(f"StepPlan.{name}: a prefill's [{n}] column")
+            if (column < 0).any() or (column >= plan.lengths).any():
+                raise ValueError(f"StepPlan.{name}={column.tolist()} must be in [0, lengths)")
+        if plan.starts is not None and plan.starts.any():
+            if self._wants_all(plan):
+                raise ValueError("StepPlan.starts: a step that wants every position's logits computes them all")
+            if plan.blocks is None:
+                raise ValueError("StepPlan.starts: cached tokens are read through the plan's blocks")
 
     def _check_positions(self, plan: StepPlan, width: int) -> None:
         lengths = plan.lengths.tolist()

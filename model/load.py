@@ -10,7 +10,7 @@ from fleetgen.model.checkpoint.source import CheckpointSource
 from fleetgen.model.generate import Generator
 from fleetgen.model.layers import LAYER_NORM_IMPL, pack_linear_weights
 from fleetgen.model.parallel import ParallelState
-from fleetgen.model.split import check_max_seq_len
+from fleetgen.model.split import check_max_seq_len, kv_cache_blocks
 from fleetgen.model.transformer import DecoderStage
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,16 +34,19 @@ def load_stage(source: CheckpointSource, ps: ParallelState, precision: str) -> D
 
 def build_generator(source: CheckpointSource, ps: ParallelState, precision: str, max_batch: int,
                     max_seq_len: int, compile: Union[bool, str] = False, lanes: int = 1,
-                    graphs: Optional[bool] = None) -> Generator:
+                    graphs: Optional[bool] = None, kv_cache_gb: Optional[float] = None) -> Generator:
     """compile: torch.compile each layer's parts around attention (Generator); "auto" does on a GPU, where it
     made the decode graph of a GPT-2B-001-shaped model 1.4x faster for 11 s of start-up (README), not on a CPU,
     where the step is its oneDNN GEMMs and compiled and eager steps measured alike.
     lanes: groups of KV-cache slots whose steps may be in flight at once (Generator).
-    graphs: decode through captured graphs; None: on a GPU (model/cuda_graphs.py)."""
+    graphs: decode through captured graphs; None: on a GPU (model/cuda_graphs.py).
+    kv_cache_gb: this rank's KV cache, in GiB of blocks; None: max_seq_len positions for each of max_batch slots."""
     check_max_seq_len(source.config, max_seq_len)
     compiled = ps.device.type == "cuda" if compile == "auto" else bool(compile)
-    return Generator(load_stage(source, ps, precision), ps, max_batch, max_seq_len, compile=compiled, lanes=lanes,
-                     graphs=graphs)
+    stage = load_stage(source, ps, precision)
+    return Generator(stage, ps, max_batch, max_seq_len, compile=compiled, lanes=lanes, graphs=graphs,
+                     num_blocks=kv_cache_blocks(source.config, ps.tp_size, ps.pp_size, ps.pp_rank, precision,
+                                                kv_cache_gb, max_seq_len))
 
 
 def startup_report(generator: Generator) -> str:

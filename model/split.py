@@ -1,11 +1,16 @@
-"""How a model splits over tensor × pipeline ranks, and how long a sequence it takes: rules that need only its
-ModelConfig, so that the launcher checks them on the login node (launcher/validate.py) without importing torch,
-and the ranks building the model (model/transformer.py, model/layers.py) apply the same ones."""
+"""How a model splits over tensor × pipeline ranks, how long a sequence it takes and how many KV-cache blocks
+a rank's memory holds: rules that need only its ModelConfig, so that the launcher checks them on the login node
+(launcher/validate.py) without importing torch, and the ranks building the model (model/transformer.py,
+model/layers.py, model/load.py) apply the same ones."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from fleetgen.model.config import ModelConfig
+
+BLOCK_SIZE = 16  # positions a KV-cache block (model/kv_cache.py): vLLM's default
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 class SplitError(ValueError):
@@ -74,3 +79,19 @@ def check_max_seq_len(config: ModelConfig, max_seq_len: int) -> None:
     if config.position_embedding == "learned" and max_seq_len > config.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {config.max_position_embeddings} "
                          f"learned positions")
+
+
+def kv_cache_blocks(config: ModelConfig, tp_size: int, pp_size: int, pp_rank: int, precision: str,
+                    kv_cache_gb: Optional[float], max_seq_len: int) -> Optional[int]:
+    """The KV-cache blocks kv_cache_gb GiB hold on a rank of pipeline stage pp_rank (keys and values of
+    BLOCK_SIZE positions in each of its layers); None stays None (a static cache's memory, model/kv_cache.py).
+    An error when not even one sequence of max_seq_len fits."""
+    if kv_cache_gb is None:
+        return None
+    layers = len(stage_layers(config, pp_size, pp_rank))
+    per_block = 2 * layers * BLOCK_SIZE * local_kv_heads(config, tp_size) * config.head_dim * ELEMENT_BYTES[precision]
+    blocks = int(kv_cache_gb * 2**30 // per_block)
+    if blocks * BLOCK_SIZE < max_seq_len:
+        raise ValueError(f"model.kv_cache_gb={kv_cache_gb} holds {blocks} blocks of {BLOCK_SIZE} positions "
+                         f"({per_block} bytes each) on stage {pp_rank}, not one sequence of max_seq_len={max_seq_len}")
+    return blocks

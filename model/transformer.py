@@ -22,11 +22,11 @@ from fleetgen.model.split import check_split, local_kv_heads, stage_layers
 
 
 def decode_mask(positions: torch.Tensor, context: int, dtype: torch.dtype) -> torch.Tensor:
-    """[n, 1, 1, context]: 0 where a row at positions [n, 1] sees a cached position, -inf elsewhere. Made once a
-    step in the attention's dtype, so no layer converts a boolean mask again."""
-    visible = torch.arange(context, device=positions.device) <= positions  # [n, context]
+    """[n, 1, s, context]: 0 where a query at positions [n, s] sees a cached position (its own and earlier ones),
+    -inf elsewhere. Made once a step in the attention's dtype, so no layer converts a boolean mask again."""
+    visible = torch.arange(context, device=positions.device) <= positions[..., None]  # [n, s, context]
     return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(
-        ~visible, float("-inf"))[:, None, None, :]
+        ~visible, float("-inf"))[:, None]
 
 
 class LayerParts(NamedTuple):
@@ -62,11 +62,13 @@ class ParallelAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, cache: KVCache, layer: int,
                slots: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
-        """Store k, v in the cache, then attend: [n, s, heads * d], before the output projection."""
+        """Store k, v in the cache, then attend: [n, s, heads * d], before the output projection. Every row
+        stores before any reads, so a row may read blocks that another row of the same step writes (a prompt
+        shared by the samples of one request, model/serve/kv_blocks.py)."""
         n, s = q.shape[:2]
         cache.update(layer, slots, writes, k, v)
-        if mask is not None:  # decode: row i is slot i and attends to its cached positions, read in place
-            k, v = cache.window(layer, n, mask.shape[-1])  # [n, context, kv_heads, d]
+        if mask is not None:  # attends to cached positions, read through the slots' block tables
+            k, v = cache.window(layer, slots, mask.shape[-1])  # [n, context, kv_heads, d]
         return self._attend(q, k, v, mask).reshape(n, s, self.heads * self.config.head_dim)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
@@ -164,10 +166,12 @@ class DecoderStage(nn.Module):
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embedding(tokens, positions)  # [n, s, H]
 
-    def prefill_layers(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                       cache: KVCache) -> torch.Tensor:
-        """Prompts [n, s] from position 0, causal over their own fresh keys; stored in slots [n]."""
-        return self._layers(h, self._rope(positions), None, cache, slots, positions)
+    def prefill_layers(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache,
+                       writes: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Prompts [n, s] at positions [n, s], stored in slots [n] at writes [n, s]. mask None: every row starts
+        at position 0, causal over its own fresh keys; else (decode_mask) rows continue a prefix already in the
+        cache and attend through their block tables."""
+        return self._layers(h, self._rope(positions), mask, cache, slots, writes)
 
     def decode_layers(self, h: torch.Tensor, positions: torch.Tensor, writes: torch.Tensor, mask: torch.Tensor,
                       cache: KVCache, parts: Optional[LayerParts] = None) -> torch.Tensor:

@@ -98,13 +98,14 @@ class Served:
 
 
 def make_engine(checkpoint: Path, ps: ParallelState, max_batch: int = 4, max_seq_len: int = 128,
-                lanes: Optional[int] = None, graphs: Optional[bool] = None) -> Engine:
+                lanes: Optional[int] = None, graphs: Optional[bool] = None, kv_cache_gb: Optional[float] = None,
+                prefix_caching: bool = True) -> Engine:
     """lanes: one a pipeline stage by default, as the worker builds it. graphs: decode through the GPU's
     bucketed graph path (run as it is on a CPU)."""
     source = open_checkpoint(checkpoint)
     generator = build_generator(source, ps, "fp32", max_batch, max_seq_len, lanes=lanes or ps.pp_size,
-                                graphs=graphs)
-    return Engine(generator, source.tokenizer(), ps, source.config)
+                                graphs=graphs, kv_cache_gb=kv_cache_gb)
+    return Engine(generator, source.tokenizer(), ps, source.config, prefix_caching=prefix_caching)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ def test_tiny_runs_a_checkpoint_with_fewer_positions_than_the_recipes_max_seq_le
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 and not [r for r in records if "error" in r]
     logs = "".join(p.read_text() for p in (tmp_path / "jobs").glob("*/*_log.out"))
-    assert "× 128 tokens" in logs  # the KV cache holds the checkpoint's context, not the recipe's 512
+    assert "slots of up to 128 tokens" in logs  # the KV cache holds the checkpoint's context, not the recipe's 512
 
 
 def test_ctrl_c_of_a_serving_launcher_shows_one_line_and_exits_130(tmp_path):

@@ -38,8 +38,8 @@ def test_startup_report_names_the_shard(generator):
     for part in ("gpt2", "2 layers", "hidden 64", "vocab 250 (padded 256)", "layers 0-1", "float32",
                  "layer norm torch", "KV cache"):
         assert part in line, f"{part!r} missing from {line!r}"
-    # 2 (k, v) × 2 layers × 4 slots × (48 positions + 1 scratch) × 4 heads × 16 dims × 4 bytes
-    assert generator.cache.bytes == 2 * 2 * 4 * (48 + 1) * 4 * 16 * 4
+    # 2 (k, v) × 2 layers × (4 slots × 3 blocks of 16 positions + 1 scratch block) × 4 heads × 16 dims × 4 bytes
+    assert generator.cache.bytes == 2 * 2 * (4 * 3 + 1) * 16 * 4 * 16 * 4
 
 
 def test_learned_positions_bound_max_seq_len(gpt2):

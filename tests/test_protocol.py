@@ -26,7 +26,17 @@ def _processed_plan(kind, n, width):
     return plan
 
 
-FIELDS = ("slots", "tokens", "lengths", "temperature", "top_k", "top_p", "greedy", "repetition_penalty", "ban_eos",
+def _paged_plan(kind, n, width):
+    """With each row's block table, and a prefill's cached and recomputed tokens."""
+    plan = _plan(kind, n, width)
+    plan.blocks = torch.arange(n * 3).view(n, 3) - 1
+    if kind == "prefill":
+        plan.starts, plan.resumed = torch.arange(n) % 2 * 4, torch.arange(n) % 3
+    return plan
+
+
+FIELDS = ("blocks", "starts", "resumed",
+          "slots", "tokens", "lengths", "temperature", "top_k", "top_p", "greedy", "repetition_penalty", "ban_eos",
           "seed", "presence_penalty", "frequency_penalty", "bias_ids", "bias_values", "token_mask")
 
 
@@ -42,10 +52,11 @@ def _round_trip(plan: StepPlan) -> StepPlan:
     return protocol.unpack(protocol.pack(plan), plan.kind, plan.logprobs, plan.full_logprobs,
                            plan.tokens.shape[1], plan.presence_penalty is not None,
                            0 if plan.bias_ids is None else plan.bias_ids.shape[1],
-                           0 if plan.token_mask is None else plan.token_mask.shape[1])
+                           0 if plan.token_mask is None else plan.token_mask.shape[1],
+                           0 if plan.blocks is None else plan.blocks.shape[1])
 
 
-@pytest.mark.parametrize("make", [_plan, _processed_plan])
+@pytest.mark.parametrize("make", [_plan, _processed_plan, _paged_plan])
 def test_pack_and_unpack_keep_every_field_bit_for_bit(make):
     plan = make("prefill", 5, 7)
     assert _same(_round_trip(plan), plan)
@@ -53,8 +64,10 @@ def test_pack_and_unpack_keep_every_field_bit_for_bit(make):
 
 def _follow_protocol(rank, world_size, tensor, pipeline):
     ps = ParallelState.build(tensor, pipeline)
-    plans = [_plan("prefill", 3, 4), _plan("decode", 2, 1), _processed_plan("decode", 2, 1)]
-    commands = protocol.Commands(ps, inline_rows=2)  # the decode plan inline, the prefill's payload apart
+    plans = [_plan("prefill", 3, 4), _plan("decode", 2, 1), _processed_plan("decode", 2, 1),
+             _paged_plan("prefill", 3, 4), _paged_plan("decode", 2, 1)]
+    # the decode plans inline (a paged one's 3 blocks a row too), the prefills' payloads apart
+    commands = protocol.Commands(ps, inline_rows=2, inline_blocks=3)
     if rank == 0:
         for plan in plans:
             commands.send_step(plan)

@@ -70,6 +70,8 @@ def test_health_says_loading_until_attached_and_ready_after(checkpoint):
     health = requests.get(f"{url}/health").json()
     assert health["status"] == "ready" and health["devices"] == ["rank 0: cpu"] and requests.put(url).status_code == 200
     assert set(health["startup_s"]) == {"warm_up", "capture"}
+    assert health["kv_cache"] == {"blocks": 4 * 128 // 16, "free_blocks": 4 * 128 // 16, "prompt_tokens_computed": 0,
+                                  "prompt_tokens_reused": 0, "preemptions": 0}
     server.shutdown()
     server.wait()
 

@@ -119,3 +119,5 @@ def test_after_the_fuzzing_the_server_is_healthy_and_answers(served):
     completion = client.post("/v1/completions", json={"model": MODEL, "prompt": "import", "max_tokens": 2})
     assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] >= 1
     assert server.engine.error is None and server.engine.running
+    blocks = server.engine.blocks  # every answered request gave its KV-cache blocks back
+    assert not blocks.tables and blocks.free_blocks == len(blocks.blocks)

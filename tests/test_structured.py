@@ -17,6 +17,7 @@ from fleetgen.launcher.errors import LaunchError
 from fleetgen.model import constraints
 from fleetgen.model.parallel import ParallelState
 from fleetgen.model.serve.engine import Engine, Sampling, SequenceRequest
+from fleetgen.model.serve.kv_blocks import BlockManager
 from fleetgen.model.serve.scheduler import ScheduledStep, Scheduler, SequenceState
 from tests.json_schemas import random_schemas
 from tests.server_fixtures import MODEL, make_engine, serving
@@ -140,12 +141,13 @@ def test_a_batch_record_with_a_schema_that_cannot_compile_fails_validation_namin
 
 def test_a_constrained_sequence_is_never_decoded_ahead():
     """Run-ahead decode feeds a token before it is known; a grammar's mask needs it first."""
-    scheduler = Scheduler([range(0, 2)], 100)
+    scheduler = Scheduler([range(0, 2)], 100, BlockManager(num_blocks=4, block_size=4))
     request = SequenceRequest((1, 2), 10)
     for constrained in (False, True):
         scheduler.clear()
         sequence = SequenceState(request, None, grammar=object() if constrained else None, slot=0, tokens=[5])
         scheduler.active[0] = sequence
+        scheduler.blocks.admit(sequence, sequence.context, 3)
         step = ScheduledStep("decode", 0, [sequence], [[5]], [2])
         assert (scheduler.decode_after(step) is None) == constrained
 

@@ -7,7 +7,7 @@ import pytest
 
 from fleetgen.conf.schema import LaunchConfig
 from fleetgen.launcher.errors import LaunchError
-from fleetgen.launcher.validate import check_model, fit_max_seq_len
+from fleetgen.launcher.validate import check_kv_cache, check_model, fit_max_seq_len
 from tests.checkpoint_writers import small_config
 
 
@@ -48,6 +48,20 @@ def test_max_seq_len_is_the_models_context_unless_set_lower(requested, on_comman
     cfg.model.max_seq_len = requested
     model = small_config(position_embedding=position_embedding)
     assert fit_max_seq_len(cfg, model, on_command_line) == expected
+
+
+def test_a_kv_cache_that_cannot_hold_one_sequence_on_every_stage_is_refused_before_submission():
+    cfg = launch_config(pipeline=2)
+    model = small_config()  # 4 layers, 2 a stage; 2 groups of 8 dims: a block is 2 × 2 layers × 16 × 2 × 8 × 4 bytes
+    cfg.model.max_seq_len, cfg.model.kv_cache_gb = 64, 4 * 4096 / 2**30  # 4 blocks: 64 positions
+    check_kv_cache(cfg, model)
+    cfg.model.max_seq_len = 65
+    with pytest.raises(LaunchError, match=r"^model.kv_cache_gb=1.52\S* holds 4 blocks of 16 positions \(4096 bytes "
+                                          r"each\) on stage 0, not one sequence of max_seq_len=65"):
+        check_kv_cache(cfg, model)
+    with pytest.raises(ValueError, match="greater than 0"):
+        LaunchConfig.model_validate({"recipe": "test", "cluster": {"kind": "local"},
+                                     "model": {"checkpoint": "/x", "kv_cache_gb": 0}})
 
 
 def test_max_seq_len_above_the_models_on_the_command_line_is_an_error():

@@ -33,6 +33,7 @@ from fleetgen.model.config import ModelConfig
 from fleetgen.model.generate import Flight, Generator, StepPlan, greedy_plan
 from fleetgen.model.parallel import ParallelState, describe_replica_devices
 from fleetgen.model.serve.grammar import Grammars
+from fleetgen.model.serve.kv_blocks import BlockManager
 from fleetgen.model.serve.output import OutputProcessor, SequenceResult  # noqa: F401 (SequenceResult: API)
 from fleetgen.model.serve.scheduler import ScheduledStep, Scheduler, SequenceState
 
@@ -98,10 +99,11 @@ class _InFlight:
 class Engine:
     def __init__(self, generator: Generator, tokenizer: Tokenizer, ps: ParallelState, config: ModelConfig,
                  max_prefill_tokens: int = MAX_PREFILL_TOKENS, idle_signal_s: Optional[float] = None,
-                 run_ahead: Optional[bool] = None):
+                 run_ahead: Optional[bool] = None, prefix_caching: bool = True):
         """run_ahead: launch each decode step before the last one lands, fed its tokens on the device
         (Scheduler.decode_after); None: where the runner can (a lone rank) and it pays, on a GPU. A CPU runs a
-        step while launching it, so there the host has nothing to overlap."""
+        step while launching it, so there the host has nothing to overlap. prefix_caching: a prompt's leading
+        full blocks already in the KV cache are reused, not computed again (kv_blocks.py)."""
         self.generator, self.tokenizer, self.ps, self.config = generator, tokenizer, ps, config
         if run_ahead is None:
             run_ahead = generator.can_feed and ps.device.type == "cuda"
@@ -115,12 +117,15 @@ class Engine:
         self.ready = threading.Event()              # warmed up: every rank can serve
         self.devices: list[str] = []                # each rank's device, in replica rank order (warm_up)
         self.startup_s: dict[str, float] = {}       # seconds each start-up phase took (the worker adds its own)
-        self.scheduler = Scheduler(generator.lanes, max_prefill_tokens)
+        cache = generator.cache
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, prefix_caching)
+        self.scheduler = Scheduler(generator.lanes, max_prefill_tokens, self.blocks)
         self.outputs = OutputProcessor(tokenizer)
         self.grammars = Grammars(tokenizer, config.vocab_size, config.eos_id)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._flights: deque[_InFlight] = deque()   # launched, not landed: oldest first, at most one a lane
-        self._commands = protocol.Commands(ps, generator.max_batch)
+        # a decode step's tables travel in the envelope up to this many blocks a row (256 tokens of 16)
+        self._commands = protocol.Commands(ps, generator.max_batch, min(16, cache.table.shape[1] - 1))
         self._lock = threading.Lock()               # orders submissions against stop()
         self._stopping = False
         self._warmed = False
@@ -135,9 +140,13 @@ class Engine:
         started = time.monotonic()
         self.devices = describe_replica_devices(self.ps)
         token = self.eos_id or 0
-        slots, lengths = torch.tensor([0]), torch.tensor([2])
-        first = self.generator.step(greedy_plan("prefill", slots, torch.tensor([[token, token]]), lengths))
-        self.generator.step(greedy_plan("decode", slots, first.tokens[:, None], lengths))
+        slots, lengths, blocks = torch.tensor([0]), torch.tensor([2]), torch.tensor([[0]])  # 3 positions: a block
+        prefill = greedy_plan("prefill", slots, torch.tensor([[token, token]]), lengths)
+        prefill.blocks = blocks
+        first = self.generator.step(prefill)
+        decode = greedy_plan("decode", slots, first.tokens[:, None], lengths)
+        decode.blocks = blocks
+        self.generator.step(decode)
         captured = time.monotonic()
         graphs = self.generator.capture_graphs()
         self.startup_s.update(warm_up=captured - started, capture=time.monotonic() - captured)
@@ -178,8 +187,9 @@ class Engine:
         sequence's slot at the next step. A constrained sequence gets its grammar matcher here (ConstraintError
         when its grammar does not fit the vocabulary; the first one also builds llguidance's vocabulary)."""
         total = len(request.prompt) + request.max_new_tokens
-        if not request.prompt or total > self.max_seq_len:
-            raise ValueError(f"a sequence needs 1 to {self.max_seq_len} tokens in all, got a prompt of "
+        limit = min(self.max_seq_len, self.blocks.block_size * len(self.blocks.blocks))
+        if not request.prompt or total > limit:
+            raise ValueError(f"a sequence needs 1 to {limit} tokens in all, got a prompt of "
                              f"{len(request.prompt)} + {request.max_new_tokens} new tokens")
         grammar = None if request.constraint is None else self.grammars.matcher(request.constraint)
         with self._lock:
@@ -198,6 +208,14 @@ class Engine:
             self._thread.join()
         elif not already:
             self._commands.send_shutdown()
+
+    def cache_report(self) -> dict[str, int]:
+        """The KV cache's blocks, and the prompt tokens computed and reused over the engine's life (read from
+        another thread: plain counters)."""
+        blocks = self.blocks
+        return {"blocks": len(blocks.blocks), "free_blocks": blocks.free_blocks,
+                "prompt_tokens_computed": blocks.computed_tokens, "prompt_tokens_reused": blocks.hit_tokens,
+                "preemptions": self.scheduler.preemptions}
 
     @property
     def running(self) -> bool:
@@ -269,7 +287,7 @@ class Engine:
         out = self.generator.land(done.flight)
         self.step_started = self._flights[0].started if self._flights else None
         for row, sequence in enumerate(done.step.sequences):
-            if not self.scheduler.is_running(sequence):  # cancelled while its step was in flight
+            if not self.scheduler.is_current(done.step, row):  # cancelled or preempted while in flight
                 continue
             self.outputs.record(done.step, row, sequence, out)
             complete = sequence.grammar is not None and Grammars.accept(sequence.grammar, sequence.tokens[-1])
@@ -287,7 +305,9 @@ class Engine:
         sampling = [s.request.sampling for s in sequences]
         ints = torch.tensor([
             step.slots, step.lengths, [min(x.top_k, vocab) for x in sampling],
-            [x.seed if step.kind == "prefill" and x.seed is not None else -1 for x in sampling],
+            # a preempted sequence's generator is not seeded again: its stream would start over
+            [x.seed if step.kind == "prefill" and x.seed is not None and not s.tokens else -1
+             for s, x in zip(sequences, sampling)],
             [x.greedy for x in sampling],
             # a constrained row's grammar alone says when the end-of-document token may come
             [eos is not None and s.grammar is None and len(s.tokens) + step.ahead < x.min_tokens
@@ -301,7 +321,17 @@ class Engine:
                         logprobs=any(s.request.logprobs for s in sequences),
                         full_logprobs=any(s.request.full_logprobs for s in sequences),
                         token_mask=self.grammars.bitmask([s.grammar for s in sequences]),
-                        **_logits_processing(sampling))
+                        **self._paging(step), **_logits_processing(sampling))
+
+    def _paging(self, step: ScheduledStep) -> dict[str, torch.Tensor]:
+        """Each row's block table; a prefill's cached prompt tokens and generated ones (a preempted sequence's)."""
+        tables = [self.blocks.tables[s].blocks for s in step.sequences]
+        width = max(len(t) for t in tables)
+        columns = {"blocks": torch.tensor([t + [-1] * (width - len(t)) for t in tables])}
+        if step.kind == "prefill":
+            columns["starts"] = torch.tensor([s.cached for s in step.sequences])
+            columns["resumed"] = torch.tensor([len(s.tokens) for s in step.sequences])
+        return columns
 
     def _fail_all(self, error: Exception) -> None:
         self._take_submissions(block=False)

@@ -60,14 +60,18 @@ class BlockManager:
 
     # ---- a sequence's life
 
-    def admit(self, seq: object, prompt: Sequence[int], reserve: int) -> Optional[int]:
+    def cached_prefix(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of prompt admit() would find in the cache now."""
+        return len(self._longest_prefix(prompt)) * self.block_size
+
+    def admit(self, seq: object, prompt: Sequence[int], reserve: int, reuse: bool = True) -> Optional[int]:
         """Give seq the blocks for its first `reserve` positions (≥ its prompt), reusing the longest cached
-        prefix of prompt. Returns how many prompt tokens are already in the cache (a multiple of block_size,
-        and never the whole prompt: its last token is computed for its logits), or None, taking nothing,
-        when the free blocks do not suffice."""
+        prefix of prompt (unless not reuse: every token computed). Returns how many prompt tokens are already
+        in the cache (a multiple of block_size, and never the whole prompt: its last token is computed for its
+        logits), or None, taking nothing, when the free blocks do not suffice."""
         if seq in self.tables:
             raise ValueError(f"sequence {seq!r} is admitted already")
-        hits = self._longest_prefix(prompt)
+        hits = self._longest_prefix(prompt) if reuse else []
         needed = self.blocks_for(max(reserve, len(prompt))) - len(hits)
         reusable_free = sum(1 for b in hits if self.blocks[b].refs == 0)  # counted in free_blocks, not takeable
         if needed > self.free_blocks - reusable_free:

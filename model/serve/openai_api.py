@@ -95,11 +95,13 @@ def shown_text(result: SequenceResult, stop: StopCondition, tokenizer: Tokenizer
 
 
 def usage(results: list[SequenceResult], n: int) -> dict:
-    """OpenAI's usage: each prompt's tokens once, however many completions it has."""
+    """OpenAI's usage: each prompt's tokens once, however many completions it has; of those, the ones its first
+    completion found in the KV cache (prompt_tokens_details.cached_tokens)."""
     prompt_tokens = sum(len(r.prompt) for r in results[::n])
     completion_tokens = sum(len(r.tokens) for r in results)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in results[::n])}}
 
 
 def _prompt_text(request: CompletionRequest, index: int, ids: list[int], tokenizer: Tokenizer) -> str:

@@ -23,6 +23,7 @@ class SequenceResult:
     finish_reason: str              # "stop" | "length"
     logprobs: Optional[list[float]] = None       # len(prompt) + len(tokens) - 1
     full_logprobs: Optional[torch.Tensor] = None  # [len(prompt) + len(tokens) - 1, vocab]
+    cached_tokens: int = 0          # leading prompt tokens found in the KV cache, not computed (first admission)
 
 
 class OutputProcessor:
@@ -33,14 +34,19 @@ class OutputProcessor:
         """Row row of out is sequence's next token (and, when asked, its log-probabilities)."""
         request = sequence.request
         token, prompt_len = int(out.tokens[row]), len(request.prompt)
+        # a preempted sequence's prefill computes its prompt again: its log-probabilities are recorded already
+        first = step.kind == "prefill" and not sequence.tokens
+        computed = len(step.tokens[row])  # a prefill's prompt, with a preempted sequence's tokens
         sequence.tokens.append(token)
         if request.logprobs:
-            if step.kind == "prefill":
+            if first:
                 sequence.logprobs += out.prompt_logprobs[row, :prompt_len - 1].tolist()
             sequence.logprobs.append(float(out.logprobs[row]))
         if request.full_logprobs:
             # prefill: rows 0..len-1 predict prompt tokens 1.. and the first new token; decode: one row
-            sequence.rows.append(out.full_logprobs[row, :prompt_len if step.kind == "prefill" else 1].clone())
+            rows = slice(0, prompt_len) if first else slice(computed - 1, computed) if step.kind == "prefill" \
+                else slice(0, 1)
+            sequence.rows.append(out.full_logprobs[row, rows].clone())
         if sequence.on_token is not None:
             sequence.on_token(token)
 
@@ -53,7 +59,7 @@ class OutputProcessor:
         request = sequence.request
         rows = torch.cat(sequence.rows) if request.full_logprobs else None
         result = SequenceResult(list(request.prompt), sequence.tokens, reason,
-                              sequence.logprobs if request.logprobs else None, rows)
+                              sequence.logprobs if request.logprobs else None, rows, sequence.prompt_cached)
         try:
             sequence.future.set_result(result)
         except InvalidStateError:  # cancelled by its client meanwhile: nobody is waiting

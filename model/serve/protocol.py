@@ -8,12 +8,13 @@ lane in flight (generate.py, engine.py). A later stage has the receive of its ne
 command is sent, so taking it costs no round trip. An idle follower blocks in the receive (the process
 group's timeout is long): no polling, no pickling.
 
-A command is an envelope, int64 [HEADER_SIZE + inline_rows * (PARAMS + 1)]: the header, then a decode step's
-payload when it fits; a wider step's payload follows as a message of its own. A payload is int64
-[n, PARAMS + width + 2 * bias_width + ceil(mask_words / 2)]:
+A command is an envelope, int64 [HEADER_SIZE + inline_rows * (PARAMS + 1 + inline_blocks)]: the header, then a
+decode step's payload when it fits; a wider step's payload follows as a message of its own. A payload is int64
+[n, PARAMS + width + 2 * bias_width + ceil(mask_words / 2) + table_width]:
 
-    slots, lengths, top_k, seed, greedy, ban_eos, temperature, top_p, repetition_penalty, presence_penalty,
-    frequency_penalty, tokens[width], bias_ids[bias_width], bias_values[bias_width], token_mask
+    slots, lengths, top_k, seed, greedy, ban_eos, starts, resumed, temperature, top_p, repetition_penalty,
+    presence_penalty, frequency_penalty, tokens[width], bias_ids[bias_width], bias_values[bias_width],
+    token_mask, blocks[table_width]
 
 The float32 columns travel as their bit patterns and the grammar's int32 mask words two to a column, so that
 one message carries the whole plan. The header says which of the plan's optional parts (the penalties, logit_bias, the
@@ -32,20 +33,20 @@ from fleetgen.model.parallel import ParallelState
 
 STEP, SHUTDOWN, IDLE = 1, 2, 3
 KINDS = ("prefill", "decode")
-HEADER_SIZE = 9  # command, kind, n, width, logprobs, full_logprobs, penalties, bias_width, mask_words
-INT_COLUMNS = ("slots", "lengths", "top_k", "seed", "greedy", "ban_eos")
+HEADER_SIZE = 10  # command, kind, n, width, logprobs, full_logprobs, penalties, bias_width, mask_words, table_width
+INT_COLUMNS = ("slots", "lengths", "top_k", "seed", "greedy", "ban_eos", "starts", "resumed")
 FLOAT_COLUMNS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 PARAMS = len(INT_COLUMNS) + len(FLOAT_COLUMNS)
 
 
 class Commands:
     """One rank's end of the command flow. inline_rows: the most rows a decode payload carried in the envelope
-    (the engine's slot count)."""
+    (the engine's slot count); inline_blocks: the widest block table it carries for them."""
 
-    def __init__(self, ps: ParallelState, inline_rows: int):
+    def __init__(self, ps: ParallelState, inline_rows: int, inline_blocks: int = 0):
         self.ps = ps
         self.alone = len(ps.replica_ranks) == 1  # a one-rank replica: the leader sends nothing
-        self.envelope_size = HEADER_SIZE + inline_rows * (PARAMS + 1)
+        self.envelope_size = HEADER_SIZE + inline_rows * (PARAMS + 1 + inline_blocks)
         self._passing_on: deque[tuple[object, torch.Tensor]] = deque()  # sends to the next stage under way
         self._next: Optional[tuple[object, torch.Tensor]] = None        # later stages: the posted receive
 
@@ -56,7 +57,8 @@ class Commands:
         n, width = plan.tokens.shape
         payload = pack(plan)
         header = [STEP, KINDS.index(plan.kind), n, width, int(plan.logprobs), int(plan.full_logprobs),
-                  int(plan.presence_penalty is not None), _width(plan.bias_ids), _width(plan.token_mask)]
+                  int(plan.presence_penalty is not None), _width(plan.bias_ids), _width(plan.token_mask),
+                  _width(plan.blocks)]
         inline = self._inline(n, payload.shape[1])
         self._give(self._envelope(header, payload if inline else None))
         if not inline:
@@ -80,20 +82,20 @@ class Commands:
         while command == IDLE:
             envelope = self._take_envelope()
             header = envelope[:HEADER_SIZE].tolist()
-            command, kind, n, width, logprobs, full_logprobs, penalties, bias_width, mask_words = header
+            command, kind, n, width, logprobs, full_logprobs, penalties, bias_width, mask_words, table_width = header
         if command == SHUTDOWN:
             self.close()
             return None
         if command != STEP:
             raise RuntimeError(f"protocol: unknown command {command} from rank {self.ps.first_rank}")
-        columns = PARAMS + width + 2 * bias_width + -(-mask_words // 2)
+        columns = PARAMS + width + 2 * bias_width + -(-mask_words // 2) + table_width
         if self._inline(n, columns):
             payload = envelope[HEADER_SIZE:HEADER_SIZE + n * columns].view(n, columns)
         else:
             payload = self._take(torch.zeros(n, columns, dtype=torch.long))
         self._post_next()  # after the payload: the pipeline group's messages arrive in the order posted
         return unpack(payload, KINDS[kind], bool(logprobs), bool(full_logprobs), width, bool(penalties),
-                      bias_width, mask_words)
+                      bias_width, mask_words, table_width)
 
     def close(self) -> None:
         """Wait until the next stage has taken everything passed on to it."""
@@ -154,7 +156,7 @@ class Commands:
 def pack(plan: StepPlan) -> torch.Tensor:
     """int64 [n, columns]: the plan's per-row tensors side by side (the module's docstring)."""
     n = plan.n
-    ints = [getattr(plan, name).long() for name in INT_COLUMNS]
+    ints = [_or_zeros(getattr(plan, name), n).long() for name in INT_COLUMNS]
     floats = [_float_bits(_or_zeros(getattr(plan, name), n)) for name in FLOAT_COLUMNS]
     parts = [torch.stack(ints + floats, dim=1), plan.tokens.long()]
     if plan.bias_ids is not None:
@@ -163,11 +165,13 @@ def pack(plan: StepPlan) -> torch.Tensor:
         words = plan.token_mask.shape[1]
         even = torch.nn.functional.pad(plan.token_mask, (0, words % 2)).contiguous()
         parts.append(even.view(torch.int64))
+    if plan.blocks is not None:
+        parts.append(plan.blocks.long())
     return torch.cat(parts, dim=1)
 
 
 def unpack(payload: torch.Tensor, kind: str, logprobs: bool, full_logprobs: bool, width: int, penalties: bool,
-           bias_width: int, mask_words: int) -> StepPlan:
+           bias_width: int, mask_words: int, table_width: int = 0) -> StepPlan:
     columns = dict(zip(INT_COLUMNS + FLOAT_COLUMNS, payload[:, :PARAMS].unbind(1)))
     for name in FLOAT_COLUMNS:
         columns[name] = _bits_float(columns[name])
@@ -175,10 +179,16 @@ def unpack(payload: torch.Tensor, kind: str, logprobs: bool, full_logprobs: bool
         columns[name] = columns[name].bool()
     if not penalties:
         columns["presence_penalty"] = columns["frequency_penalty"] = None
+    for name in ("starts", "resumed"):  # zeros mean what None does
+        if kind != "prefill" or not columns[name].any():
+            columns[name] = None
     start = PARAMS + width
     bias = payload[:, start:start + 2 * bias_width]
-    mask = payload[:, start + 2 * bias_width:]
+    mask_end = payload.shape[1] - table_width
+    mask = payload[:, start + 2 * bias_width:mask_end]
     optional = {}
+    if table_width:
+        optional["blocks"] = payload[:, mask_end:].contiguous()
     if bias_width:
         optional.update(bias_ids=bias[:, :bias_width].contiguous(), bias_values=_bits_float(bias[:, bias_width:]))
     if mask_words:

@@ -125,7 +125,8 @@ class Server:
         if not self._engine.ready.is_set():
             return 503, {"status": "warming up"}
         return 200, {"status": "ready", "devices": self._engine.devices,
-                     "startup_s": {phase: round(s, 2) for phase, s in self._engine.startup_s.items()}}
+                     "startup_s": {phase: round(s, 2) for phase, s in self._engine.startup_s.items()},
+                     "kv_cache": self._engine.cache_report()}
 
     def _close(self) -> None:
         self._stop_requested.set()

@@ -80,10 +80,11 @@ def _build_engine(cfg: LaunchConfig, ps: ParallelState, startup_s: dict[str, flo
     source = open_checkpoint(Path(model.checkpoint), format=model.format, tokenizer=model.tokenizer)
     # one lane a pipeline stage, so that every stage has a step to run while the others run theirs
     generator = build_generator(source, ps, model.precision, model.max_batch, model.max_seq_len, model.compile,
-                                lanes=ps.pp_size)
+                                lanes=ps.pp_size, kv_cache_gb=model.kv_cache_gb)
     _log(ps, startup_report(generator))
     engine = Engine(generator, source.tokenizer(), ps, source.config,
-                    idle_signal_s=cfg.server.dist_timeout_s / IDLE_SIGNALS_PER_TIMEOUT)
+                    idle_signal_s=cfg.server.dist_timeout_s / IDLE_SIGNALS_PER_TIMEOUT,
+                    prefix_caching=model.prefix_caching)
     startup_s["load"] = time.monotonic() - started
     engine.startup_s.update(startup_s)
     _log(ps, f"loaded in {startup_s['load']:.1f} s")
