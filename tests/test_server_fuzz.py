@@ -56,8 +56,8 @@ BAD_COMPLETION = {
     "n": st.integers(2, 10),
     "logprobs": st.one_of(st.integers(max_value=-1), st.integers(min_value=6)),
     "stop": st.one_of(st.just(""), st.lists(st.integers(), min_size=1, max_size=2)),
-    "echo": NOT_BOOL,
-    "stream": NOT_BOOL,
+    "echo": NOT_BOOL.filter(lambda v: v is not None),  # OpenAI's echo and stream may be null
+    "stream": NOT_BOOL.filter(lambda v: v is not None),
 }
 UNKNOWN = st.text(min_size=1, max_size=12).filter(
     lambda k: k not in GenerateRequest.model_fields and k not in CompletionRequest.model_fields)
