@@ -11,6 +11,7 @@ from fleetgen.launcher.batch.dispatch import (FIRST_ERRORS_SHOWN, MAX_PROBE_BACK
                                               FreeReplicas, Replica)
 from fleetgen.launcher.batch.inputs import records
 from fleetgen.launcher.batch.ledger import Ledger, entries, ledger_path
+from fleetgen.launcher.batch.prompts import Fit
 from fleetgen.launcher.batch.source import WorkSource
 from tests.batch_stub import batch_config, write_jsonl
 
@@ -180,6 +181,20 @@ def test_a_shared_request_refused_is_split_and_a_record_refused_alone_fails(tmp_
         ("r0", False, 1, ["key 'r0' (line 1, sample 0): HTTP 400: no"])
     assert [keys(d._source.take()) for _ in range(2)] == [["r1"], ["r2"]]
     assert d.replicas[0].state == "healthy"  # the record's fault, never the replica's
+
+
+def test_a_prompt_refused_at_validation_is_answered_as_a_servers_400_without_a_request(tmp_path):
+    d = dispatcher(tmp_path, n=1, concurrency=1)
+    [group] = admitted(d)
+    group.items[0].record.fit = Fit(900, too_long=True, refusal="the prompt is too long")  # batch.long_prompts=skip
+    calls = []
+    d._loop = type("Loop", (), {"call_soon": lambda self, *call: calls.append(call)})()
+    Dispatcher._send(d, group)  # the real one: the fixture's stand-in sends nothing
+    [(answered, same, answer)] = calls
+    assert answered == d._answered and same is group and group.timeout == 0.0  # no request, no timer
+    assert (answer.kind, answer.status, answer.message) == ("record", 400, "the prompt is too long")
+    assert answer.body == {"error": {"message": "the prompt is too long", "type": "invalid_request_error",
+                                     "param": None, "code": 400}}  # OpenAI's error, as a server would answer
 
 
 def test_a_replica_that_fails_a_request_is_taken_out_and_its_work_given_back(tmp_path, clock):
