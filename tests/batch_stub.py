@@ -1,11 +1,15 @@
 """A stand-in for fleetgen's server in batch tests and the memory benchmark: NeMo's PUT /generate and OpenAI's
 POST /v1/completions answered at once with text that depends only on the prompt and the sentence's seed, and
-knobs for what a real server does wrong (a delay, a crash, 503s). No model: a fast, exact oracle."""
+knobs for what a real server does wrong (a delay, a crash, 503s), and a prefix cache's bookkeeping (a prompt's
+leading 16-character pieces seen before count as cached tokens, 4 characters a token). No model: a fast, exact
+oracle."""
 from __future__ import annotations
 
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 
 def stub_completion(prompt: str, seed) -> str:
@@ -22,6 +26,9 @@ class StubServer:
         self.delay_s, self.refuse, self.token, self.crash = delay_s, refuse, token, crash
         self.down = self.unavailable = False
         self.sentences, self.requests, self.bodies = 0, 0, []
+        self.prompts: list[str] = []  # every prompt answered, in order
+        self._cached: set[str] = set()  # the prefixes its "KV cache" holds
+        self.reused_tokens = 0  # cached tokens it reported
         self.lock, self.keep_bodies = threading.Lock(), False
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.http.daemon_threads = True
@@ -54,8 +61,9 @@ class StubServer:
         if body["tokens_to_generate"] > 1000:
             return 400, {"error": "tokens_to_generate: more than the context window"}
         seed = body.get("random_seed")
-        answer = {"sentences": [], "token_ids": [], "offsets": [], "tokens": [], "logprob": None}
+        answer = {"sentences": [], "token_ids": [], "offsets": [], "tokens": [], "logprob": None, "cached_tokens": []}
         for i, prompt in enumerate(body["sentences"]):
+            answer["cached_tokens"].append(self._reuse(prompt))
             completion = stub_completion(prompt, None if body["greedy"] else seed + i)
             prompt_tokens = max(1, len(prompt) // 4)
             new = min(body["tokens_to_generate"], 3)
@@ -71,12 +79,27 @@ class StubServer:
             return 400, {"error": {"message": "max_tokens: Input should be greater than or equal to 1",
                                    "type": "invalid_request_error", "param": None, "code": 400}}
         prompt = body["prompt"]
+        text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        cached, prompt_tokens = self._reuse(text), max(1, len(text) // 4)
         with self.lock:
             self.sentences += 1
         return 200, {"id": "cmpl-stub", "object": "text_completion", "created": 0, "model": body["model"],
                      "choices": [{"text": stub_completion(prompt, body.get("seed")), "index": 0, "logprobs": None,
                                   "finish_reason": "length"}],
-                     "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}}
+                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
+                               "total_tokens": prompt_tokens + 3, "prompt_tokens_details": {"cached_tokens": cached}}}
+
+    def _reuse(self, prompt: str) -> int:
+        """The prompt's tokens found in the cache (whole 16-character pieces of its start seen before, the last
+        character always computed), as a prefix-caching server counts them; the prompt is cached after."""
+        with self.lock:
+            self.prompts.append(prompt)
+            found = 0
+            while found + 16 < len(prompt) and prompt[:found + 16] in self._cached:
+                found += 16
+            self._cached.update(prompt[:end] for end in range(16, len(prompt) + 1, 16))
+            self.reused_tokens += found // 4
+        return found // 4
 
     def _handler(self):
         stub = self
@@ -123,3 +146,18 @@ def write_jsonl(path, rows):
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def stubs():
+    """stubs(**options): a stand-in batch server closed after the test. A test module that uses it says
+    pytest_plugins = ["tests.batch_stub"] (not conftest.py: tools/mutation.py runs these tests without it)."""
+    made = []
+
+    def make(**options):
+        made.append(StubServer(**options))
+        return made[-1]
+
+    yield make
+    for stub in made:
+        stub.close()

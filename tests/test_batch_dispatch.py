@@ -7,20 +7,9 @@ import time
 import pytest
 
 from fleetgen.launcher.batch import prepare, report, run
-from tests.batch_stub import StubServer, batch_config, read_jsonl, stub_completion, write_jsonl
+from tests.batch_stub import batch_config, read_jsonl, stub_completion, write_jsonl
 
-
-@pytest.fixture
-def stubs():
-    made = []
-
-    def make(**options):
-        made.append(StubServer(**options))
-        return made[-1]
-
-    yield make
-    for stub in made:
-        stub.close()
+pytest_plugins = ["tests.batch_stub"]  # the stubs fixture
 
 
 def prompts(n, bad=()):
@@ -45,8 +34,8 @@ def test_every_record_once_in_input_order_with_summary_and_progress(tmp_path, st
     progress = json.loads((tmp_path / "out.jsonl.progress.json").read_text())
     assert {k: progress[k] for k in ("total", "done", "failed", "complete")} == \
         {"total": 40, "done": 40, "failed": 0, "complete": True}
-    assert set(progress) == {"total", "done", "failed", "retried", "prompt_tokens", "completion_tokens",
-                             "tokens_per_s", "eta_s", "replicas", "complete", "updated"}
+    assert set(progress) == {"total", "done", "failed", "retried", "prompt_tokens", "prompt_tokens_reused",
+                             "completion_tokens", "tokens_per_s", "eta_s", "replicas", "complete", "updated"}
     assert set(progress["replicas"][0]) == {"url", "state", "outstanding", "done", "reason"}
     assert (tmp_path / "out.jsonl.errors.jsonl").read_text() == ""
 

@@ -90,7 +90,7 @@ def test_a_good_answer_is_ok_and_a_malformed_one_the_replicas_fault(tmp_path):
     d = dispatcher(tmp_path)
     items = d._source.take()
     ok = d._judge(items, 200, good_answer(items))
-    assert ok.kind == "ok" and [r["id"] for r, _, _ in ok.results] == keys(items)
+    assert ok.kind == "ok" and [r["id"] for r, _ in ok.results] == keys(items)
     for body in ({}, [], "text", {"sentences": None}):
         bad = d._judge(items, 200, body)
         assert bad.kind == "replica" and bad.message.startswith("malformed answer ("), body
@@ -158,11 +158,15 @@ def test_no_request_is_admitted_once_the_run_stops(tmp_path):
 def test_an_ok_answer_records_each_item_and_frees_the_slot(tmp_path):
     d = dispatcher(tmp_path, n=2, concurrency=1, prompts_per_request=2)
     [group] = admitted(d)
-    d._settle(group, d._judge(group.items, 200, good_answer(group.items)))
+    answer = {**good_answer(group.items), "cached_tokens": [1, 2]}  # prompt tokens the server found in its cache
+    d._settle(group, d._judge(group.items, 200, answer))
     replica = d.replicas[0]
     assert (replica.requests, replica.outstanding, replica.done, d.in_flight, d.done_now) == (0, 0, 2, 0, 2)
-    assert (replica.completion_tokens, d.prompt_tokens_now, d.completion_tokens_now) == (2, 4, 2)
-    assert [(e["k"], e["ok"], e["tokens"]) for e in ledger_lines(d)] == [("r0", True, [2, 1]), ("r1", True, [2, 1])]
+    assert (replica.completion_tokens, replica.reused_tokens, d.prompt_tokens_now, d.completion_tokens_now) == \
+        (2, 3, 4, 2)
+    assert [(e["k"], e["ok"], e["tokens"]) for e in ledger_lines(d)] == \
+        [("r0", True, [2, 1, 1]), ("r1", True, [2, 1, 2])]
+    assert d._ledger.reused_tokens == 3
     assert d._free.pop() is replica
 
 

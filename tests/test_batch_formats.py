@@ -105,8 +105,11 @@ def test_an_answer_becomes_one_output_record_per_item_with_its_token_counts():
     fmt = fleetgen(greedy=True)
     items = [fmt.items(parsed(fmt, {"prompt": p, "id": p}, n), 1)[0] for n, p in enumerate(["abcd", "efghij"], 1)]
     results = fmt.results(items, answer_for(["abcd", "efghij"], [" x", " y"], [2, 3]))
-    assert [(r["id"], r["completion"], r["prompt_tokens"], r["completion_tokens"], p, c)
-            for r, p, c in results] == [("abcd", " x", 2, 2, 2, 2), ("efghij", " y", 3, 2, 3, 2)]
+    assert [(r["id"], r["completion"], r["prompt_tokens"], r["completion_tokens"], *tokens)
+            for r, tokens in results] == [("abcd", " x", 2, 2, 2, 2, 0), ("efghij", " y", 3, 2, 3, 2, 0)]
+    # the server's cached_tokens: each sentence's prompt tokens found in its KV cache
+    cached = fmt.results(items, {**answer_for(["abcd", "efghij"], [" x", " y"], [2, 3]), "cached_tokens": [0, 3]})
+    assert [tokens for _, tokens in cached] == [(2, 2, 0), (3, 2, 3)]
     first = results[0][0]
     assert first == {"id": "abcd", "sample": 0, "seed": None, "prompt": "abcd", "completion": " x",
                      "prompt_tokens": 2, "completion_tokens": 2, "params": items[0].record.params}
@@ -186,12 +189,15 @@ def test_an_openai_answer_becomes_its_batch_output_object():
     fmt = OpenAIFormat(BATCH_SEED)
     items = fmt.items(parsed(fmt, openai_line("req-9")), 1)
     answer = {"id": "cmpl-1", "object": "text_completion", "usage": {"prompt_tokens": 2, "completion_tokens": 3}}
-    [(record, prompt_tokens, completion_tokens)] = fmt.results(items, answer)
-    assert (prompt_tokens, completion_tokens) == (2, 3) and record["id"].startswith("batch_req_")
+    [(record, tokens)] = fmt.results(items, answer)
+    assert tokens == (2, 3, 0) and record["id"].startswith("batch_req_")
     assert record == {"id": record["id"], "custom_id": "req-9", "error": None,
                       "response": {"status_code": 200, "request_id": "cmpl-1", "body": answer}}
-    [(record, prompt_tokens, completion_tokens)] = fmt.results(items, {"object": "text_completion"})
-    assert (prompt_tokens, completion_tokens) == (0, 0) and record["response"]["request_id"].startswith("batch_req_")
+    [(record, tokens)] = fmt.results(items, {"object": "text_completion"})
+    assert tokens == (0, 0, 0) and record["response"]["request_id"].startswith("batch_req_")
+    reused = {**answer, "usage": {"prompt_tokens": 40, "completion_tokens": 3,
+                                  "prompt_tokens_details": {"cached_tokens": 32}}}
+    assert fmt.results(items, reused)[0][1] == (40, 3, 32)
 
 
 def test_a_failed_openai_request_has_its_answer_in_response_or_else_an_error():

@@ -1,4 +1,5 @@
-"""Requests to the servers (replicas): each goes to the live replica with the least outstanding work.
+"""Requests to the servers (replicas): each goes to the live replica that holds its prompt's prefix in its KV cache
+when that one has a free slot (launcher/batch/affinity.py), else to the one with the least outstanding work.
 
 One event loop drives every request (a callback each: no thread, no task): a heap of the replicas with a free slot
 picks the least loaded in O(log replicas), each replica gets at most batch.concurrency kept-alive connections
@@ -25,6 +26,7 @@ from typing import Any, Optional
 import h11
 
 from fleetgen.conf.schema import Batch
+from fleetgen.launcher.batch.affinity import Parked, PrefixTable, prefix_keys
 from fleetgen.launcher.batch.formats import Item
 from fleetgen.launcher.batch.http import Pool
 from fleetgen.launcher.batch.ledger import Ledger
@@ -47,6 +49,7 @@ class Replica:
     requests: int = 0               # requests in flight
     done: int = 0
     completion_tokens: int = 0
+    reused_tokens: int = 0          # prompt tokens it found in its KV cache
     failures: int = 0
     probe_at: float = 0.0
     in_flight: set = field(default_factory=set)
@@ -119,6 +122,7 @@ class Dispatcher:
             except ValueError as e:
                 raise LaunchError(f"batch: server {e} (the replicas serve plain HTTP)") from None
         self._free = FreeReplicas(settings.concurrency, len(self.replicas))
+        self._prefixes, self._parked = PrefixTable(), Parked()
         self._admitting = True
         self._flush_scheduled = False
         self.stop_reason: Optional[str] = None
@@ -167,7 +171,7 @@ class Dispatcher:
         self._wake.clear()
 
     def _finished(self) -> bool:
-        return self.in_flight == 0 and self._source.exhausted
+        return self.in_flight == 0 and not self._parked and self._source.exhausted
 
     def _check_servers_left(self) -> None:
         if any(r.state == "healthy" for r in self.replicas):
@@ -188,17 +192,42 @@ class Dispatcher:
             replica = self._free.pop()
             if replica is None:
                 break
-            items = self._source.take()
-            if not items:
+            work = self._work_for(replica)
+            if work is None:
                 self._free.update(replica)
                 break
-            group = Group(items, replica)
-            replica.outstanding += len(items)
-            replica.requests += 1
-            replica.in_flight.add(group)
-            self.in_flight += len(items)
-            self._free.update(replica)
-            self._send(group)
+            self._start(*work, replica)
+
+    def _work_for(self, replica: Replica) -> Optional[tuple[list[Item], list[int]]]:
+        """A request's items and prefix keys for replica: a group parked for it; else fresh work, on the way
+        starting each group whose prefix another free replica holds there and parking each whose holder is
+        busy; else, once the park is full or the work is all taken, the group parked longest."""
+        parked = self._parked.take_for(replica)
+        if parked is not None:
+            return parked
+        while not self._parked.full:
+            items = self._source.take()
+            if not items:
+                break
+            keys = prefix_keys(self._fmt.prefix_text(items[0]))
+            owner = self._prefixes.owner(keys) if keys else None
+            if owner is None or owner is replica:
+                return items, keys
+            if owner.requests < self._settings.concurrency:  # owner() gives healthy replicas only
+                self._start(items, keys, owner)
+            else:
+                self._parked.park(items, keys, owner)
+        return self._parked.take_oldest()
+
+    def _start(self, items: list[Item], keys: list[int], replica: Replica) -> None:
+        self._prefixes.claim(keys, replica)
+        group = Group(items, replica)
+        replica.outstanding += len(items)
+        replica.requests += 1
+        replica.in_flight.add(group)
+        self.in_flight += len(items)
+        self._free.update(replica)
+        self._send(group)
 
     def _answered(self, group: Group, answer: Answer) -> None:
         self._settle(group, answer)
@@ -280,14 +309,15 @@ class Dispatcher:
         self._free.update(replica)
 
     def _record(self, replica: Replica, items: list[Item], results: list) -> None:
-        for item, (record, prompt_tokens, completion_tokens) in zip(items, results):
+        for item, (record, tokens) in zip(items, results):
             index, sample = item.position
-            if self._ledger.add(index, sample, item.record.key, True, record, (prompt_tokens, completion_tokens)):
+            if self._ledger.add(index, sample, item.record.key, True, record, tokens):
                 replica.done += 1
-                replica.completion_tokens += completion_tokens
+                replica.completion_tokens += tokens.completion
+                replica.reused_tokens += tokens.reused
                 self.done_now += 1
-                self.prompt_tokens_now += prompt_tokens
-                self.completion_tokens_now += completion_tokens
+                self.prompt_tokens_now += tokens.prompt
+                self.completion_tokens_now += tokens.completion
 
     def _fail(self, item: Item, message: str, status: Optional[int], body: Any) -> None:
         index, sample = item.position
@@ -317,6 +347,8 @@ class Dispatcher:
             group.abandoned = True
             self.in_flight -= len(group.items)
             self._retry(group.items, reason)
+        for items in self._parked.take_all_for(replica):  # not tried yet: no attempt counted
+            self._source.give_back(items)
 
     def _retry(self, items: list[Item], reason: str) -> None:
         for item in items:

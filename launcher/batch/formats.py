@@ -9,11 +9,12 @@ prompts go as they are.
 """
 from __future__ import annotations
 
+import json
 import uuid
 from bisect import bisect_left
 from difflib import get_close_matches
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from pydantic import ValidationError
 
@@ -53,6 +54,14 @@ class Record:
     def keep(self) -> Optional[int]:
         """batch.long_prompts=truncate_left: the prompt tokens the server keeps (its last ones)."""
         return self.fit.keep if self.fit is not None else None
+
+
+class Tokens(NamedTuple):
+    """An answer's token counts: its prompt's, those generated, and the prompt's leading ones the server found in
+    its KV cache (reused, not computed: model.prefix_caching)."""
+    prompt: int
+    completion: int
+    reused: int = 0
 
 
 @dataclass(slots=True)
@@ -145,6 +154,12 @@ class FleetgenFormat:
         return first.seed is None or (item.record is last.record and item.sample == last.sample + 1)
 
     @staticmethod
+    def prefix_text(item: Item) -> str:
+        """What the server's KV cache holds of the item's prompt, as text ("" for a prompt cut from the left:
+        its prefix is not the record's)."""
+        return item.record.prompt if item.record.keep is None else ""
+
+    @staticmethod
     def body(items: list[Item], model: str) -> dict:
         first = items[0]  # the items' settings are equal (can_share); sentence i is seeded with its seed + i
         seed = first.seed if first.seed is not None else first.record.params["random_seed"]
@@ -156,9 +171,10 @@ class FleetgenFormat:
         return sum(item.record.params["tokens_to_generate"] for item in items)
 
     @staticmethod
-    def results(items: list[Item], answer: dict) -> list[tuple[dict, int, int]]:
-        """(output record, prompt tokens, completion tokens) per item."""
+    def results(items: list[Item], answer: dict) -> list[tuple[dict, Tokens]]:
+        """(output record, its tokens) per item."""
         out = []
+        cached = answer.get("cached_tokens") or [0] * len(items)  # a server that does not say found none
         for k, item in enumerate(items):
             record, sentence, offsets = item.record, answer["sentences"][k], answer["offsets"][k]
             sent = record.sent_prompt if record.sent_prompt is not None else record.prompt
@@ -172,8 +188,8 @@ class FleetgenFormat:
                           params=record.params)
             if record.params["compute_logprob"] and answer.get("logprob"):
                 result["logprob"] = answer["logprob"][k]
-            out.append(({**result, **record.carried} if record.carried else result, prompt_tokens,
-                        completion_tokens))
+            out.append(({**result, **record.carried} if record.carried else result,
+                        Tokens(prompt_tokens, completion_tokens, cached[k])))
         return out
 
     @staticmethod
@@ -253,6 +269,16 @@ class OpenAIFormat:
         return False  # one OpenAI request per HTTP request, as the format describes
 
     @staticmethod
+    def prefix_text(item: Item) -> str:
+        """The body's prompt, or its chat messages as JSON (a list's text starts with its first items'), as text
+        ("" for a prompt cut from the left)."""
+        body = item.record.body
+        if item.record.keep is not None:
+            return ""
+        prompt = body.get("messages") if item.record.url == OPENAI_URLS[1] else body.get("prompt")
+        return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+    @staticmethod
     def body(items: list[Item], model: str) -> dict:
         """The served model answers whatever model the file names (files move between tools)."""
         [item] = items
@@ -269,14 +295,15 @@ class OpenAIFormat:
         return (max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16) * count
 
     @staticmethod
-    def results(items: list[Item], answer: dict) -> list[tuple[dict, int, int]]:
+    def results(items: list[Item], answer: dict) -> list[tuple[dict, Tokens]]:
         [item] = items
         usage = answer.get("usage") or {}
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         record = {"id": _batch_request_id(), "custom_id": item.record.key,
                   "response": {"status_code": 200, "request_id": answer.get("id", _batch_request_id()),
                                "body": answer},
                   "error": None}
-        return [(record, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))]
+        return [(record, Tokens(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), cached))]
 
     @staticmethod
     def error(item: Item, message: str, status: Optional[int], body: Any) -> dict:

@@ -3,9 +3,10 @@ once: the dispatcher flushes once per event-loop tick, and lines are written any
 every few seconds and on close. Its first line ties it to the input file and the generation settings.
 
 A rerun replays it: finished items are skipped, a torn last line (a kill or a crash mid-write) is cut off
-and its item redone. Entries: {"i": record index, "s": sample, "k": key, "ok": bool, "tokens": [p, c],
-"record": the output or errors-file record}, "record" last, so that readers that need only the entry's head
-(replay, the merge's index) and the merge itself (which copies the record's bytes) never parse the record.
+and its item redone. Entries: {"i": record index, "s": sample, "k": key, "ok": bool, "tokens": [p, c, r]
+(prompt, completion, and prompt tokens the server reused from its KV cache; older ledgers have no r), "record":
+the output or errors-file record}, "record" last, so that readers that need only the entry's head (replay, the
+merge's index) and the merge itself (which copies the record's bytes) never parse the record.
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ class Ledger:
     def __init__(self, path: Path, header: dict, samples: int):
         self.path, self.samples = path, samples
         self.done = Bits(header["items"])
-        self.finished = self.failed = self.prompt_tokens = self.completion_tokens = 0
+        self.finished = self.failed = self.prompt_tokens = self.completion_tokens = self.reused_tokens = 0
         self.cut_bytes = 0
         if not path.exists():
             _create(path, header)
@@ -184,9 +185,10 @@ class Ledger:
         self.failed += not entry["ok"]
         self.prompt_tokens += entry["tokens"][0]
         self.completion_tokens += entry["tokens"][1]
+        self.reused_tokens += entry["tokens"][2] if len(entry["tokens"]) > 2 else 0
         return True
 
-    def add(self, index: int, sample: int, key, ok: bool, record: dict, tokens: tuple[int, int] = (0, 0)) -> bool:
+    def add(self, index: int, sample: int, key, ok: bool, record: dict, tokens: tuple[int, ...] = (0, 0, 0)) -> bool:
         """Record a finished item once: False if it was already recorded (or the ledger is closed). Counted at
         once; its line is written, in the order of the calls, by the next flush() (or sync(), close())."""
         entry = {"i": index, "s": sample, "k": key, "ok": ok, "tokens": list(tokens)}

@@ -109,6 +109,9 @@ def report(summary, wall_s: float) -> int:
           f"{summary.done} done, {summary.failed} failed (in {summary.errors}), {summary.completion_tokens} "
           f"generated tokens, {summary.tokens_per_s:.1f} tokens/s, audit {'ok' if summary.audit['ok'] else 'FAILED'}"
           f", wall time {wall_s:.1f} s")
+    if summary.prompt_tokens_reused:
+        print(f"prompt tokens: {summary.prompt_tokens - summary.prompt_tokens_reused} computed, "
+              f"{summary.prompt_tokens_reused} reused from the servers' KV cache (model.prefix_caching)")
     for lost in summary.lost_replicas:
         print(f"launch: server {lost['url']} was lost during the run: {lost['reason']}", file=sys.stderr)
     return 1 if summary.failed or not summary.audit["ok"] else 0

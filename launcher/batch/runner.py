@@ -25,7 +25,9 @@ class Summary:
     otherwise stop_reason says why it stopped (drained, aborted, every server lost, a refused token) and a
     rerun of the same command resumes from the ledger. Counts are over the whole batch (earlier runs
     included): done = items generated, failed = items in the errors file; tokens_per_s and retried are this
-    run's. Also written to OUTPUT.summary.json with fleetgen's version and the resolved config."""
+    run's. prompt_tokens_reused: prompt tokens the servers found in their KV cache (model.prefix_caching: a shared
+    system prompt, the other samples of a record), not computed; prompt_tokens less it were computed. Also
+    written to OUTPUT.summary.json with fleetgen's version and the resolved config."""
     complete: bool
     stop_reason: Optional[str]
     records: int
@@ -35,6 +37,7 @@ class Summary:
     failed: int
     retried: int
     prompt_tokens: int
+    prompt_tokens_reused: int
     completion_tokens: int
     tokens_per_s: float
     wall_s: float
@@ -53,7 +56,8 @@ def run(plan: BatchPlan, servers: list[str], token: Optional[str],
     """Drive the batch through `servers` (base URLs, one per replica), sending `Authorization: Bearer
     <token>` when a token is given. Finished items go to OUTPUT.ledger.jsonl as they arrive; items already
     there are skipped. OUTPUT.progress.json is rewritten every ~2 s and at the end: {"total", "done",
-    "failed", "retried", "prompt_tokens", "completion_tokens", "tokens_per_s", "eta_s", "replicas": [{"url",
+    "failed", "retried", "prompt_tokens", "prompt_tokens_reused", "completion_tokens", "tokens_per_s", "eta_s",
+    "replicas": [{"url",
     "state": "healthy"|"failed", "outstanding", "done", "reason"}], "complete", "updated"}. When `drain` is
     set, no item is admitted any more, those in flight get batch.drain_timeout_s to finish, the ledger is
     flushed and fsynced and the Summary says complete=False (a rerun finishes). When every item is
@@ -131,7 +135,8 @@ def earlier_figures(path, summary: Summary) -> Summary:
     if not earlier.get("complete"):
         return summary
     names = {f.name for f in fields(Summary)}
-    return Summary(**{**{k: v for k, v in earlier.items() if k in names}, "audit": summary.audit})
+    return Summary(**{"prompt_tokens_reused": 0,  # a summary older than the count
+                      **{k: v for k, v in earlier.items() if k in names}, "audit": summary.audit})
 
 
 def _snapshot(items: int, ledger: Ledger, dispatcher: Dispatcher, started: float) -> dict:
@@ -140,7 +145,7 @@ def _snapshot(items: int, ledger: Ledger, dispatcher: Dispatcher, started: float
     rate = dispatcher.done_now / elapsed if elapsed > 0 else 0.0
     return {"total": items, "done": ledger.finished - ledger.failed, "failed": ledger.failed,
             "retried": dispatcher.retried, "prompt_tokens": ledger.prompt_tokens,
-            "completion_tokens": ledger.completion_tokens,
+            "prompt_tokens_reused": ledger.reused_tokens, "completion_tokens": ledger.completion_tokens,
             "tokens_per_s": round(dispatcher.completion_tokens_now / elapsed, 1) if elapsed > 0 else 0.0,
             "eta_s": round(remaining / rate, 1) if rate > 0 else (0.0 if not remaining else None),
             "replicas": [{"url": r.url, "state": r.state, "outstanding": r.outstanding, "done": r.done,
@@ -152,6 +157,7 @@ def _summary(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: f
              audit, interrupted: Optional[str]) -> Summary:
     wall = time.monotonic() - started
     servers = [{"url": r.url, "state": r.state, "done": r.done, "completion_tokens": r.completion_tokens,
+                "reused_tokens": r.reused_tokens,
                 "tokens_per_s": round(r.completion_tokens / wall, 1) if wall > 0 else 0.0, "failures": r.failures,
                 "reason": r.reason} for r in dispatcher.replicas]
     first = dispatcher.first_request_at
@@ -160,7 +166,8 @@ def _summary(plan: BatchPlan, ledger: Ledger, dispatcher: Dispatcher, started: f
         stop_reason=None if complete else interrupted or dispatcher.stop_reason or "interrupted",
         records=plan.records, samples=plan.cfg.batch.samples, items=plan.items,
         done=ledger.finished - ledger.failed, failed=ledger.failed, retried=dispatcher.retried,
-        prompt_tokens=ledger.prompt_tokens, completion_tokens=ledger.completion_tokens,
+        prompt_tokens=ledger.prompt_tokens, prompt_tokens_reused=ledger.reused_tokens,
+        completion_tokens=ledger.completion_tokens,
         tokens_per_s=round(dispatcher.completion_tokens_now / wall, 1) if wall > 0 else 0.0, wall_s=round(wall, 2),
         first_request_s=None if first is None else round(first - started, 3), servers=servers,
         lost_replicas=[{"url": s["url"], "reason": s["reason"]} for s in servers if s["failures"]],

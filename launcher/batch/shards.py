@@ -98,7 +98,8 @@ def _drive_shard(plan: BatchPlan, shard: int, servers: list[str], token: Optiona
         "wall_s": time.monotonic() - drive.started, "first_errors": d.first_errors,
         "first_request_s": None if d.first_request_at is None else d.first_request_at - drive.started,
         "servers": [{"url": r.url, "state": r.state, "done": r.done, "completion_tokens": r.completion_tokens,
-                     "failures": r.failures, "reason": r.reason} for r in d.replicas]})
+                     "reused_tokens": r.reused_tokens, "failures": r.failures, "reason": r.reason}
+                    for r in d.replicas]})
 
 
 def _outcome_path(plan: BatchPlan, shard: int) -> Path:
@@ -134,7 +135,7 @@ def _progress(plan: BatchPlan, started: float) -> dict:
     """The drivers' progress files summed: what OUTPUT.progress.json and the bar show."""
     parts = [p for s in range(plan.shards) if (p := _read(progress_path(plan.output, s, plan.shards)))]
     total = {key: sum(p[key] for p in parts) for key in ("done", "failed", "retried", "prompt_tokens",
-                                                          "completion_tokens", "tokens_per_s")}
+                                                          "prompt_tokens_reused", "completion_tokens", "tokens_per_s")}
     remaining = plan.items - total["done"] - total["failed"]
     etas = [p["eta_s"] for p in parts]
     return {"total": plan.items, **total, "tokens_per_s": round(total["tokens_per_s"], 1),
@@ -158,6 +159,7 @@ def _summary(plan: BatchPlan, started: float, complete: bool, audit, reason: Opt
         records=plan.records, samples=plan.cfg.batch.samples, items=plan.items,
         done=sum(c.finished - c.failed for c in counts), failed=sum(c.failed for c in counts),
         retried=sum(o["retried"] for o in outcomes), prompt_tokens=sum(c.prompt_tokens for c in counts),
+        prompt_tokens_reused=sum(c.reused_tokens for c in counts),
         completion_tokens=sum(c.completion_tokens for c in counts),
         tokens_per_s=round(sum(o["completion_tokens_now"] for o in outcomes) / wall, 1) if wall > 0 else 0.0,
         wall_s=round(wall, 2), first_request_s=round(min(firsts), 3) if firsts else None, servers=servers,

@@ -54,7 +54,8 @@ def nemo_stop(end_strings: list[str], tokenizer: Tokenizer, eos_id: Optional[int
 
 
 def nemo_response(request: GenerateRequest, results: list[SequenceResult], tokenizer: Tokenizer) -> dict:
-    answer = {"sentences": [], "tokens": [], "logprob": None, "token_ids": [], "offsets": []}
+    # cached_tokens: fleetgen's own field (NeMo has none), each sentence's leading prompt tokens found in the KV cache
+    answer = {"sentences": [], "tokens": [], "logprob": None, "token_ids": [], "offsets": [], "cached_tokens": []}
     for result in results:
         ids = result.prompt + result.tokens
         pieces, offsets, text = token_spans(tokenizer, ids, hidden=int(request.add_BOS))
@@ -62,6 +63,7 @@ def nemo_response(request: GenerateRequest, results: list[SequenceResult], token
         answer["tokens"].append(pieces)
         answer["token_ids"].append(ids)
         answer["offsets"].append(offsets)
+        answer["cached_tokens"].append(result.cached_tokens)
     if request.compute_logprob:
         answer["logprob"] = [r.logprobs for r in results]
     if request.all_probs:
