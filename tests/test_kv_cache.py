@@ -53,6 +53,20 @@ def test_lane_views_share_blocks_and_tables():
     assert c.table[1, 0] == 5 and lane.k is c.k
 
 
+def test_windows_on_a_cpu_reuse_one_buffer_and_read_what_the_tables_say():
+    c = cache(num_layers=3, max_batch=4, max_seq_len=16)
+    k, v = torch.randn(3, 4, 16, 2, 4), torch.randn(3, 4, 16, 2, 4)
+    for layer in range(3):
+        c.update(layer, torch.arange(4), torch.arange(16).expand(4, 16), k[layer], v[layer])
+    big_k, big_v = c.window(0, torch.tensor([3, 1, 0]), 13)
+    assert torch.equal(big_k, k[0, [3, 1, 0], :13]) and torch.equal(big_v, v[0, [3, 1, 0], :13])
+    first = big_k.data_ptr()
+    lane = c.slots(2, 2)  # a lane's view shares the buffer
+    keys, values = lane.window(2, torch.tensor([1]), 5)  # smaller: the same memory, no allocation
+    assert torch.equal(keys, k[2, 3:4, :5]) and torch.equal(values, v[2, 3:4, :5])
+    assert keys.data_ptr() == first and values.data_ptr() != first
+
+
 def test_a_cache_needs_a_block():
     with pytest.raises(ValueError, match="at least one block"):
         cache(num_blocks=0)

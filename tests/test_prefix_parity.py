@@ -1,6 +1,7 @@
-"""Prefix reuse against Hugging Face at TP × PP in {1×1, 2×2}: prompts that continue a prefix already in the
-paged KV cache compute only their own tokens, and still give HF's greedy tokens and, one decode step later,
-log-probabilities within 1e-4 (fp32), exactly as the same prompts computed from scratch.
+"""Prefix reuse against Hugging Face at TP × PP in {1×1, 2×1, 1×2, 2×2} (test_parity.py's splits): prompts that
+continue a prefix already in the paged KV cache compute only their own tokens, and still give HF's greedy tokens
+and, one decode step later, log-probabilities within 1e-4 (fp32), exactly as the same prompts computed from
+scratch.
 
 The block tables come from the scheduler's allocator (model/serve/kv_blocks.py) over a cache too small to give
 every slot its own blocks. A first prompt is prefilled alone; the others in one step: two find its blocks, and
@@ -117,5 +118,6 @@ def test_single_rank_with_and_without_prefix_hits_matches_hf(references):
 
 
 @pytest.mark.slow
-def test_tensor_2_pipeline_2_with_and_without_prefix_hits_matches_hf(references):
-    check(2, 2, references)
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
+def test_every_split_with_and_without_prefix_hits_matches_hf(references, tp, pp):
+    check(tp, pp, references)

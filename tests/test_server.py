@@ -1,9 +1,11 @@
 """The HTTP server over the real tiny GPT-2: NeMo's contract, OpenAI's, health, life cycle and concurrency."""
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -315,6 +317,32 @@ def test_a_prompt_longer_than_the_context_window_is_a_400_naming_the_lengths(ser
     assert response.status_code == 400
     assert response.json()["error"] == (f"sentences[1] is {n} tokens; with tokens_to_generate=10 that makes "
                                         f"{n + 10}, more than the context window of 128 tokens")
+
+
+def test_clients_that_vanish_mid_answer_stop_their_sequences_and_give_every_kv_block_back(checkpoint):
+    with serving(checkpoint, max_batch=4) as served:
+        expected = put(served, sentences=PROMPTS[:2], tokens_to_generate=8, greedy=True)
+        rows, step = [], served.engine.generator.launch
+        served.engine.generator.launch = lambda plan, feed=None: rows.append(plan.n) or step(plan, feed)
+        for i in range(6):  # streams read to their first piece of text, then dropped
+            body = {"model": MODEL, "prompt": PROMPTS[i % 5], "max_tokens": 96, "stream": True,
+                    "temperature": 0.7, "seed": i}
+            with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as response:
+                next(line for line in response.iter_lines() if '"text": "' in line and '"text": ""' not in line)
+        for i in range(3):  # plain requests whose client closes its socket once sent
+            data = json.dumps({"sentences": [PROMPTS[i]], "tokens_to_generate": 20}).encode()
+            with socket.create_connection(("127.0.0.1", served.server.port)) as sock:
+                sock.sendall(b"PUT /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        deadline = time.monotonic() + 60
+        while served.engine.scheduler.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not served.engine.scheduler.busy
+        blocks = served.engine.blocks
+        assert not blocks.tables and blocks.free_blocks == len(blocks.blocks)
+        assert sum(rows) < 6 * 96 / 2  # the streams stopped long before their 96 tokens
+        again = put(served, sentences=PROMPTS[:2], tokens_to_generate=8, greedy=True)
+        assert again["token_ids"] == expected["token_ids"]
 
 
 def test_many_concurrent_requests_share_steps_and_equal_requests_sent_one_by_one(checkpoint):
