@@ -25,6 +25,9 @@ def test_prefix_keys_chain_each_chunk_to_the_ones_before_and_end_with_the_whole_
     assert prefix_keys("t" * CHUNK_CHARS + "s" * CHUNK_CHARS)[1] != a[1]
     assert prefix_keys("x" * 63) == [] and len(prefix_keys("x" * 64)) == 1  # too short to follow; whole text only
     assert len(prefix_keys("x" * CHUNK_CHARS)) == 2
+    # chunks of 256 characters (the README's figure), from the first character on
+    assert [len(prefix_keys("x" * n)) for n in (255, 256, 511, 512)] == [1, 2, 2, 3]
+    assert prefix_keys("a" + shared[1:])[0] != prefix_keys("b" + shared[1:])[0]
 
 
 def test_the_owner_is_the_one_of_the_longest_known_prefix_and_must_be_healthy():
@@ -39,6 +42,17 @@ def test_the_owner_is_the_one_of_the_longest_known_prefix_and_must_be_healthy():
     assert table.owner(short) is None  # never sent to a lost replica
     table.claim(short, y)
     assert table.owner(short) is y  # a lost owner's prefixes go to the next one to compute them
+
+
+def test_the_table_remembers_65536_prefixes_and_the_park_holds_64_groups():  # the README's figures
+    table, x = PrefixTable(), replica()
+    table.claim(list(range(65_537)), x)
+    assert len(table) == 65_536 and table.owner([0]) is None and table.owner([1]) is x
+    park = Parked()
+    for n in range(64):
+        assert not park.full
+        park.park([n], [], x)
+    assert park.full
 
 
 def test_the_table_forgets_the_least_recently_used_prefixes_first():
@@ -82,7 +96,9 @@ def test_parked_groups_come_back_to_their_owner_or_oldest_first_each_exactly_onc
             model = [pair for pair in model if pair[1] is not owner]
             taken += [group[0] for group in mine]
         assert len(park) == len(model) and park.full == (len(model) >= 16)
-        assert park._stored <= 2 * len(model) + 2 * 16 + 2  # taken entries do not pile up
+        # entries held, taken ones included, counted right; taken ones do not pile up past the park's size
+        assert park._stored == len(park._all) + sum(len(queue) for queue in park._by_owner.values())
+        assert park._stored <= 2 * len(model) + 16
     taken += [group[0] for group, _ in model]
     assert sorted(taken) == list(range(given))
 
