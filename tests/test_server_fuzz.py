@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fleetgen.conf.schema import MAX_SENTENCES
 from fleetgen.model.serve.request_schemas import CompletionRequest, GenerateRequest
 from tests.server_fixtures import MODEL, build_tiny_checkpoint, serving
 
@@ -53,7 +54,7 @@ BAD_COMPLETION = {
     "max_tokens": st.one_of(st.integers(max_value=0), st.integers(200, 10 ** 9), NOT_INT),
     "temperature": st.one_of(st.floats(max_value=-1e-9), NOT_NUMBER),
     "top_p": st.one_of(st.floats(min_value=1.000001), NOT_NUMBER),
-    "n": st.integers(2, 10),
+    "n": st.one_of(st.integers(max_value=0), st.integers(MAX_SENTENCES + 1, 10 ** 6)),  # 2..128 are served
     "logprobs": st.one_of(st.integers(max_value=-1), st.integers(min_value=6)),
     "stop": st.one_of(st.just(""), st.lists(st.integers(), min_size=1, max_size=2)),
     "echo": NOT_BOOL.filter(lambda v: v is not None),  # OpenAI's echo and stream may be null
